@@ -1,0 +1,662 @@
+"""Benchmark zmesh against Ray on the same actor workloads.
+
+Usage::
+
+    python benchmarks/bench.py [--backends zmesh,ray] [--quick]
+
+Each backend runs in fresh subprocesses of this script (``--worker BACKEND``
+for the workloads, then ``--rss BACKEND`` for the daemon-memory figure), which
+print one JSON report on their last stdout line. The parent collects the
+reports and prints one table: a row per metric, a column per backend and a
+ratio oriented so that a value above 1 means zmesh is better.
+
+Both backends are driven through the same Ray-style API (``remote``, ``get``,
+``put``, ``kill``, ``init``, ``shutdown``); only ``init`` and the daemon-memory
+probe differ. All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("zmesh", "ray")
+BIG_ARG_BYTES = 100 * 10**6
+SMALL_VALUE = b"x" * 100
+STOP_GRACE_S = 10.0
+DAEMON_START_TIMEOUT_S = 30.0
+RSS_ACTORS = 10
+# Keeps Ray on the loopback interface (its single-machine mode) and stops it
+# from reporting usage statistics over the network.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+NOT_INSTALLED = "not installed"
+RSS_NOTES = {
+    "zmesh": "standalone `python -m zmesh node` process only",
+    "ray": "raylet + gcs_server of a local session",
+}
+
+Report = dict[str, Any]
+
+
+class BenchError(Exception):
+    """A benchmark subprocess failed; the message says how."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Operation counts and time limits for one run."""
+
+    actors: int
+    sync_calls: int
+    warmup_calls: int
+    pipelined_calls: int
+    put_gets: int
+    big_arg_reps: int
+    workload_timeout_s: int
+    child_timeout_s: int
+
+
+FULL = Sizes(
+    actors=50,
+    sync_calls=2000,
+    warmup_calls=100,
+    pipelined_calls=10_000,
+    put_gets=5000,
+    big_arg_reps=5,
+    workload_timeout_s=60,
+    child_timeout_s=300,
+)
+QUICK = Sizes(
+    actors=5,
+    sync_calls=200,
+    warmup_calls=10,
+    pipelined_calls=1000,
+    put_gets=500,
+    big_arg_reps=1,
+    workload_timeout_s=30,
+    child_timeout_s=180,
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A table row; ``higher_is_better`` orients the ratio column."""
+
+    name: str
+    higher_is_better: bool
+
+
+METRICS = (
+    Metric("import time [s]", higher_is_better=False),
+    Metric("init() time [s]", higher_is_better=False),
+    Metric("actor creation [actors/s]", higher_is_better=True),
+    Metric("1:1 sync calls [calls/s]", higher_is_better=True),
+    Metric("1:1 sync p50 [us]", higher_is_better=False),
+    Metric("1:1 sync p99 [us]", higher_is_better=False),
+    Metric("1:1 pipelined calls [calls/s]", higher_is_better=True),
+    Metric("1:4 pipelined calls [calls/s]", higher_is_better=True),
+    Metric("async actor pipelined [calls/s]", higher_is_better=True),
+    Metric("put/get small [ops/s]", higher_is_better=True),
+    Metric("100 MB argument [GB/s]", higher_is_better=True),
+    Metric("node daemon RSS [MB]", higher_is_better=False),
+)
+
+
+# --------------------------------------------------------------------------
+# Actor classes (wrapped with the backend's ``remote`` inside the worker)
+# --------------------------------------------------------------------------
+
+
+class Pinger:
+    """Trivial actor: answers pings and measures arguments."""
+
+    def ping(self) -> int:
+        return 1
+
+    def size(self, payload: Any) -> int:
+        return len(payload)
+
+
+class AsyncPinger:
+    """Trivial actor whose method is a coroutine (an async actor)."""
+
+    async def ping(self) -> int:
+        return 1
+
+
+# --------------------------------------------------------------------------
+# Workloads (run inside ``--worker`` subprocesses)
+# --------------------------------------------------------------------------
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise RuntimeError(message)
+
+
+def _ready_actors(mod: ModuleType, cls: type, count: int) -> list[Any]:
+    """Create ``count`` actors of ``cls`` and wait until each has answered."""
+    actors = [mod.remote(cls).remote() for _ in range(count)]
+    _expect(mod.get([a.ping.remote() for a in actors]) == [1] * count, "bad ping")
+    return actors
+
+
+def _kill_all(mod: ModuleType, actors: list[Any]) -> None:
+    for actor in actors:
+        mod.kill(actor)
+
+
+def _pipelined_rate(mod: ModuleType, actors: list[Any], calls: int) -> float:
+    """Submit ``calls`` pings round-robin over ``actors``, then get them all."""
+    start = time.perf_counter()
+    refs = [actors[i % len(actors)].ping.remote() for i in range(calls)]
+    results = mod.get(refs)
+    elapsed = time.perf_counter() - start
+    _expect(sum(results) == calls, "lost pipelined results")
+    return calls / elapsed
+
+
+def bench_actor_creation(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    start = time.perf_counter()
+    actors = _ready_actors(mod, Pinger, sizes.actors)
+    elapsed = time.perf_counter() - start
+    _kill_all(mod, actors)
+    return {"actor creation [actors/s]": sizes.actors / elapsed}
+
+
+def bench_sync_calls(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    (actor,) = _ready_actors(mod, Pinger, 1)
+    for _ in range(sizes.warmup_calls):
+        mod.get(actor.ping.remote())
+    latencies_ns = []
+    start = time.perf_counter()
+    for _ in range(sizes.sync_calls):
+        call_start = time.perf_counter_ns()
+        mod.get(actor.ping.remote())
+        latencies_ns.append(time.perf_counter_ns() - call_start)
+    elapsed = time.perf_counter() - start
+    _kill_all(mod, [actor])
+    percentiles = statistics.quantiles(latencies_ns, n=100)
+    return {
+        "1:1 sync calls [calls/s]": sizes.sync_calls / elapsed,
+        "1:1 sync p50 [us]": percentiles[49] / 1000,
+        "1:1 sync p99 [us]": percentiles[98] / 1000,
+    }
+
+
+def bench_pipelined_1_1(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    actors = _ready_actors(mod, Pinger, 1)
+    rate = _pipelined_rate(mod, actors, sizes.pipelined_calls)
+    _kill_all(mod, actors)
+    return {"1:1 pipelined calls [calls/s]": rate}
+
+
+def bench_pipelined_1_4(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    actors = _ready_actors(mod, Pinger, 4)
+    rate = _pipelined_rate(mod, actors, sizes.pipelined_calls)
+    _kill_all(mod, actors)
+    return {"1:4 pipelined calls [calls/s]": rate}
+
+
+def bench_async_actor(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    actors = _ready_actors(mod, AsyncPinger, 1)
+    rate = _pipelined_rate(mod, actors, sizes.pipelined_calls)
+    _kill_all(mod, actors)
+    return {"async actor pipelined [calls/s]": rate}
+
+
+def bench_put_get(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    start = time.perf_counter()
+    for _ in range(sizes.put_gets):
+        mod.get(mod.put(SMALL_VALUE))
+    elapsed = time.perf_counter() - start
+    return {"put/get small [ops/s]": sizes.put_gets / elapsed}
+
+
+def _payload_kind() -> str:
+    return "numpy" if importlib.util.find_spec("numpy") else "bytes"
+
+
+def _big_payload() -> Any:
+    if _payload_kind() == "numpy":
+        import numpy as np
+
+        return np.ones(BIG_ARG_BYTES, dtype=np.uint8)
+    return b"\x01" * BIG_ARG_BYTES
+
+
+def bench_big_argument(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    (actor,) = _ready_actors(mod, Pinger, 1)
+    payload = _big_payload()
+    _expect(mod.get(actor.size.remote(payload)) == BIG_ARG_BYTES, "bad size")
+    start = time.perf_counter()
+    for _ in range(sizes.big_arg_reps):
+        mod.get(actor.size.remote(payload))
+    elapsed = time.perf_counter() - start
+    _kill_all(mod, [actor])
+    return {
+        "100 MB argument [GB/s]": BIG_ARG_BYTES * sizes.big_arg_reps / elapsed / 1e9
+    }
+
+
+Workload = Callable[[ModuleType, Sizes], dict[str, float]]
+WORKLOADS: tuple[Workload, ...] = (
+    bench_actor_creation,
+    bench_sync_calls,
+    bench_pipelined_1_1,
+    bench_pipelined_1_4,
+    bench_async_actor,
+    bench_put_get,
+    bench_big_argument,
+)
+
+
+# --------------------------------------------------------------------------
+# Daemon memory (run inside ``--rss`` subprocesses)
+# --------------------------------------------------------------------------
+
+
+def _stop_process_group(proc: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM ``proc``, wait up to ``grace_s``, then SIGKILL its whole group.
+
+    ``proc`` must have been started with ``start_new_session=True``.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _tail(log: IO[bytes], lines: int = 20) -> str:
+    log.seek(0)
+    return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
+
+
+def _connect_to_daemon(
+    zmesh: ModuleType, daemon: subprocess.Popen[Any], log: IO[bytes]
+) -> None:
+    """Retry ``zmesh.init(address="auto")`` until the daemon accepts drivers."""
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+    while True:
+        if daemon.poll() is not None:
+            raise RuntimeError(
+                f"zmesh node exited with {daemon.returncode}:\n{_tail(log)}"
+            )
+        try:
+            zmesh.init(address="auto")
+        except Exception:
+            zmesh.shutdown()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        else:
+            return
+
+
+def _zmesh_daemon_rss(actors: int) -> float:
+    """RSS of a standalone ``zmesh node`` serving ``actors`` live actors, in MB."""
+    import psutil
+
+    with (
+        tempfile.TemporaryDirectory(prefix="zmesh-bench-") as run_dir,
+        tempfile.TemporaryFile() as log,
+    ):
+        os.environ["ZMESH_RUN_DIR"] = run_dir
+        zmesh = importlib.import_module("zmesh")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "zmesh", "node", "--port", "0"],
+            cwd=REPO_ROOT,
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _connect_to_daemon(zmesh, daemon, log)
+            try:
+                _ready_actors(zmesh, Pinger, actors)
+                rss = psutil.Process(daemon.pid).memory_info().rss
+            finally:
+                zmesh.shutdown()
+        finally:
+            _stop_process_group(daemon, STOP_GRACE_S)
+    return rss / 1e6
+
+
+def _ray_daemon_rss(actors: int) -> float:
+    """Summed RSS of this session's raylet and gcs_server with live actors, in MB."""
+    import psutil
+    import ray
+
+    ray.init(address="local")
+    try:
+        _ready_actors(ray, Pinger, actors)
+        daemons = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.name() in ("raylet", "gcs_server")
+        ]
+        _expect(len(daemons) == 2, f"expected raylet and gcs_server, found {daemons}")
+        rss = sum(p.memory_info().rss for p in daemons)
+    finally:
+        ray.shutdown()
+    return rss / 1e6
+
+
+# --------------------------------------------------------------------------
+# Worker entry points
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Raise ``TimeoutError`` in the main thread if the block runs too long."""
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise TimeoutError(f"exceeded {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _init_backend(backend: str, mod: ModuleType) -> None:
+    if backend == "ray":
+        # "local" always starts a fresh local instance, never joins one.
+        mod.init(address="local")
+    else:
+        mod.init()
+
+
+def _run_workloads(backend: str, sizes: Sizes) -> Report:
+    """Time import and ``init()``, then run every workload; one report."""
+    start = time.perf_counter()
+    try:
+        mod = importlib.import_module(backend)
+    except ModuleNotFoundError as exc:
+        if exc.name == backend:
+            return {"status": NOT_INSTALLED}
+        raise
+    metrics = {"import time [s]": time.perf_counter() - start}
+    start = time.perf_counter()
+    _init_backend(backend, mod)
+    metrics["init() time [s]"] = time.perf_counter() - start
+    errors = {}
+    try:
+        for workload in WORKLOADS:
+            try:
+                with _deadline(sizes.workload_timeout_s):
+                    metrics.update(workload(mod, sizes))
+            # One failing workload must not hide the others' figures.
+            except Exception as exc:  # noqa: BLE001
+                errors[workload.__name__] = f"{type(exc).__name__}: {exc}"
+    finally:
+        mod.shutdown()
+    return {
+        "status": "ok",
+        "version": getattr(mod, "__version__", "unknown"),
+        "payload": _payload_kind(),
+        "metrics": metrics,
+        "errors": errors,
+    }
+
+
+def _run_rss(backend: str, sizes: Sizes) -> Report:
+    """Measure the daemon-memory metric; one report."""
+    probe = _zmesh_daemon_rss if backend == "zmesh" else _ray_daemon_rss
+    with _deadline(sizes.workload_timeout_s):
+        rss = probe(RSS_ACTORS)
+    return {"status": "ok", "metrics": {"node daemon RSS [MB]": rss}}
+
+
+# --------------------------------------------------------------------------
+# Parent: subprocess management and the table
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class BackendResult:
+    """Everything the table needs about one backend."""
+
+    backend: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    version: str = "unknown"
+    payload: str = "?"
+    unavailable: str | None = None
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned descendants (Linux only) so ``_end_orphans`` can end them.
+
+    Ray's workers start sessions of their own, so killing a child's process
+    group does not reach them, and they may outlive the child.
+    """
+    if sys.platform == "linux":
+        pr_set_child_subreaper = 36
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
+def _end_orphans(grace_s: float) -> None:
+    """Terminate, then kill, every process still descending from this one."""
+    import psutil
+
+    leftovers = psutil.Process().children(recursive=True)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(leftovers, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _child_env(backend: str, run_dir: str) -> dict[str, str]:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])
+    )
+    env["ZMESH_RUN_DIR"] = run_dir
+    if backend == "ray":
+        env.update(RAY_ENV)
+    return env
+
+
+def _run_child(mode: str, backend: str, quick: bool) -> Report:
+    """Run ``bench.py --MODE BACKEND`` in a fresh process; return its report."""
+    sizes = QUICK if quick else FULL
+    args = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", backend]
+    if quick:
+        args.append("--quick")
+    with (
+        tempfile.TemporaryDirectory(prefix="zmesh-bench-") as run_dir,
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+    ):
+        proc = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            env=_child_env(backend, run_dir),
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(sizes.child_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise BenchError(
+                f"timed out after {sizes.child_timeout_s} s:\n{_tail(err)}"
+            ) from None
+        finally:
+            _stop_process_group(proc, STOP_GRACE_S)
+            _end_orphans(STOP_GRACE_S)
+        lines = _tail(out, lines=1)
+        if proc.returncode != 0 or not lines.startswith("{"):
+            raise BenchError(f"exit status {proc.returncode}:\n{_tail(err)}")
+        return json.loads(lines)
+
+
+def _print_errors(backend: str, errors: dict[str, str]) -> None:
+    for workload, message in errors.items():
+        print(f"[{backend}] {workload} failed: {message}", flush=True)
+
+
+def _bench_backend(backend: str, quick: bool) -> BackendResult:
+    """Run the workloads, then the daemon-memory probe, each in a fresh process."""
+    result = BackendResult(backend)
+    print(f"[{backend}] running workloads ...", flush=True)
+    try:
+        report = _run_child("worker", backend, quick)
+    except BenchError as exc:
+        print(f"[{backend}] crashed: {exc}", flush=True)
+        result.unavailable = "error"
+        return result
+    if report["status"] == NOT_INSTALLED:
+        result.unavailable = NOT_INSTALLED
+        return result
+    result.metrics.update(report["metrics"])
+    result.version = report["version"]
+    result.payload = report["payload"]
+    _print_errors(backend, report["errors"])
+    print(f"[{backend}] measuring daemon RSS ...", flush=True)
+    try:
+        result.metrics.update(_run_child("rss", backend, quick)["metrics"])
+    except BenchError as exc:
+        print(f"[{backend}] daemon RSS probe crashed: {exc}", flush=True)
+    return result
+
+
+def _format_value(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def _ratio(metric: Metric, zmesh: float | None, ray: float | None) -> str:
+    if zmesh is None or ray is None or min(zmesh, ray) <= 0:
+        return ""
+    ratio = zmesh / ray if metric.higher_is_better else ray / zmesh
+    return f"{ratio:.2f}x"
+
+
+def _cell(result: BackendResult, metric: Metric) -> str:
+    if result.unavailable:
+        return result.unavailable
+    value = result.metrics.get(metric.name)
+    return "error" if value is None else _format_value(value)
+
+
+def _table_rows(results: list[BackendResult]) -> list[list[str]]:
+    by_name = {r.backend: r for r in results}
+    compare = "zmesh" in by_name and "ray" in by_name
+    header = ["metric", *(r.backend for r in results)] + (["ratio"] if compare else [])
+    rows = [header]
+    for metric in METRICS:
+        row = [metric.name, *(_cell(r, metric) for r in results)]
+        if compare:
+            row.append(
+                _ratio(
+                    metric,
+                    by_name["zmesh"].metrics.get(metric.name),
+                    by_name["ray"].metrics.get(metric.name),
+                )
+            )
+        rows.append(row)
+    return rows
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:])
+        ]
+        print("  ".join(cells).rstrip())
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _print_footnote(results: list[BackendResult]) -> None:
+    ran = [r for r in results if r.metrics]
+    machine = f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    print()
+    print(f"Machine: {machine}.")
+    if ran:
+        print("Versions: " + ", ".join(f"{r.backend} {r.version}" for r in ran) + ".")
+        payloads = ", ".join(f"{r.backend} {r.payload}" for r in ran)
+        print(
+            f"100 MB argument: passed directly, not via put; payload type: {payloads}."
+        )
+    for r in ran:
+        print(
+            f"{r.backend} daemon RSS: {RSS_NOTES[r.backend]}, {RSS_ACTORS} live actors."
+        )
+    print("Ratio > 1 means zmesh is better. All figures are from one run.")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="comma-separated: zmesh,ray"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="about 10x fewer operations (smoke test)"
+    )
+    parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    parser.add_argument("--rss", choices=BACKENDS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(args.backends) - set(BACKENDS))
+    if unknown or not args.backends:
+        parser.error(
+            f"--backends must be a comma-separated subset of {','.join(BACKENDS)}"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.worker:
+        print(json.dumps(_run_workloads(args.worker, sizes)), flush=True)
+        return 0
+    if args.rss:
+        print(json.dumps(_run_rss(args.rss, sizes)), flush=True)
+        return 0
+    _become_subreaper()
+    results = [_bench_backend(backend, args.quick) for backend in args.backends]
+    print()
+    _print_table(_table_rows(results))
+    _print_footnote(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""ActorClass, ActorHandle, ActorMethod and ``method()``: what users hold; no I/O of their own."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from zmesh import runtime as runtime_mod
+from zmesh.object_ref import ObjectRef
+from zmesh.options import ActorOptions, MethodOptions
+from zmesh.runtime import Runtime
+from zmesh.transport import serialization
+from zmesh.transport.ids import ActorId, new_actor_id
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# name -> (num_returns, concurrency group, signature without self or None)
+MethodMeta = dict[str, tuple[int, str | None, inspect.Signature | None]]
+
+
+def current_runtime() -> Runtime:
+    rt = runtime_mod.current()
+    if rt is None:
+        from zmesh import api
+
+        return api.auto_init()
+    return rt
+
+
+def method(*, num_returns: int = 1, concurrency_group: str | None = None) -> Callable[[F], F]:
+    """Declare options of an actor method: ``@zmesh.method(concurrency_group="io")``."""
+    opts = MethodOptions.build(num_returns=num_returns, concurrency_group=concurrency_group)
+
+    def decorate(fn: F) -> F:
+        fn._zmesh_method_options = opts  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def _methods(cls: type) -> MethodMeta:
+    meta: MethodMeta = {}
+    for name, member in inspect.getmembers(cls):
+        if name.startswith("__") and name != "__call__":
+            continue
+        static = inspect.getattr_static(cls, name, None)
+        if not callable(member) or isinstance(static, property):
+            continue
+        opts = getattr(member, "_zmesh_method_options", None) or MethodOptions()
+        meta[name] = (opts.num_returns, opts.concurrency_group, _signature(member, static))
+    return meta
+
+
+def _signature(member: Any, static: Any) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(member)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(static, staticmethod | classmethod):
+        return sig
+    params = list(sig.parameters.values())[1:]
+    return sig.replace(parameters=params)
+
+
+class ActorClass:
+    """What ``@zmesh.remote`` makes of a class: ``.remote()`` creates an actor."""
+
+    def __init__(self, cls: type, options: ActorOptions, shared: dict[str, Any] | None = None) -> None:
+        self._cls = cls
+        self._options = options
+        # Shared across .options() copies: the class is serialized and hashed once.
+        self._shared = shared if shared is not None else {}
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+        self.__module__ = cls.__module__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self.__name__}()', use '{self.__name__}.remote()'.")
+
+    def __repr__(self) -> str:
+        return f"ActorClass({self._cls.__module__}.{self._cls.__qualname__})"
+
+    def options(self, **options: Any) -> ActorClass:
+        """A copy with these options; raises ValueError on a bad one."""
+        return ActorClass(self._cls, ActorOptions.build(self._options, **options), self._shared)
+
+    def _class_blob(self) -> tuple[str, bytes, MethodMeta]:
+        if "blob" not in self._shared:
+            blob = serialization.dumps_code(self._cls)
+            self._shared["blob"] = blob
+            self._shared["key"] = hashlib.sha256(blob).hexdigest()[:32]
+            self._shared["methods"] = _methods(self._cls)
+        return self._shared["key"], self._shared["blob"], self._shared["methods"]
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        rt = current_runtime()
+        opts = self._options
+        key, blob, methods = self._class_blob()
+        init_sig = _signature(getattr(self._cls, "__init__"), inspect.getattr_static(self._cls, "__init__", None))
+        if init_sig is not None:
+            try:
+                init_sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self.__name__}.remote(): {exc}") from None
+        args_frames = serialization.dumps_args(args, kwargs)
+        meta = {"methods": methods, "max_task_retries": opts.max_task_retries}
+        meta_blob = self._shared.get(("meta", opts.max_task_retries))
+        if meta_blob is None:
+            meta_blob = self._shared[("meta", opts.max_task_retries)] = serialization.dumps_code(meta)
+        actor_id = new_actor_id()
+        spec = {
+            "actor_id": actor_id,
+            "class_name": self.__name__,
+            "name": opts.name,
+            "namespace": opts.namespace or rt.namespace,
+            "detached": opts.lifetime == "detached",
+            "get_if_exists": opts.get_if_exists,
+            "resources": opts.resource_demand(),
+            "max_restarts": opts.max_restarts,
+            "max_concurrency": opts.max_concurrency,
+            "concurrency_groups": dict(opts.concurrency_groups),
+        }
+        reply = rt.create_actor(actor_id, spec, key, blob, meta_blob, args_frames, wait=opts.name is not None)
+        if reply is not None:
+            actor_id, created, existing_meta = reply
+            if not created:  # get_if_exists found a live actor: describe it, not our class
+                return ActorHandle(actor_id, self.__name__, existing_meta)
+        return ActorHandle(actor_id, self.__name__, meta_blob, meta)
+
+
+class ActorHandle:
+    """A reference to an actor; picklable, so it can be passed to other actors."""
+
+    def __init__(self, actor_id: ActorId, class_name: str, meta_blob: bytes, meta: dict[str, Any] | None = None) -> None:
+        self._zmesh_actor_id = actor_id
+        self._zmesh_class_name = class_name
+        self._zmesh_meta_blob = meta_blob
+        self._zmesh_meta = meta if meta is not None else serialization.loads_code(meta_blob)
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        if name.startswith("_zmesh_"):
+            raise AttributeError(name)
+        entry = self._zmesh_meta["methods"].get(name)
+        if entry is None:
+            raise AttributeError(f"'{self._zmesh_class_name}' actor has no method '{name}'")
+        num_returns, group, sig = entry
+        bound = ActorMethod(self, name, num_returns, group, sig)
+        self.__dict__[name] = bound  # later lookups skip __getattr__
+        return bound
+
+    def __repr__(self) -> str:
+        return f"Actor({self._zmesh_class_name}, {self._zmesh_actor_id})"
+
+    def __hash__(self) -> int:
+        return hash(self._zmesh_actor_id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorHandle) and other._zmesh_actor_id == self._zmesh_actor_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ActorHandle, (self._zmesh_actor_id, self._zmesh_class_name, self._zmesh_meta_blob))
+
+
+class ActorMethod:
+    """``handle.method``: call it with ``.remote(...)``."""
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int, group: str | None, sig: inspect.Signature | None) -> None:
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+        self._group = group
+        self._sig = sig
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"Actor methods cannot be called directly. Instead of '{self._name}()', use '{self._name}.remote()'.")
+
+    def options(self, **options: Any) -> ActorMethod:
+        opts = MethodOptions.build(MethodOptions(self._num_returns, self._group), **options)
+        return ActorMethod(self._handle, self._name, opts.num_returns, opts.concurrency_group, self._sig)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        if self._sig is not None:
+            try:
+                self._sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self._handle._zmesh_class_name}.{self._name}.remote(): {exc}") from None
+        rt = current_runtime()
+        args_frames = serialization.dumps_args(args, kwargs)
+        handle = self._handle
+        oids = rt.submit_call(
+            handle._zmesh_actor_id, self._name, args_frames, self._num_returns, self._group, handle._zmesh_meta["max_task_retries"]
+        )
+        address = rt.address
+        if self._num_returns == 1:
+            return ObjectRef(oids[0], address, rt)
+        return [ObjectRef(oid, address, rt) for oid in oids]

@@ -1,0 +1,257 @@
+"""The public functions: init, shutdown, remote, get, wait, put, kill, get_actor."""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, overload
+
+from zmesh import runtime as runtime_mod
+from zmesh.actor import ActorClass, ActorHandle
+from zmesh.exceptions import NodeUnavailableError
+from zmesh.object_ref import ObjectRef
+from zmesh.options import ActorOptions, validate_name, validate_resources
+from zmesh.runtime import Runtime
+from zmesh.transport import rundir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "default"
+
+_lock = threading.RLock()
+_embedded: Any = None  # the in-process node started by init(), if any
+_atexit_registered = False
+
+
+def _parse_address(address: str) -> str:
+    text = address.strip()
+    if text.startswith("tcp://"):
+        text = text[len("tcp://") :]
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address must be 'host:port', 'auto' or None, got {address!r}")
+    return f"tcp://{host}:{port}"
+
+
+def _local_node_address() -> str | None:
+    if os.environ.get("ZMESH_ADDRESS"):
+        return _parse_address(os.environ["ZMESH_ADDRESS"])
+    info = rundir.read_node_info()
+    return info["address"] if info else None
+
+
+def init(
+    address: str | None = None,
+    *,
+    namespace: str | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: dict[str, float] | None = None,
+    ignore_reinit_error: bool = False,
+    connect_timeout: float = 5.0,
+) -> dict[str, Any]:
+    """Connect this process to zmesh.
+
+    ``address=None``: the node running on this host, or else a new embedded node
+    (loopback only, stopped at exit). ``"auto"``: the node running on this host.
+    ``"host:port"``: that node. Returns a description of the node.
+    """
+    global _embedded, _atexit_registered
+    with _lock:
+        rt = runtime_mod.current()
+        if rt is not None:
+            if ignore_reinit_error:
+                return dict(rt.node_info)
+            raise RuntimeError("zmesh.init() was already called in this process; call zmesh.shutdown() first or pass ignore_reinit_error=True")
+        ns = validate_name(namespace, "namespace") if namespace is not None else DEFAULT_NAMESPACE
+        custom = validate_resources(resources)
+        node_address: str | None
+        if address in (None, "auto"):
+            node_address = _local_node_address()
+            if node_address is None and address == "auto":
+                raise NodeUnavailableError("address='auto' but no zmesh node is running on this host; start one with `zmesh node`")
+        elif address == "local":
+            node_address = None
+        elif isinstance(address, str):
+            node_address = _parse_address(address)
+        else:
+            raise ValueError(f"address must be a str or None, got {type(address).__name__}")
+        if node_address is not None and (num_cpus is not None or num_gpus is not None or resources):
+            raise ValueError("num_cpus, num_gpus and resources describe a new local node; they cannot be given when connecting to a running one")
+        if node_address is None:
+            from zmesh.node.config import NodeConfig
+            from zmesh.node.daemon import Node
+
+            node = Node(NodeConfig.from_env(num_cpus=num_cpus, num_gpus=num_gpus or 0, resources=custom, advertise=False))
+            node.start()
+            _embedded = node
+            node_address = node.address
+        try:
+            rt = Runtime(node_address, kind="driver", namespace=ns, connect_timeout=connect_timeout)
+        except BaseException:
+            _stop_embedded()
+            raise
+        runtime_mod.set_current(rt)
+        if not _atexit_registered:
+            atexit.register(shutdown)
+            _atexit_registered = True
+        return dict(rt.node_info)
+
+
+def auto_init() -> Runtime:
+    """Called by the first ``.remote()`` when nobody called ``init()``, as Ray does."""
+    with _lock:
+        if runtime_mod.current() is None:
+            init()
+        rt = runtime_mod.current()
+        assert rt is not None
+        return rt
+
+
+def _stop_embedded() -> None:
+    global _embedded
+    node, _embedded = _embedded, None
+    if node is not None:
+        node.stop()
+
+
+def is_initialized() -> bool:
+    return runtime_mod.current() is not None
+
+
+def shutdown() -> None:
+    """Disconnect; actors this process owns (not detached) die, and an embedded node stops."""
+    with _lock:
+        rt = runtime_mod.current()
+        runtime_mod.set_current(None)
+        if rt is not None:
+            rt.close()
+        _stop_embedded()
+
+
+def _require() -> Runtime:
+    rt = runtime_mod.current()
+    if rt is None:
+        raise RuntimeError("zmesh is not initialized in this process; call zmesh.init() first")
+    return rt
+
+
+@overload
+def remote(__target: type) -> ActorClass: ...
+@overload
+def remote(**options: Any) -> Callable[[type], ActorClass]: ...
+def remote(*args: Any, **options: Any) -> Any:
+    """``@zmesh.remote`` or ``@zmesh.remote(**options)`` on a class makes it an actor class."""
+    if args:
+        if len(args) != 1 or options:
+            raise TypeError("use @zmesh.remote or @zmesh.remote(option=value, ...)")
+        return _make_remote(args[0], ActorOptions())
+    opts = ActorOptions.build(**options)
+    return lambda target: _make_remote(target, opts)
+
+
+def _make_remote(target: Any, opts: ActorOptions) -> ActorClass:
+    if inspect.isclass(target):
+        return ActorClass(target, opts)
+    if callable(target):
+        raise TypeError(
+            f"@zmesh.remote on function {getattr(target, '__name__', target)!r}: remote functions (tasks) are not supported yet; "
+            "wrap the function in an actor class"
+        )
+    raise TypeError(f"@zmesh.remote expects a class, got {type(target).__name__}")
+
+
+def _check_refs(value: Any, what: str) -> tuple[list[ObjectRef], bool]:
+    if isinstance(value, ObjectRef):
+        return [value], True
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if not isinstance(item, ObjectRef):
+                raise TypeError(f"{what} expects ObjectRefs, but item {i} is {type(item).__name__} {item!r:.60}")
+        return list(value), False
+    raise TypeError(f"{what} expects an ObjectRef or a list of ObjectRefs, got {type(value).__name__} {value!r:.60}")
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0):
+        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+
+
+def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value(s) behind ``refs``; raises the remote error, or GetTimeoutError."""
+    items, single = _check_refs(refs, "zmesh.get()")
+    _check_timeout(timeout)
+    values = _require().get([(r.id, r.owner) for r in items], timeout)
+    return values[0] if single else values
+
+
+def wait(
+    refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready or ``timeout`` passes."""
+    if isinstance(refs, ObjectRef):
+        raise TypeError("zmesh.wait() expects a list of ObjectRefs, not a single ObjectRef")
+    items, _ = _check_refs(refs, "zmesh.wait()")
+    _check_timeout(timeout)
+    if len(set(items)) != len(items):
+        raise ValueError("zmesh.wait() got the same ObjectRef more than once")
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 0 <= num_returns <= len(items):
+        raise ValueError(f"num_returns must be an int between 0 and len(refs)={len(items)}, got {num_returns!r}")
+    rt = _require()
+    entries = rt.entries_for([(r.id, r.owner) for r in items])
+    rt.objects.wait_done(entries, num_returns, timeout)
+    ready: list[ObjectRef] = []
+    not_ready: list[ObjectRef] = []
+    for ref, entry in zip(items, entries, strict=True):
+        (ready if entry.done and len(ready) < max(num_returns, 1) else not_ready).append(ref)
+    return ready, not_ready
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in this process and return a reference other processes can fetch."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("zmesh.put() of an ObjectRef is not allowed; pass the ref itself")
+    rt = _require()
+    return ObjectRef(rt.put(value), rt.address, rt)
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kill the actor's worker now. With ``no_restart=False`` it restarts if it has restarts left."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"zmesh.kill() expects an actor handle, got {type(actor).__name__}")
+    _require().request("kill", (actor._zmesh_actor_id, bool(no_restart)))
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """A handle to the live actor with this name; ValueError if there is none."""
+    validate_name(name, "actor name")
+    rt = _require()
+    ns = validate_name(namespace, "namespace") if namespace is not None else rt.namespace
+    actor_id, class_name, meta_blob = rt.request("lookup", (ns, name))
+    return ActorHandle(actor_id, class_name, meta_blob)
+
+
+def get_gpu_ids() -> list[int]:
+    """The GPU ids this actor's worker was given (from CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+
+
+def _status() -> dict[str, Any]:
+    status: dict[str, Any] = _require().request("status")
+    return status
+
+
+def cluster_resources() -> dict[str, float]:
+    return dict(_status()["resources_total"])
+
+
+def available_resources() -> dict[str, float]:
+    return dict(_status()["resources_available"])
+
+
+

@@ -1,0 +1,117 @@
+"""The ``zmesh`` command: node, status, stop. Parses arguments and calls; nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--resources must be JSON like '{{\"special\": 1}}': {exc}") from None
+    from zmesh.options import validate_resources
+
+    try:
+        return validate_resources(value, "--resources")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zmesh", description="A peer-to-peer actor mesh with Ray's actor API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    node = sub.add_parser("node", help="run a node in the foreground (Ctrl-C or SIGTERM stops it and its workers)")
+    node.add_argument("--port", type=int, default=6390, help="TCP port on 127.0.0.1 (0 picks a free one; default 6390)")
+    node.add_argument("--num-cpus", type=float, default=None, help="CPUs to advertise (default: all)")
+    node.add_argument("--num-gpus", type=float, default=0, help="GPUs to advertise (default 0)")
+    node.add_argument("--resources", type=_resources, default=None, help='custom resources as JSON, e.g. \'{"special": 1}\'')
+    node.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    for name, text in (("status", "show the node, its resources and its actors"), ("stop", "stop the node running on this host")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--address", default="auto", help="host:port of the node (default: the one on this host)")
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "node":
+        return _run_node(args)
+    return _client_command(args)
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from zmesh.node.config import NodeConfig
+    from zmesh.node.daemon import Node
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = NodeConfig.from_env(port=args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus, resources=args.resources or {})
+        node = Node(config)
+    except (ValueError, OSError) as exc:
+        print(f"zmesh node: {exc}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node.request_stop())
+    print(f"zmesh node {node.node_id} listening on {node.address.removeprefix('tcp://')}", flush=True)
+    node.serve_forever()
+    return 0
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    import zmesh
+    from zmesh.exceptions import NodeUnavailableError
+    from zmesh.runtime import current
+
+    try:
+        zmesh.init(address=args.address, connect_timeout=3.0)
+    except (NodeUnavailableError, ValueError) as exc:
+        print(f"zmesh {args.command}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        rt = current()
+        assert rt is not None
+        if args.command == "stop":
+            rt.request("stop")
+            print(f"stopped the zmesh node at {rt.node_address.removeprefix('tcp://')}")
+            return 0
+        status = rt.request("status")
+        print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+        return 0
+    finally:
+        zmesh.shutdown()
+
+
+def _amount(key: str, value: float) -> str:
+    if key == "memory":
+        return f"{value / 2**30:.1f} GiB"
+    return f"{value:g}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"node {status['node_id']} at {status['address'].removeprefix('tcp://')} (pid {status['pid']}, up {status['uptime_s']:.0f} s)"]
+    lines.append("resources (used / total):")
+    total, available = status["resources_total"], status["resources_available"]
+    for key in sorted(total):
+        used = total[key] - available.get(key, 0.0)
+        lines.append(f"  {key:<12} {_amount(key, used)} / {_amount(key, total[key])}")
+    lines.append(f"actors ({len(status['actors'])}):")
+    lines.append(f"  {'ACTOR ID':<17} {'CLASS':<20} {'NAME':<20} {'STATE':<17} {'PID':>7} {'RESTARTS':>8}")
+    for a in status["actors"]:
+        name = a["name"] or "-"
+        if a["detached"]:
+            name += " (detached)"
+        lines.append(f"  {a['actor_id']:<17} {a['class_name']:<20} {name:<20} {a['state']:<17} {a['pid'] or '-':>7} {a['restarts']:>8}")
+    waiting = status["waiting"]
+    lines.append(f"waiting creations ({len(waiting)}):")
+    for a in waiting:
+        lines.append(f"  {a['actor_id']:<17} {a['class_name']:<20} needs {a['resources']}")
+    lines.append(f"clients: {status['clients']}   dropped messages: {status['dropped_messages']}")
+    return "\n".join(lines)

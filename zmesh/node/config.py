@@ -1,0 +1,58 @@
+"""Node tunables in one frozen record, settable from the CLI and the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import psutil
+
+from zmesh.options import validate_resources
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    num_cpus: float | None = None
+    num_gpus: float = 0
+    memory: float | None = None
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Written to the run directory so `address="auto"` finds this node; off for embedded nodes.
+    advertise: bool = True
+    # Seconds a waiting creation logs its warning after, when it can never fit.
+    infeasible_warning_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> NodeConfig:
+        env: dict[str, Any] = {}
+        if "ZMESH_NUM_CPUS" in os.environ:
+            env["num_cpus"] = float(os.environ["ZMESH_NUM_CPUS"])
+        if "ZMESH_NUM_GPUS" in os.environ:
+            env["num_gpus"] = float(os.environ["ZMESH_NUM_GPUS"])
+        if "ZMESH_RESOURCES" in os.environ:
+            env["resources"] = json.loads(os.environ["ZMESH_RESOURCES"])
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**env)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("num_cpus", "num_gpus", "memory"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        validate_resources(self.resources)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    def total_resources(self) -> dict[str, float]:
+        total = {
+            "CPU": float(self.num_cpus if self.num_cpus is not None else (psutil.cpu_count() or 1)),
+            "GPU": float(self.num_gpus),
+            "memory": float(self.memory if self.memory is not None else psutil.virtual_memory().total),
+        }
+        total.update(self.resources)
+        return total

@@ -1,0 +1,523 @@
+"""The node daemon: binds the node's ROUTER, runs its loop, and keeps actors placed and alive.
+
+One thread owns every socket. Callers reach it for creation, lookup, kill and
+status; once an actor is alive its calls go straight to the worker and never
+pass through here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import zmq
+
+from zmesh.node import records
+from zmesh.node.config import NodeConfig
+from zmesh.node.records import ActorRecord, Client
+from zmesh.node.resources import Resources
+from zmesh.transport import protocol, rundir, serialization, sockets
+from zmesh.transport.ids import ActorId, ClientId, new_node_id
+
+logger = logging.getLogger(__name__)
+
+
+class ReplyError(Exception):
+    """An error the node reports back to the requester as ``(kind, message)``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Node:
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        self.config = config or NodeConfig()
+        self.node_id = new_node_id()
+        self.resources = Resources(self.config.total_resources())
+        self._ctx = zmq.Context()
+        self._router, self.address = sockets.router(self._ctx, self.config.host, self.config.port)
+        self._clients: dict[ClientId, Client] = {}
+        self._client_by_fd: dict[int, ClientId] = {}
+        self._actors: dict[ActorId, ActorRecord] = {}
+        self._names: dict[tuple[str, str], ActorId] = {}
+        self._classes: dict[str, bytes] = {}
+        self._waiting: list[ActorId] = []
+        self._by_token: dict[str, ActorId] = {}
+        self._by_pid: dict[int, ActorId] = {}
+        self._dropped = 0
+        self._last_drop_log: dict[bytes, float] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._zygote: subprocess.Popen[bytes] | None = None
+        self._zsock: socket.socket | None = None
+        self._zbuffer = b""
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._ops: dict[str, Callable[[Client, tuple[Any, ...], list[Any]], tuple[Any, list[Any]]]] = {
+            "create": self._op_create,
+            "resolve": self._op_resolve,
+            "lookup": self._op_lookup,
+            "kill": self._op_kill,
+            "status": self._op_status,
+            "stop": self._op_stop,
+            "init": self._op_init,
+            "started": self._op_started,
+        }
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Run the node on a background thread (the embedded node of ``zmesh.init()``)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="zmesh-node", daemon=True)
+        self._thread.start()
+
+    def serve_forever(self) -> None:
+        # The zygote is started from the loop's thread: it dies when this thread ends.
+        self._start_zygote()
+        if self.config.advertise:
+            proc = psutil.Process()
+            rundir.write_node_info(
+                {"address": self.address, "pid": os.getpid(), "create_time": proc.create_time(), "node_id": self.node_id}
+            )
+        logger.info("zmesh node %s listening on %s", self.node_id, self.address)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop; safe from any thread and from signal handlers."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.request_stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            events = self._poller.poll(500)
+            for sock, _ in events:
+                try:
+                    if sock is self._router:
+                        self._drain_router()
+                    elif sock == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                    elif self._zsock is not None and sock == self._zsock.fileno():
+                        self._on_zygote()
+                    elif isinstance(sock, int) and sock in self._client_by_fd:
+                        self._client_gone(self._client_by_fd[sock], "exited")
+                except Exception:
+                    logger.exception("zmesh node: error while handling an event; continuing")
+            self._check_waiting()
+
+    def _shutdown(self) -> None:
+        for record in self._actors.values():
+            if record.pid is not None:
+                _kill(record.pid)
+        if self._zsock is not None:
+            self._zsock.close()
+        if self._zygote is not None:
+            self._zygote.terminate()
+            try:
+                self._zygote.wait(5)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+                self._zygote.wait()
+        for client in self._clients.values():
+            if client.pidfd is not None:
+                os.close(client.pidfd)
+        if self.config.advertise:
+            rundir.remove_node_info(os.getpid())
+        self._router.close(linger=0)
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        logger.info("zmesh node %s stopped", self.node_id)
+
+    # ------------------------------------------------------------------ the zygote
+
+    def _start_zygote(self) -> None:
+        ours, theirs = socket.socketpair()
+        self._zygote = subprocess.Popen(
+            [sys.executable, "-m", "zmesh.node.zygote", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._zsock = ours
+        self._zbuffer = b""
+        self._poller.register(ours.fileno(), zmq.POLLIN)
+
+    def _on_zygote(self) -> None:
+        assert self._zsock is not None
+        data = self._zsock.recv(65536)
+        if not data:
+            logger.error("zmesh node: the worker zygote exited; starting a new one")
+            self._poller.unregister(self._zsock.fileno())
+            self._zsock.close()
+            self._zsock = None
+            if self._zygote is not None:
+                self._zygote.wait()
+            self._start_zygote()
+            for record in self._actors.values():
+                if record.state in (records.STARTING, records.RESTARTING) and record.pid is None:
+                    self._spawn(record)
+            return
+        self._zbuffer += data
+        while b"\n" in self._zbuffer:
+            line, self._zbuffer = self._zbuffer.split(b"\n", 1)
+            event = json.loads(line)
+            if event["ev"] == "spawned":
+                actor_id = self._by_token.get(event["token"])
+                record = self._actors.get(actor_id) if actor_id else None
+                if record is not None and record.token == event["token"]:
+                    record.pid = event["pid"]
+                    self._by_pid[event["pid"]] = record.actor_id
+                else:
+                    _kill(event["pid"])  # killed before it even started
+            elif event["ev"] == "exited":
+                actor_id = self._by_pid.pop(event["pid"], None)
+                if actor_id is not None:
+                    self._worker_exited(self._actors[actor_id], event["pid"], event["code"])
+
+    def _spawn(self, record: ActorRecord) -> None:
+        assert self._zsock is not None
+        record.pid = None
+        self._by_token[record.token] = record.actor_id
+        env = {}
+        if record.reservation is not None and record.reservation.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, record.reservation.gpu_ids))
+        request = {"op": "spawn", "token": record.token, "address": self.address, "env": env}
+        self._zsock.sendall(json.dumps(request).encode() + b"\n")
+
+    # ------------------------------------------------------------------ messages
+
+    def _drain_router(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            try:
+                msg = protocol.decode(frames[1:])
+                self._dispatch(identity, msg)
+            except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, KeyError, IndexError) as exc:
+                self._drop(identity, exc)
+
+    def _drop(self, identity: bytes, reason: BaseException) -> None:
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log.get(identity, -1e9) >= 60:
+            self._last_drop_log[identity] = now
+            logger.warning("zmesh node: dropped a bad message from peer %s: %s", identity.hex()[:16], reason)
+
+    def _send(self, identity: bytes, frames: list[Any]) -> bool:
+        try:
+            self._router.send_multipart([identity, *frames], copy=False)
+            return True
+        except zmq.ZMQError:
+            return False  # the peer is gone
+
+    def _dispatch(self, identity: bytes, msg: protocol.Message) -> None:
+        if msg.type == protocol.HELLO:
+            self._on_hello(identity, msg.header)
+        elif msg.type == protocol.GOODBYE:
+            self._client_gone(ClientId(identity), "said goodbye")
+        elif msg.type == protocol.REQUEST:
+            req_id, op, args = msg.header
+            client = self._clients.get(ClientId(identity))
+            handler = self._ops.get(op)
+            if client is None:
+                self._reply_error(identity, req_id, ReplyError("ConnectionError", "say hello first"))
+            elif handler is None:
+                self._reply_error(identity, req_id, ReplyError("ValueError", f"unknown request {op!r}"))
+            else:
+                try:
+                    value, payload = handler(client, tuple(args), msg.payload)
+                except ReplyError as exc:
+                    self._reply_error(identity, req_id, exc)
+                else:
+                    self._send(identity, protocol.encode(protocol.REPLY, (req_id, True, value), payload))
+        else:
+            raise protocol.ProtocolError(f"unexpected message type {msg.type!r} at a node")
+
+    def _reply_error(self, identity: bytes, req_id: Any, exc: ReplyError) -> None:
+        self._send(identity, protocol.encode(protocol.REPLY, (req_id, False, (exc.kind, str(exc)))))
+
+    def _on_hello(self, identity: bytes, header: tuple[Any, ...]) -> None:
+        req_id, version, client_id, kind, pid, address, _token = header
+        if version != protocol.PROTOCOL_VERSION:
+            logger.warning("zmesh node: refusing a %s speaking protocol %r (this node speaks %d)", kind, version, protocol.PROTOCOL_VERSION)
+            self._reply_error(identity, req_id, ReplyError("ConnectionError", f"protocol version {version!r} is not {protocol.PROTOCOL_VERSION}"))
+            return
+        if client_id != identity:
+            raise protocol.ProtocolError("hello from a peer whose routing id is not its client id")
+        old = self._clients.pop(ClientId(identity), None)
+        if old is not None and old.pidfd is not None:
+            self._forget_pidfd(old)
+        client = Client(ClientId(identity), str(kind), int(pid), str(address))
+        try:
+            client.pidfd = os.pidfd_open(client.pid)
+        except OSError:
+            client.pidfd = None  # not our host's pid namespace: rely on its goodbye
+        if client.pidfd is not None:
+            self._client_by_fd[client.pidfd] = client.client_id
+            self._poller.register(client.pidfd, zmq.POLLIN)
+        self._clients[client.client_id] = client
+        info = {"node_id": self.node_id, "address": self.address, "pid": os.getpid(), "resources": self.resources.total}
+        self._send(identity, protocol.encode(protocol.REPLY, (req_id, True, info)))
+
+    def _forget_pidfd(self, client: Client) -> None:
+        if client.pidfd is not None:
+            self._poller.unregister(client.pidfd)
+            self._client_by_fd.pop(client.pidfd, None)
+            os.close(client.pidfd)
+            client.pidfd = None
+
+    def _client_gone(self, client_id: ClientId, why: str) -> None:
+        client = self._clients.pop(client_id, None)
+        if client is None:
+            return
+        self._forget_pidfd(client)
+        for record in list(self._actors.values()):
+            record.subscribers.discard(client_id)
+            if record.owner == client_id and record.state != records.DEAD:
+                self._kill(record, f"its owner ({client.kind} pid {client.pid}) {why}", no_restart=True)
+
+    # ------------------------------------------------------------------ requests
+
+    def _op_create(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        spec, class_key = args
+        if len(payload) < 2:
+            raise ReplyError("ValueError", "create needs the class and its metadata")
+        class_blob, meta_blob, args_frames = payload[0], payload[1], list(payload[2:])
+        if class_blob:
+            self._classes[class_key] = bytes(class_blob)
+        elif class_key not in self._classes:
+            raise ReplyError("ValueError", "the actor's class was never sent to this node")
+        namespace, name = spec["namespace"], spec.get("name")
+        if name is not None:
+            existing = self._names.get((namespace, name))
+            if existing is not None:
+                record = self._actors[existing]
+                if spec.get("get_if_exists"):
+                    record.subscribers.add(client.client_id)
+                    return (existing, False, record.meta_blob), []
+                raise ReplyError(
+                    "ActorAlreadyExistsError",
+                    f"an actor named {name!r} already exists in namespace {namespace!r}; "
+                    "use get_if_exists=True or zmesh.get_actor() to reach it",
+                )
+        actor_id = ActorId(spec["actor_id"])
+        if actor_id in self._actors:
+            raise ReplyError("ValueError", f"actor id {actor_id} is already taken")
+        demand = {str(k): float(v) for k, v in spec["resources"].items()}
+        record = ActorRecord(
+            actor_id=actor_id,
+            class_name=str(spec["class_name"]),
+            class_key=class_key,
+            meta_blob=bytes(meta_blob),
+            args_frames=args_frames,
+            spec=spec,
+            owner=None if spec.get("detached") else client.client_id,
+            owner_address=client.address,
+            name=name,
+            namespace=namespace,
+            demand=demand,
+            max_restarts=int(spec.get("max_restarts", 0)),
+            waiting_since=time.monotonic(),
+        )
+        record.subscribers.add(client.client_id)
+        self._actors[actor_id] = record
+        if name is not None:
+            self._names[(namespace, name)] = actor_id
+        if not self.resources.feasible(demand):
+            logger.warning(
+                "actor %s (%s) needs %s but this node has only %s in all; it will wait until a node that fits joins",
+                record.class_name, actor_id, demand, self.resources.total,
+            )  # fmt: skip
+            record.warned = True
+        self._waiting.append(actor_id)
+        self._schedule()
+        return (actor_id, True, record.meta_blob), []
+
+    def _op_resolve(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        (actor_id,) = args
+        record = self._actors.get(actor_id)
+        if record is None:
+            return ("DEAD", 1 << 30, None, f"actor {actor_id} is not known to this node (it may have died long ago)"), []
+        record.subscribers.add(client.client_id)
+        return record.public_state(), []
+
+    def _op_lookup(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        namespace, name = args
+        actor_id = self._names.get((namespace, name))
+        if actor_id is None:
+            raise ReplyError("ValueError", f"Failed to look up actor with name {name!r} in namespace {namespace!r}: no live actor has that name")
+        record = self._actors[actor_id]
+        return (actor_id, record.class_name, record.meta_blob), []
+
+    def _op_kill(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        actor_id, no_restart = args
+        record = self._actors.get(actor_id)
+        if record is None:
+            raise ReplyError("ValueError", f"actor {actor_id} is not known to this node")
+        self._kill(record, "it was killed with zmesh.kill()", no_restart=bool(no_restart))
+        return None, []
+
+    def _op_status(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        return self.status(), []
+
+    def _op_stop(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        self.request_stop()
+        return None, []
+
+    def _op_init(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        (token,) = args
+        actor_id = self._by_token.get(token)
+        record = self._actors.get(actor_id) if actor_id else None
+        if record is None or record.token != token or record.state not in (records.STARTING, records.RESTARTING):
+            raise ReplyError("ActorDiedError", "this worker is no longer wanted")
+        if record.pid is None:
+            record.pid = client.pid
+            self._by_pid[client.pid] = record.actor_id
+        spec = dict(record.spec, owner_address=record.owner_address)
+        blob = self._classes[record.class_key]
+        return (record.actor_id, record.incarnation, spec), [blob, record.meta_blob, *record.args_frames]
+
+    def _op_started(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        actor_id, incarnation, ok, error = args
+        record = self._actors.get(actor_id)
+        if record is None or record.incarnation != incarnation or record.state not in (records.STARTING, records.RESTARTING):
+            return None, []
+        if ok:
+            record.state = records.ALIVE
+            record.address = client.address
+            self._notify(record)
+        else:
+            self._mark_dead(record, f"the actor's constructor failed: {error}")
+        return None, []
+
+    # ------------------------------------------------------------------ actor lifecycle
+
+    def _schedule(self) -> None:
+        for actor_id in list(self._waiting):
+            record = self._actors[actor_id]
+            reservation = self.resources.try_reserve(record.demand)
+            if reservation is None:
+                continue
+            self._waiting.remove(actor_id)
+            record.reservation = reservation
+            record.state = records.STARTING
+            self._spawn(record)
+
+    def _check_waiting(self) -> None:
+        now = time.monotonic()
+        for actor_id in self._waiting:
+            record = self._actors[actor_id]
+            if not record.warned and now - record.waiting_since > self.config.infeasible_warning_s:
+                record.warned = True
+                logger.warning(
+                    "actor %s (%s) has waited %.0f s for resources %s (available now: %s)",
+                    record.class_name, actor_id, now - record.waiting_since, record.demand, self.resources.available,
+                )  # fmt: skip
+
+    def _notify(self, record: ActorRecord) -> None:
+        frames = protocol.encode(protocol.ACTOR_STATE, (record.actor_id, *record.public_state()))
+        for client_id in list(record.subscribers):
+            if not self._send(client_id, frames):
+                record.subscribers.discard(client_id)
+
+    def _worker_exited(self, record: ActorRecord, pid: int, code: int) -> None:
+        if record.pid != pid:
+            return
+        record.pid = None
+        record.address = None
+        if record.state == records.DEAD:
+            return
+        if record.can_restart():
+            record.restarts += 1
+            record.incarnation += 1
+            record.state = records.RESTARTING
+            logger.info("actor %s (%s) worker exited with code %s; restart %d", record.class_name, record.actor_id, code, record.restarts)
+            self._notify(record)
+            self._spawn(record)
+            return
+        limit = "unlimited" if record.max_restarts == -1 else record.max_restarts
+        self._mark_dead(
+            record,
+            f"the worker process of actor {record.class_name} ({record.actor_id}) died unexpectedly (exit code {code}) "
+            f"and it has no restarts left (max_restarts={limit})",
+        )
+
+    def _kill(self, record: ActorRecord, why: str, *, no_restart: bool) -> None:
+        if record.state == records.DEAD:
+            return
+        if record.state == records.WAITING:
+            self._waiting.remove(record.actor_id)
+            self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
+            return
+        pid = record.pid
+        if no_restart or not record.can_restart():
+            self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
+        if pid is not None:
+            _kill(pid)
+
+    def _mark_dead(self, record: ActorRecord, error: str) -> None:
+        record.state = records.DEAD
+        record.error = error
+        if record.pid is not None:
+            _kill(record.pid)
+        if record.reservation is not None:
+            self.resources.release(record.reservation)
+            record.reservation = None
+        if record.name is not None and self._names.get((record.namespace, record.name)) == record.actor_id:
+            del self._names[(record.namespace, record.name)]
+        self._notify(record)
+        record.args_frames = []
+        self._schedule()
+
+    def status(self) -> dict[str, Any]:
+        live = [r.describe() for r in self._actors.values() if r.state != records.DEAD]
+        dead = [r.describe() for r in self._actors.values() if r.state == records.DEAD]
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "pid": os.getpid(),
+            "uptime_s": time.time() - self.started_at,
+            "resources_total": dict(self.resources.total),
+            "resources_available": dict(self.resources.available),
+            "actors": live,
+            "dead_actors": dead[-50:],
+            "waiting": [self._actors[a].describe() for a in self._waiting],
+            "clients": len(self._clients),
+            "dropped_messages": self._dropped,
+        }
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

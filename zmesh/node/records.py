@@ -1,0 +1,80 @@
+"""What the node knows about each client process and each actor it hosts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from zmesh.node.resources import Reservation
+from zmesh.transport.ids import ActorId, ClientId
+
+# Node-side actor states; clients see ALIVE, DEAD, or anything else as PENDING.
+WAITING = "PENDING_CREATION"  # waiting for resources
+STARTING = "STARTING"
+ALIVE = "ALIVE"
+RESTARTING = "RESTARTING"
+DEAD = "DEAD"
+
+
+@dataclasses.dataclass
+class Client:
+    client_id: ClientId
+    kind: str
+    pid: int
+    address: str
+    pidfd: int | None = None
+
+
+@dataclasses.dataclass
+class ActorRecord:
+    actor_id: ActorId
+    class_name: str
+    class_key: str
+    meta_blob: bytes
+    args_frames: list[Any]
+    spec: dict[str, Any]
+    owner: ClientId | None  # None when detached
+    owner_address: str
+    name: str | None
+    namespace: str
+    demand: dict[str, float]
+    max_restarts: int
+    state: str = WAITING
+    incarnation: int = 0
+    restarts: int = 0
+    pid: int | None = None
+    address: str | None = None
+    error: str | None = None
+    reservation: Reservation | None = None
+    subscribers: set[ClientId] = dataclasses.field(default_factory=set)
+    waiting_since: float = 0.0
+    warned: bool = False
+
+    @property
+    def token(self) -> str:
+        return f"{self.actor_id}.{self.incarnation}"
+
+    def can_restart(self) -> bool:
+        return self.max_restarts == -1 or self.restarts < self.max_restarts
+
+    def public_state(self) -> tuple[str, int, str | None, str | None]:
+        """(state, incarnation, address, error) as callers understand it."""
+        if self.state == ALIVE:
+            return ALIVE, self.incarnation, self.address, None
+        if self.state == DEAD:
+            return DEAD, self.incarnation, None, self.error
+        return "PENDING", self.incarnation, None, None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "actor_id": self.actor_id,
+            "class_name": self.class_name,
+            "name": self.name,
+            "namespace": self.namespace,
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "detached": self.owner is None,
+            "resources": self.demand,
+            "error": self.error,
+        }

@@ -1,0 +1,244 @@
+"""A worker process's main loop: build one actor, then run the calls sent to it.
+
+Executors: sequential (one call at a time, in arrival order), threaded
+(``max_concurrency`` threads), asyncio (any ``async def`` method), each with
+optional concurrency groups that have a limit of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import logging
+import os
+import queue
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from zmesh import runtime as runtime_mod
+from zmesh.exceptions import TaskError
+from zmesh.object_ref import ObjectRef
+from zmesh.runtime import Runtime
+from zmesh.transport import protocol, serialization
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GROUP = "_default"
+ASYNC_DEFAULT_CONCURRENCY = 1000  # Ray's default for async actors
+
+
+class _LogStream(io.TextIOBase):
+    """Sends each line printed in the actor to the driver that owns it."""
+
+    def __init__(self, rt: Runtime, owner: str, prefix: str, stream: str) -> None:
+        self._rt, self._owner, self._prefix, self._stream = rt, owner, prefix, stream
+        self._buffer = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._buffer += text
+            if "\n" in self._buffer:
+                lines, self._buffer = self._buffer.rsplit("\n", 1)
+                self._rt.send_log(self._owner, self._prefix, self._stream, lines + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._buffer:
+                self._rt.send_log(self._owner, self._prefix, self._stream, self._buffer)
+                self._buffer = ""
+
+
+def method_options(cls: type, name: str) -> tuple[int, str | None]:
+    """(num_returns, concurrency group) declared with ``@zmesh.method`` on ``cls.name``."""
+    opts = getattr(getattr(cls, name, None), "_zmesh_method_options", None)
+    if opts is None:
+        return 1, None
+    return opts.num_returns, opts.concurrency_group
+
+
+def is_async_class(cls: type) -> bool:
+    return any(inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) for _, fn in inspect.getmembers(cls, inspect.isfunction))
+
+
+class ActorWorker:
+    def __init__(self, rt: Runtime, actor_id: str, incarnation: int, spec: dict[str, Any], payload: list[Any]) -> None:
+        self.rt = rt
+        self.actor_id = actor_id
+        self.incarnation = incarnation
+        self.cls: type = serialization.loads_code(payload[0])
+        self.class_name = spec["class_name"]
+        self.init_args = payload[2:]
+        self.instance: Any = None
+        self.is_async = is_async_class(self.cls)
+        default_limit = spec.get("max_concurrency") or (ASYNC_DEFAULT_CONCURRENCY if self.is_async else 1)
+        self.limits: dict[str, int] = {DEFAULT_GROUP: default_limit, **(spec.get("concurrency_groups") or {})}
+        self.sequential = not self.is_async and all(v == 1 for v in self.limits.values()) and len(self.limits) == 1
+        self.inbox: queue.SimpleQueue[tuple[bytes, protocol.Message] | None] = queue.SimpleQueue()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # --- construction
+
+    def construct(self) -> None:
+        args, kwargs = serialization.loads_args(self.init_args)
+        args, kwargs = resolve_refs(args, kwargs)
+        self.instance = self.cls(*args, **kwargs)
+
+    # --- receiving (I/O thread)
+
+    def on_call(self, identity: bytes, msg: protocol.Message) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._dispatch_async, identity, msg)
+        else:
+            self.inbox.put((identity, msg))
+
+    # --- running (main thread)
+
+    def serve(self) -> None:
+        if self.is_async:
+            asyncio.run(self._serve_async())
+        elif self.sequential:
+            while (item := self.inbox.get()) is not None:
+                self.execute(*item)
+        else:
+            pools = {g: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"zmesh-{g}") for g, n in self.limits.items()}
+            while (item := self.inbox.get()) is not None:
+                pools[self._group_of(item[1])].submit(self.execute, *item)
+
+    def _group_of(self, msg: protocol.Message) -> str:
+        group = msg.header[2]
+        if group is None:
+            group = method_options(self.cls, msg.header[1])[1]
+        return group if group in self.limits else DEFAULT_GROUP
+
+    def execute(self, identity: bytes, msg: protocol.Message) -> None:
+        oids, method_name, _ = msg.header
+        try:
+            method = self._method(method_name)
+            args, kwargs = serialization.loads_args(msg.payload)
+            args, kwargs = resolve_refs(args, kwargs)
+            result = method(*args, **kwargs)
+            frames = self._result_frames(oids, result)
+            ok = True
+        except BaseException as exc:  # the user's code may raise anything; it must reach the caller
+            if isinstance(exc, SystemExit | KeyboardInterrupt) and not isinstance(exc, Exception):
+                logger.info("actor method %s raised %s", method_name, type(exc).__name__)
+            frames, ok = self._error_frames(oids, method_name, exc), False
+        self._send_result(identity, oids, ok, frames)
+
+    async def _serve_async(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._semaphores = {g: asyncio.Semaphore(n) for g, n in self.limits.items()}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Calls that arrived before the loop existed.
+        while not self.inbox.empty():
+            item = self.inbox.get()
+            if item is not None:
+                self._dispatch_async(*item)
+        self._stopped = asyncio.Event()
+        await self._stopped.wait()
+
+    def _dispatch_async(self, identity: bytes, msg: protocol.Message) -> None:
+        task = asyncio.ensure_future(self._execute_async(identity, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute_async(self, identity: bytes, msg: protocol.Message) -> None:
+        oids, method_name, _ = msg.header
+        async with self._semaphores[self._group_of(msg)]:
+            try:
+                method = self._method(method_name)
+                args, kwargs = serialization.loads_args(msg.payload)
+                args = [await a if isinstance(a, ObjectRef) else a for a in args]
+                kwargs = {k: (await v if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()}
+                result = method(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                frames = self._result_frames(oids, result)
+                ok = True
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                frames, ok = self._error_frames(oids, method_name, exc), False
+        self._send_result(identity, oids, ok, frames)
+
+    def _method(self, name: str) -> Any:
+        if name.startswith("__zmesh_"):
+            return getattr(self, name[1:].replace("__", "", 1))
+        method = getattr(self.instance, name, None)
+        if method is None or not callable(method):
+            raise AttributeError(f"'{self.class_name}' actor has no method {name!r}")
+        return method
+
+    def _zmesh_ready__(self) -> bool:
+        return True
+
+    def _result_frames(self, oids: tuple[Any, ...], result: Any) -> list[list[Any]]:
+        if len(oids) == 1:
+            return [serialization.dumps_value(result)]
+        values = tuple(result)
+        if len(values) != len(oids):
+            raise ValueError(f"method declared num_returns={len(oids)} but returned {len(values)} value(s)")
+        return [serialization.dumps_value(v) for v in values]
+
+    def _error_frames(self, oids: tuple[Any, ...], method_name: str, exc: BaseException) -> list[list[Any]]:
+        where = f"{self.class_name}.{method_name}"
+        message = f"{where} raised {type(exc).__name__}: {exc}"
+        error = TaskError.from_cause(exc, message, traceback.format_exc(), where)
+        try:
+            frames = serialization.dumps_value(error)
+        except serialization.SerializationError:
+            frames = serialization.dumps_value(TaskError(message, None, traceback.format_exc(), where))
+        return [frames for _ in oids]
+
+    def _send_result(self, identity: bytes, oids: tuple[Any, ...], ok: bool, frames: list[list[Any]]) -> None:
+        flat = [f for part in frames for f in part]
+        counts = [len(part) for part in frames]
+        self.rt.reply_via_router(identity, protocol.encode(protocol.RESULT, (oids, ok, counts), flat))
+
+
+def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Top-level ObjectRef arguments arrive as their values, as in Ray."""
+    if not any(isinstance(a, ObjectRef) for a in args) and not any(isinstance(v, ObjectRef) for v in kwargs.values()):
+        return args, kwargs
+    rt = runtime_mod.current()
+    assert rt is not None
+    refs = [a for a in args if isinstance(a, ObjectRef)] + [v for v in kwargs.values() if isinstance(v, ObjectRef)]
+    values = dict(zip(refs, rt.get([(r.id, r.owner) for r in refs]), strict=True))
+    return [values[a] if isinstance(a, ObjectRef) else a for a in args], {
+        k: (values[v] if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()
+    }
+
+
+def main(node_address: str, token: str) -> int:
+    """Entry point of a forked worker: returns the process exit code."""
+    import sys
+
+    rt = Runtime(node_address, kind="worker", token=token)
+    runtime_mod.set_current(rt)
+    (actor_id, incarnation, spec), payload = rt.request("init", (token,), with_payload=True)
+    worker = ActorWorker(rt, actor_id, incarnation, spec, payload)
+    rt.on_call = worker.on_call
+    owner = spec.get("owner_address")
+    if owner:
+        prefix = f"{worker.class_name} pid={os.getpid()}"
+        sys.stdout = _LogStream(rt, owner, prefix, "stdout")
+        sys.stderr = _LogStream(rt, owner, prefix, "stderr")
+    try:
+        worker.construct()
+    except BaseException as exc:
+        text = f"{worker.class_name}.__init__ raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        rt.request("started", (actor_id, incarnation, False, text))
+        sys.stderr.flush()
+        rt.close()
+        return 1
+    rt.request("started", (actor_id, incarnation, True, None))
+    worker.serve()
+    return 0

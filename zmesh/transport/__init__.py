@@ -1,0 +1,1 @@
+"""Sockets, framing, the wire protocol and serialization; knows nothing of actors."""

@@ -1,0 +1,23 @@
+"""Identifiers that travel on the wire."""
+
+from __future__ import annotations
+
+import os
+from typing import NewType
+
+NodeId = NewType("NodeId", str)
+ClientId = NewType("ClientId", bytes)
+ActorId = NewType("ActorId", str)
+ObjectId = NewType("ObjectId", bytes)
+
+
+def new_client_id() -> ClientId:
+    return ClientId(os.urandom(8))
+
+
+def new_actor_id() -> ActorId:
+    return ActorId(os.urandom(8).hex())
+
+
+def new_node_id() -> NodeId:
+    return NodeId(os.urandom(6).hex())

@@ -1,0 +1,78 @@
+"""The wire protocol: message types and the frame layout every zmesh process speaks.
+
+A message is a list of frames: ``[type, header, *payload]``. ``type`` is one
+byte naming the message, ``header`` is a pickled tuple whose shape is fixed per
+type, and ``payload`` frames carry serialized values (see ``serialization``).
+On a ROUTER socket the peer's routing id comes first. ``docs/protocol.md``
+describes every message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from zmesh.transport import serialization
+
+PROTOCOL_VERSION = 1
+
+# client (driver or worker runtime) -> node
+HELLO = b"H"  # (version, client_id, kind, pid, address, token)
+GOODBYE = b"B"  # (client_id,)
+REQUEST = b"Q"  # (req_id, op, args) + payload frames
+# node -> client
+REPLY = b"R"  # (req_id, ok, value) ; value is an error payload when not ok
+ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
+INIT = b"I"  # (actor_id, incarnation, spec) + [class blob, *arg frames]
+# worker -> node
+INIT_DONE = b"D"  # (actor_id, incarnation, ok, error payload or None)
+# caller -> worker and back
+CALL = b"C"  # (object_id, method, num_returns, group, nargs) + arg frames
+RESULT = b"r"  # (object_id, ok) + value frames
+# borrower -> owner and back
+GET_OBJECT = b"G"  # (object_id,)
+OBJECT = b"O"  # (object_id, status) + value frames
+# worker -> owner of the actor
+LOG = b"L"  # (prefix, stream, text)
+
+KNOWN_TYPES = frozenset(
+    {
+        HELLO,
+        GOODBYE,
+        REQUEST,
+        REPLY,
+        ACTOR_STATE,
+        INIT,
+        INIT_DONE,
+        CALL,
+        RESULT,
+        GET_OBJECT,
+        OBJECT,
+        LOG,
+    }
+)
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the protocol; the receiver drops it."""
+
+
+class Message(NamedTuple):
+    type: bytes
+    header: tuple[Any, ...]
+    payload: list[bytes]
+
+
+def encode(msg_type: bytes, header: tuple[Any, ...], payload: list[Any] | tuple[Any, ...] = ()) -> list[Any]:
+    """Frames for one message, ready for ``send_multipart``."""
+    return [msg_type, serialization.dumps_header(header), *payload]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Check and decode one message; raises ProtocolError on anything malformed."""
+    if len(frames) < 2:
+        raise ProtocolError(f"message has {len(frames)} frame(s), expected at least 2")
+    msg_type = frames[0]
+    if msg_type not in KNOWN_TYPES:
+        raise ProtocolError(f"unknown message type {msg_type[:8]!r}")
+    header = serialization.loads_header(frames[1])
+    return Message(msg_type, header, frames[2:])

@@ -1,0 +1,55 @@
+"""The per-user run directory where a node says where it listens, so drivers can find it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def run_dir() -> Path:
+    """``$ZMESH_RUN_DIR``, else a 0700 directory of this user's under the temp dir."""
+    configured = os.environ.get("ZMESH_RUN_DIR")
+    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"zmesh-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _node_file() -> Path:
+    return run_dir() / "node.json"
+
+
+def write_node_info(info: dict[str, Any]) -> None:
+    path = _node_file()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def remove_node_info(pid: int) -> None:
+    path = _node_file()
+    info = read_node_info(check_alive=False)
+    if info is not None and info.get("pid") == pid:
+        path.unlink(missing_ok=True)
+
+
+def read_node_info(check_alive: bool = True) -> dict[str, Any] | None:
+    """The running node's record, or None when no live node wrote one."""
+    try:
+        info: dict[str, Any] = json.loads(_node_file().read_text())
+    except (OSError, ValueError):
+        return None
+    if check_alive:
+        pid = info.get("pid")
+        try:
+            alive = isinstance(pid, int) and psutil.Process(pid).create_time() == info.get("create_time")
+        except psutil.Error:
+            alive = False
+        if not alive:
+            return None
+    return info

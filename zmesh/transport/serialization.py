@@ -1,0 +1,155 @@
+"""Serialization: plain pickle for envelopes, cloudpickle for code, protocol 5 out-of-band buffers.
+
+This is the only module that unpickles bytes received from another process.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import cloudpickle
+
+# Builtin types that plain pickle ships correctly by value; anything else may
+# reference a class from the driver's __main__, which only cloudpickle can ship.
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+# Values at least this large travel as their own frames, so zmq sends them without a copy.
+_OOB_THRESHOLD = 64 * 1024
+
+
+class SerializationError(TypeError):
+    """A value could not be serialized; names the value that failed."""
+
+
+class DeserializationError(Exception):
+    """Received bytes could not be turned back into a value."""
+
+
+def dumps_header(header: tuple[Any, ...]) -> bytes:
+    return pickle.dumps(header, protocol=5)
+
+
+def loads_header(data: bytes) -> tuple[Any, ...]:
+    try:
+        header = pickle.loads(data)
+    except Exception as exc:  # any garbage must turn into one error type
+        raise DeserializationError(f"undecodable header: {exc}") from None
+    if not isinstance(header, tuple):
+        raise DeserializationError("header is not a tuple")
+    return header
+
+
+def dumps_code(obj: Any) -> bytes:
+    """Pickle a class or function by value so the receiver needs none of the sender's modules."""
+    try:
+        return cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:
+        raise SerializationError(f"cannot serialize {obj!r}: {exc}") from exc
+
+
+def loads_code(data: bytes) -> Any:
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise DeserializationError(f"cannot load shipped code: {exc}") from exc
+
+
+def _is_plain(value: Any) -> bool:
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return True
+    if kind is tuple or kind is list:
+        return len(value) < 64 and all(type(v) in _PLAIN_TYPES for v in value)
+    if kind is dict:
+        return len(value) < 64 and all(
+            type(k) in _PLAIN_TYPES and type(v) in _PLAIN_TYPES for k, v in value.items()
+        )
+    return False
+
+
+def dumps_value(value: Any) -> list[Any]:
+    """Frames for one value: ``[pickle stream, *out-of-band buffers]``."""
+    if type(value) is bytes and len(value) >= _OOB_THRESHOLD:
+        return [b"B", value]
+    if _is_plain(value):
+        return [pickle.dumps(value, protocol=5)]
+    buffers: list[Any] = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes >= _OOB_THRESHOLD:
+            buffers.append(buf)
+            return False
+        return True
+
+    stream = io.BytesIO()
+    try:
+        cloudpickle.CloudPickler(stream, protocol=5, buffer_callback=keep_large).dump(value)
+    except Exception as exc:
+        raise SerializationError(f"cannot serialize {_describe(value)}: {exc}") from exc
+    return [stream.getvalue(), *buffers]
+
+
+def loads_value(frames: list[Any]) -> Any:
+    if not frames:
+        raise DeserializationError("value has no frames")
+    head = frames[0]
+    if head == b"B" and len(frames) == 2:
+        return bytes(frames[1])
+    try:
+        return pickle.loads(head, buffers=frames[1:])
+    except Exception as exc:
+        raise DeserializationError(f"cannot deserialize value: {exc!r}") from exc
+
+
+def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Frames for call arguments: a count frame, then each value's frames.
+
+    Each argument is serialized on its own so a failure names the argument,
+    and large ones travel as separate frames.
+    """
+    layout: list[tuple[str | None, int]] = []
+    frames: list[Any] = []
+    for index, value in enumerate(args):
+        part = _dump_arg(value, f"argument {index}")
+        layout.append((None, len(part)))
+        frames.extend(part)
+    for name, value in kwargs.items():
+        part = _dump_arg(value, f"keyword argument {name!r}")
+        layout.append((name, len(part)))
+        frames.extend(part)
+    return [pickle.dumps(layout, protocol=5), *frames]
+
+
+def _dump_arg(value: Any, what: str) -> list[Any]:
+    try:
+        return dumps_value(value)
+    except SerializationError as exc:
+        raise SerializationError(f"could not serialize {what} ({_describe(value)}): {exc.__cause__ or exc}") from None
+
+
+def loads_args(frames: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    if not frames:
+        raise DeserializationError("arguments have no frames")
+    try:
+        layout = pickle.loads(frames[0])
+    except Exception as exc:
+        raise DeserializationError(f"undecodable argument layout: {exc}") from None
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    pos = 1
+    for name, count in layout:
+        value = loads_value(frames[pos : pos + count])
+        pos += count
+        if name is None:
+            args.append(value)
+        else:
+            kwargs[name] = value
+    return args, kwargs
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"

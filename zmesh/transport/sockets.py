@@ -1,0 +1,51 @@
+"""Socket construction with the options every zmesh socket needs."""
+
+from __future__ import annotations
+
+import zmq
+
+
+def _common(sock: zmq.Socket) -> zmq.Socket:
+    # linger 0: closing never blocks on a dead peer; hwm 0: never drop a call silently.
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
+def router(ctx: zmq.Context, host: str = "127.0.0.1", port: int = 0) -> tuple[zmq.Socket, str]:
+    """A ROUTER bound on ``host``; port 0 picks a free one. Returns the socket and its address."""
+    sock = _common(ctx.socket(zmq.ROUTER))
+    # An unknown routing id raises instead of dropping, so a reply to a gone peer is visible.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    try:
+        if port == 0:
+            port = sock.bind_to_random_port(f"tcp://{host}")
+        else:
+            sock.bind(f"tcp://{host}:{port}")
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from None
+    return sock, f"tcp://{host}:{port}"
+
+
+def dealer(ctx: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
+    sock = _common(ctx.socket(zmq.DEALER))
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.RECONNECT_IVL, 50)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.connect(address)
+    return sock
+
+
+def pull(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = _common(ctx.socket(zmq.PULL))
+    sock.bind(address)
+    return sock
+
+
+def push(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = _common(ctx.socket(zmq.PUSH))
+    sock.connect(address)
+    return sock
