@@ -99,7 +99,7 @@ class ActorClass:
         rt = current_runtime()
         opts = self._options
         key, blob, methods = self._class_blob()
-        init_sig = _signature(getattr(self._cls, "__init__"), inspect.getattr_static(self._cls, "__init__", None))
+        init_sig = _signature(self._cls.__init__, inspect.getattr_static(self._cls, "__init__", None))
         if init_sig is not None:
             try:
                 init_sig.bind(*args, **kwargs)

@@ -66,7 +66,9 @@ def init(
         if rt is not None:
             if ignore_reinit_error:
                 return dict(rt.node_info)
-            raise RuntimeError("zmesh.init() was already called in this process; call zmesh.shutdown() first or pass ignore_reinit_error=True")
+            raise RuntimeError(
+                "zmesh.init() was already called in this process; call zmesh.shutdown() first or pass ignore_reinit_error=True"
+            )
         ns = validate_name(namespace, "namespace") if namespace is not None else DEFAULT_NAMESPACE
         custom = validate_resources(resources)
         node_address: str | None
@@ -81,7 +83,9 @@ def init(
         else:
             raise ValueError(f"address must be a str or None, got {type(address).__name__}")
         if node_address is not None and (num_cpus is not None or num_gpus is not None or resources):
-            raise ValueError("num_cpus, num_gpus and resources describe a new local node; they cannot be given when connecting to a running one")
+            raise ValueError(
+                "num_cpus, num_gpus and resources describe a new local node; they cannot be given when connecting to a running one"
+            )
         if node_address is None:
             from zmesh.node.config import NodeConfig
             from zmesh.node.daemon import Node
@@ -252,6 +256,3 @@ def cluster_resources() -> dict[str, float]:
 
 def available_resources() -> dict[str, float]:
     return dict(_status()["resources_available"])
-
-
-

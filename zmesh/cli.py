@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--port", type=int, default=6390, help="TCP port on 127.0.0.1 (0 picks a free one; default 6390)")
     node.add_argument("--num-cpus", type=float, default=None, help="CPUs to advertise (default: all)")
     node.add_argument("--num-gpus", type=float, default=0, help="GPUs to advertise (default 0)")
-    node.add_argument("--resources", type=_resources, default=None, help='custom resources as JSON, e.g. \'{"special": 1}\'')
+    node.add_argument("--resources", type=_resources, default=None, help="custom resources as JSON, e.g. '{\"special\": 1}'")
     node.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     for name, text in (("status", "show the node, its resources and its actors"), ("stop", "stop the node running on this host")):
         cmd = sub.add_parser(name, help=text)

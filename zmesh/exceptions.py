@@ -87,7 +87,10 @@ class TaskError(ZmeshError):
 
     def __reduce__(self) -> Any:
         # The dynamic subclass cannot be pickled by name; rebuild it from its parts.
-        return (_rebuild_task_error, (_pickle_cause(self.cause), self.args[0] if self.args else "", self.remote_traceback, self.function_name))
+        return (
+            _rebuild_task_error,
+            (_pickle_cause(self.cause), self.args[0] if self.args else "", self.remote_traceback, self.function_name),
+        )
 
     @classmethod
     def from_cause(cls, cause: BaseException | None, message: str, remote_traceback: str, function_name: str) -> TaskError:

@@ -22,7 +22,7 @@ class ObjectRef:
     awaitable.
     """
 
-    __slots__ = ("id", "owner", "_rt", "__weakref__")
+    __slots__ = ("__weakref__", "_rt", "id", "owner")
 
     def __init__(self, oid: ObjectId, owner: str, rt: Runtime | None) -> None:
         # Internal: the runtime has already counted this reference.

@@ -269,7 +269,9 @@ class Node:
         req_id, version, client_id, kind, pid, address, _token = header
         if version != protocol.PROTOCOL_VERSION:
             logger.warning("zmesh node: refusing a %s speaking protocol %r (this node speaks %d)", kind, version, protocol.PROTOCOL_VERSION)
-            self._reply_error(identity, req_id, ReplyError("ConnectionError", f"protocol version {version!r} is not {protocol.PROTOCOL_VERSION}"))
+            self._reply_error(
+                identity, req_id, ReplyError("ConnectionError", f"protocol version {version!r} is not {protocol.PROTOCOL_VERSION}")
+            )
             return
         if client_id != identity:
             raise protocol.ProtocolError("hello from a peer whose routing id is not its client id")
@@ -374,7 +376,9 @@ class Node:
         namespace, name = args
         actor_id = self._names.get((namespace, name))
         if actor_id is None:
-            raise ReplyError("ValueError", f"Failed to look up actor with name {name!r} in namespace {namespace!r}: no live actor has that name")
+            raise ReplyError(
+                "ValueError", f"Failed to look up actor with name {name!r} in namespace {namespace!r}: no live actor has that name"
+            )
         record = self._actors[actor_id]
         return (actor_id, record.class_name, record.meta_blob), []
 

@@ -15,7 +15,7 @@ DEAD = "DEAD"
 class Call:
     """One submitted method call, kept until its result arrives so it can be failed or retried."""
 
-    __slots__ = ("oids", "frames", "retries_left")
+    __slots__ = ("frames", "oids", "retries_left")
 
     def __init__(self, oids: tuple[ObjectId, ...], frames: list[Any], retries_left: int) -> None:
         self.oids = oids
@@ -24,7 +24,7 @@ class Call:
 
 
 class ActorConn:
-    __slots__ = ("actor_id", "state", "address", "incarnation", "queue", "inflight", "error", "resolving")
+    __slots__ = ("actor_id", "address", "error", "incarnation", "inflight", "queue", "resolving", "state")
 
     def __init__(self, actor_id: ActorId) -> None:
         self.actor_id = actor_id

@@ -52,7 +52,7 @@ CallHandler = Callable[[bytes, protocol.Message], None]
 
 
 class _Reply:
-    __slots__ = ("event", "ok", "value", "payload")
+    __slots__ = ("event", "ok", "payload", "value")
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -155,7 +155,12 @@ class Runtime:
         return info
 
     def request(
-        self, op: str, args: tuple[Any, ...] = (), payload: list[Any] | None = None, timeout: float | None = None, with_payload: bool = False
+        self,
+        op: str,
+        args: tuple[Any, ...] = (),
+        payload: list[Any] | None = None,
+        timeout: float | None = None,
+        with_payload: bool = False,
     ) -> Any:
         """Ask the node something and wait for its answer."""
         if self.closed:
@@ -252,7 +257,15 @@ class Runtime:
     # --- actors
 
     def create_actor(
-        self, actor_id: ActorId, spec: dict[str, Any], class_key: str, class_blob: bytes, meta_blob: bytes, args_frames: list[Any], *, wait: bool
+        self,
+        actor_id: ActorId,
+        spec: dict[str, Any],
+        class_key: str,
+        class_blob: bytes,
+        meta_blob: bytes,
+        args_frames: list[Any],
+        *,
+        wait: bool,
     ) -> Any:
         """Ask the node to create an actor; the conn queues calls until it is alive."""
         with self._lock:
@@ -281,7 +294,9 @@ class Runtime:
         self.request_nowait("create", args, payload, on_reply)
         return None
 
-    def submit_call(self, actor_id: ActorId, method: str, args_frames: list[Any], num_returns: int, group: str | None, retries: int) -> list[ObjectId]:
+    def submit_call(
+        self, actor_id: ActorId, method: str, args_frames: list[Any], num_returns: int, group: str | None, retries: int
+    ) -> list[ObjectId]:
         oids = tuple(self.new_object_id() for _ in range(num_returns))
         frames = protocol.encode(protocol.CALL, (oids, method, group), args_frames)
         call = Call(oids, frames, retries)
@@ -566,13 +581,17 @@ class Runtime:
                 # The worker at ``old`` is gone: what it had in flight is lost.
                 self._dead_addresses.add(old)
                 self._actor_at.pop(old, None)
-                unavailable = ActorUnavailableError(
-                    f"actor {actor_id} became unavailable while this call was in flight (its worker died; {error or 'restarting'})"
-                )
+                lost_error: BaseException
+                if state == DEAD:
+                    lost_error = ActorDiedError(error or f"actor {actor_id} is dead")
+                else:
+                    lost_error = ActorUnavailableError(
+                        f"actor {actor_id} became unavailable while this call was in flight: its worker died and is restarting"
+                    )
                 retry = []
                 for c in conn.take_inflight():
                     if c.retries_left == 0 or state == DEAD:
-                        to_fail.append((c.oids, unavailable))
+                        to_fail.append((c.oids, lost_error))
                     else:
                         c.retries_left -= 1 if c.retries_left > 0 else 0
                         retry.append(c)

@@ -15,7 +15,7 @@ from zmesh.transport.ids import ObjectId
 
 
 class Entry:
-    __slots__ = ("frames", "ok", "error", "done", "waiters", "callbacks", "remote_waiters", "owned", "pinned", "fetching")
+    __slots__ = ("callbacks", "done", "error", "fetching", "frames", "ok", "owned", "pinned", "remote_waiters", "waiters")
 
     def __init__(self, owned: bool) -> None:
         self.frames: list[Any] | None = None

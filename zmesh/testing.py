@@ -1,0 +1,111 @@
+"""Test harness: a real `zmesh node` daemon in a subprocess, condition waits, leak checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psutil
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; raise TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)
+
+
+class NodeProcess:
+    """A `zmesh node` daemon running as a child process, for one test."""
+
+    def __init__(self, run_dir: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.env = {**os.environ, "ZMESH_RUN_DIR": run_dir, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zmesh", "node", "--port", "0", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"zmesh node did not start: {line!r}")
+        self.address = line.rsplit(" ", 1)[1].strip()
+        # The run-directory record is written by the loop, just after the banner.
+        from zmesh.transport import rundir
+
+        saved = os.environ.get("ZMESH_RUN_DIR")
+        os.environ["ZMESH_RUN_DIR"] = run_dir
+        try:
+            wait_for(lambda: rundir.read_node_info() is not None, what="node record in the run directory")
+        finally:
+            if saved is None:
+                del os.environ["ZMESH_RUN_DIR"]
+            else:
+                os.environ["ZMESH_RUN_DIR"] = saved
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.output = self.proc.stdout.read()
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+@contextmanager
+def node_process(run_dir: str, *args: str, **kwargs: Any) -> Iterator[NodeProcess]:
+    node = NodeProcess(run_dir, *args, **kwargs)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def zmesh_processes(exclude: set[int] | None = None) -> list[psutil.Process]:
+    """Live processes of this user running zmesh code (nodes, zygotes and their forked workers)."""
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline", "uids", "status"]):
+        try:
+            if proc.pid == me or (exclude and proc.pid in exclude):
+                continue
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "zmesh.node.zygote" in cmdline or "-m zmesh node" in cmdline or "zmesh node" in cmdline:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
