@@ -472,6 +472,9 @@ def _child_env(backend: str, run_dir: str) -> dict[str, str]:
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["ZMESH_RUN_DIR"] = run_dir
+    # Nothing may be running for the child: never join an existing cluster.
+    env.pop("ZMESH_ADDRESS", None)
+    env.pop("RAY_ADDRESS", None)
     if backend == "ray":
         env.update(RAY_ENV)
     return env

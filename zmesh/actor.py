@@ -99,7 +99,8 @@ class ActorClass:
         rt = current_runtime()
         opts = self._options
         key, blob, methods = self._class_blob()
-        init_sig = _signature(self._cls.__init__, inspect.getattr_static(self._cls, "__init__", None))
+        init = inspect.getattr_static(self._cls, "__init__", None)
+        init_sig = _signature(init, init) if inspect.isfunction(init) else None
         if init_sig is not None:
             try:
                 init_sig.bind(*args, **kwargs)
@@ -107,9 +108,10 @@ class ActorClass:
                 raise TypeError(f"{self.__name__}.remote(): {exc}") from None
         args_frames = serialization.dumps_args(args, kwargs)
         meta = {"methods": methods, "max_task_retries": opts.max_task_retries}
-        meta_blob = self._shared.get(("meta", opts.max_task_retries))
+        meta_key = f"meta-{opts.max_task_retries}"
+        meta_blob = self._shared.get(meta_key)
         if meta_blob is None:
-            meta_blob = self._shared[("meta", opts.max_task_retries)] = serialization.dumps_code(meta)
+            meta_blob = self._shared[meta_key] = serialization.dumps_code(meta)
         actor_id = new_actor_id()
         spec = {
             "actor_id": actor_id,

@@ -102,7 +102,7 @@ class TaskError(ZmeshError):
         user_cls = type(cause)
         try:
             combined = _combined_class(user_cls)
-            err = combined.__new__(combined)
+            err: TaskError = BaseException.__new__(combined)
             err.__dict__.update(getattr(cause, "__dict__", {}))
             TaskError.__init__(err, message, cause, remote_traceback, function_name)
             return err

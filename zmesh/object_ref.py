@@ -85,7 +85,13 @@ class ObjectRef:
             if not waiter.done():
                 waiter.set_result(None)
 
-        rt.objects.add_callback(entry, lambda: loop.call_soon_threadsafe(wake))
+        def wake_soon() -> None:
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:
+                pass  # the loop closed while waiting: nobody is left to wake
+
+        rt.objects.add_callback(entry, wake_soon)
         yield from waiter.__await__()
         return rt.value_of(entry)
 

@@ -65,7 +65,8 @@ class NodeProcess:
 
     def descendants(self) -> list[psutil.Process]:
         try:
-            return psutil.Process(self.pid).children(recursive=True)
+            children: list[psutil.Process] = psutil.Process(self.pid).children(recursive=True)
+            return children
         except psutil.NoSuchProcess:
             return []
 

@@ -188,11 +188,11 @@ class Node:
             line, self._zbuffer = self._zbuffer.split(b"\n", 1)
             event = json.loads(line)
             if event["ev"] == "spawned":
-                actor_id = self._by_token.get(event["token"])
-                record = self._actors.get(actor_id) if actor_id else None
-                if record is not None and record.token == event["token"]:
-                    record.pid = event["pid"]
-                    self._by_pid[event["pid"]] = record.actor_id
+                token_owner = self._by_token.get(event["token"])
+                spawned = self._actors.get(token_owner) if token_owner else None
+                if spawned is not None and spawned.token == event["token"]:
+                    spawned.pid = event["pid"]
+                    self._by_pid[event["pid"]] = spawned.actor_id
                 else:
                     _kill(event["pid"])  # killed before it even started
             elif event["ev"] == "exited":

@@ -84,12 +84,12 @@ def main(fd: int) -> int:
     buffer = b""
     while True:
         try:
-            readable, _, _ = select.select([control, wake_r], [], [])
+            readable, _, _ = select.select([control.fileno(), wake_r], [], [])
         except InterruptedError:
             continue
         if wake_r in readable:
             os.read(wake_r, 4096)
-        if control in readable:
+        if control.fileno() in readable:
             data = control.recv(65536)
             if not data:
                 return 0

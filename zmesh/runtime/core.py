@@ -102,7 +102,7 @@ class Runtime:
         self._oid_counter = itertools.count(1)
         self._released: deque[ObjectId] = deque()
         self._local = threading.local()
-        self._push_sockets: list[zmq.Socket] = []
+        self._push_sockets: list[sockets.Socket] = []
         self._sent_classes: set[str] = set()
         self.closed = False
         self.on_call: CallHandler | None = None  # set by a worker to receive CALLs
@@ -112,7 +112,7 @@ class Runtime:
         self._pull = sockets.pull(self._ctx, self._inproc)
         self._router, self.address = sockets.router(self._ctx)
         self._node = sockets.dealer(self._ctx, node_address, self.client_id)
-        self._peers: dict[str, zmq.Socket] = {}
+        self._peers: dict[str, sockets.Socket] = {}
         self._poller = zmq.Poller()
         for sock in (self._pull, self._router, self._node):
             self._poller.register(sock, zmq.POLLIN)
@@ -405,7 +405,7 @@ class Runtime:
     # ------------------------------------------------------------------ I/O thread side
 
     def _io_loop(self) -> None:
-        handlers: dict[zmq.Socket, Callable[[list[Any]], bool]] = {
+        handlers: dict[sockets.Socket, Callable[[list[Any]], bool]] = {
             self._pull: self._on_command,
             self._router: self._on_router,
             self._node: self._on_node,
@@ -442,13 +442,13 @@ class Runtime:
         for sock in (self._pull, self._router, self._node, *self._peers.values()):
             sock.close(linger=0)
 
-    def _peer_address(self, sock: zmq.Socket) -> str | None:
+    def _peer_address(self, sock: sockets.Socket) -> str | None:
         for address, peer in self._peers.items():
             if peer is sock:
                 return address
         return None
 
-    def _peer(self, address: str) -> zmq.Socket:
+    def _peer(self, address: str) -> sockets.Socket:
         sock = self._peers.get(address)
         if sock is None:
             sock = sockets.dealer(self._ctx, address, self.client_id)
@@ -541,7 +541,7 @@ class Runtime:
             conn = self._actor_at.get(address)
             if conn is None or conn.inflight.pop(oids[0], None) is None:
                 return  # a late answer from a worker already declared dead
-        results = []
+        results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
         pos = 0
         for oid, count in zip(oids, counts, strict=True):
             results.append((oid, msg.payload[pos : pos + count], ok, None))

@@ -43,7 +43,8 @@ def loads_header(data: bytes) -> tuple[Any, ...]:
 def dumps_code(obj: Any) -> bytes:
     """Pickle a class or function by value so the receiver needs none of the sender's modules."""
     try:
-        return cloudpickle.dumps(obj, protocol=5)
+        blob: bytes = cloudpickle.dumps(obj, protocol=5)
+        return blob
     except Exception as exc:
         raise SerializationError(f"cannot serialize {obj!r}: {exc}") from exc
 

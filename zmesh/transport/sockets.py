@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import zmq
 
+Socket: TypeAlias = "zmq.Socket[Any]"
+Context: TypeAlias = "zmq.Context[Any]"
 
-def _common(sock: zmq.Socket) -> zmq.Socket:
+
+def _common(sock: Socket) -> Socket:
     # linger 0: closing never blocks on a dead peer; hwm 0: never drop a call silently.
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
@@ -13,7 +18,7 @@ def _common(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
-def router(ctx: zmq.Context, host: str = "127.0.0.1", port: int = 0) -> tuple[zmq.Socket, str]:
+def router(ctx: Context, host: str = "127.0.0.1", port: int = 0) -> tuple[Socket, str]:
     """A ROUTER bound on ``host``; port 0 picks a free one. Returns the socket and its address."""
     sock = _common(ctx.socket(zmq.ROUTER))
     # An unknown routing id raises instead of dropping, so a reply to a gone peer is visible.
@@ -30,7 +35,7 @@ def router(ctx: zmq.Context, host: str = "127.0.0.1", port: int = 0) -> tuple[zm
     return sock, f"tcp://{host}:{port}"
 
 
-def dealer(ctx: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
+def dealer(ctx: Context, address: str, identity: bytes) -> Socket:
     sock = _common(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
@@ -39,13 +44,13 @@ def dealer(ctx: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
     return sock
 
 
-def pull(ctx: zmq.Context, address: str) -> zmq.Socket:
+def pull(ctx: Context, address: str) -> Socket:
     sock = _common(ctx.socket(zmq.PULL))
     sock.bind(address)
     return sock
 
 
-def push(ctx: zmq.Context, address: str) -> zmq.Socket:
+def push(ctx: Context, address: str) -> Socket:
     sock = _common(ctx.socket(zmq.PUSH))
     sock.connect(address)
     return sock
