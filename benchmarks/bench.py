@@ -143,6 +143,30 @@ class AsyncPinger:
 
 
 # --------------------------------------------------------------------------
+# Process helpers
+# --------------------------------------------------------------------------
+
+
+def _stop_process_group(proc: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM ``proc``, wait up to ``grace_s``, then SIGKILL its whole group.
+
+    ``proc`` must have been started with ``start_new_session=True``.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _tail(log: IO[bytes], lines: int = 20) -> str:
+    log.seek(0)
+    return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------
 # Workloads (run inside ``--worker`` subprocesses)
 # --------------------------------------------------------------------------
 
@@ -272,25 +296,6 @@ WORKLOADS: tuple[Workload, ...] = (
 # --------------------------------------------------------------------------
 # Daemon memory (run inside ``--rss`` subprocesses)
 # --------------------------------------------------------------------------
-
-
-def _stop_process_group(proc: subprocess.Popen[Any], grace_s: float) -> None:
-    """SIGTERM ``proc``, wait up to ``grace_s``, then SIGKILL its whole group.
-
-    ``proc`` must have been started with ``start_new_session=True``.
-    """
-    if proc.poll() is None:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _tail(log: IO[bytes], lines: int = 20) -> str:
-    log.seek(0)
-    return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
 
 
 def _connect_to_daemon(zmesh: ModuleType, daemon: subprocess.Popen[Any], log: IO[bytes]) -> None:

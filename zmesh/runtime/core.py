@@ -7,6 +7,7 @@ thread-local inproc PUSH, which keeps each thread's submissions in order.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -101,21 +102,22 @@ class Runtime:
         self._req_ids = itertools.count(1)
         self._oid_counter = itertools.count(1)
         self._released: deque[ObjectId] = deque()
-        self._local = threading.local()
-        self._push_sockets: list[sockets.Socket] = []
+        # Work for the I/O thread: (command, destination, frames), in submission order.
+        self._outbox: deque[tuple[bytes, Any, list[Any]]] = deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._io_sleeping = False
         self._sent_classes: set[str] = set()
         self.closed = False
         self.on_call: CallHandler | None = None  # set by a worker to receive CALLs
-        self.on_init: Callable[[protocol.Message], None] | None = None
         self.on_log: Callable[[str, str, str], None] = _print_log
-        self._inproc = f"inproc://zmesh-io-{self.client_id.hex()}"
-        self._pull = sockets.pull(self._ctx, self._inproc)
         self._router, self.address = sockets.router(self._ctx)
         self._node = sockets.dealer(self._ctx, node_address, self.client_id)
         self._peers: dict[str, sockets.Socket] = {}
+        self._peer_by_socket: dict[sockets.Socket, str] = {}
         self._poller = zmq.Poller()
-        for sock in (self._pull, self._router, self._node):
+        for sock in (self._router, self._node):
             self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_fd, zmq.POLLIN)
         self._thread = threading.Thread(target=self._io_loop, name="zmesh-io", daemon=True)
         self._thread.start()
         try:
@@ -126,14 +128,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ user-thread side
 
-    def _push(self, frames: list[Any]) -> None:
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = sockets.push(self._ctx, self._inproc)
-            self._local.push = sock
-            with self._lock:
-                self._push_sockets.append(sock)
-        sock.send_multipart(frames, copy=False)
+    def _push(self, command: bytes, dest: Any, frames: list[Any]) -> None:
+        """Hand work to the I/O thread; wakes it only when it is asleep in poll."""
+        self._outbox.append((command, dest, frames))
+        if self._io_sleeping:
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass  # closed during shutdown
 
     def _hello(self, token: str | None, timeout: float) -> dict[str, Any]:
         reply = _Reply()
@@ -141,7 +143,7 @@ class Runtime:
         with self._lock:
             self._requests[req_id] = reply
         header = (req_id, protocol.PROTOCOL_VERSION, self.client_id, self.kind, os.getpid(), self.address, token)
-        self._push([_TO_NODE, *protocol.encode(protocol.HELLO, header)])
+        self._push(_TO_NODE, None, protocol.encode(protocol.HELLO, header))
         if not reply.event.wait(timeout):
             with self._lock:
                 self._requests.pop(req_id, None)
@@ -169,7 +171,7 @@ class Runtime:
         req_id = next(self._req_ids)
         with self._lock:
             self._requests[req_id] = reply
-        self._push([_TO_NODE, *protocol.encode(protocol.REQUEST, (req_id, op, args), payload or [])])
+        self._push(_TO_NODE, None, protocol.encode(protocol.REQUEST, (req_id, op, args), payload or []))
         limit = self.request_timeout if timeout is None else timeout
         if not reply.event.wait(limit):
             with self._lock:
@@ -186,7 +188,7 @@ class Runtime:
         req_id = next(self._req_ids)
         with self._lock:
             self._requests[req_id] = on_reply
-        self._push([_TO_NODE, *protocol.encode(protocol.REQUEST, (req_id, op, args), payload)])
+        self._push(_TO_NODE, None, protocol.encode(protocol.REQUEST, (req_id, op, args), payload))
 
     def new_object_id(self) -> ObjectId:
         return ObjectId(self.client_id + next(self._oid_counter).to_bytes(8, "big"))
@@ -231,7 +233,7 @@ class Runtime:
                         fetch.append((oid, owner))
                 out.append(entry)
         for oid, owner in fetch:
-            self._push([_TO_PEER, owner.encode(), *protocol.encode(protocol.GET_OBJECT, (oid,))])
+            self._push(_TO_PEER, owner, protocol.encode(protocol.GET_OBJECT, (oid,)))
         return out
 
     def get(self, refs: list[tuple[ObjectId, str]], timeout: float | None = None) -> list[Any]:
@@ -320,7 +322,7 @@ class Runtime:
                 if not conn.resolving:
                     conn.resolving = resolve = True
         if dest is not None:
-            self._push([_TO_PEER, dest.encode(), *frames])
+            self._push(_TO_PEER, dest, frames)
         elif failed is not None:
             self._fail(oids, failed)
         elif resolve:
@@ -361,7 +363,7 @@ class Runtime:
         if threading.current_thread() is self._thread:
             self._send_router(frames)
         else:
-            self._push([_VIA_ROUTER, *frames])
+            self._push(_VIA_ROUTER, frames[0], frames[1:])
 
     def actor_state(self, actor_id: ActorId) -> str:
         with self._lock:
@@ -369,13 +371,13 @@ class Runtime:
             return conn.state if conn is not None else PENDING
 
     def send_log(self, owner: str, prefix: str, stream: str, text: str) -> None:
-        self._push([_TO_PEER, owner.encode(), *protocol.encode(protocol.LOG, (prefix, stream, text))])
+        self._push(_TO_PEER, owner, protocol.encode(protocol.LOG, (prefix, stream, text)))
 
     def reply_via_router(self, identity: bytes, frames: list[Any]) -> None:
-        self._push([_VIA_ROUTER, identity, *frames])
+        self._push(_VIA_ROUTER, identity, frames)
 
     def send_to_node(self, frames: list[Any]) -> None:
-        self._push([_TO_NODE, *frames])
+        self._push(_TO_NODE, None, frames)
 
     # --- shutdown
 
@@ -383,82 +385,98 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
-        try:
-            if goodbye:
-                self._push([_TO_NODE, *protocol.encode(protocol.GOODBYE, (self.client_id,))])
-            self._push([_STOP])
-        except zmq.ZMQError:
-            pass
+        if goodbye:
+            self._push(_TO_NODE, None, protocol.encode(protocol.GOODBYE, (self.client_id,)))
+        self._push(_STOP, None, [])
         self._thread.join(timeout=5)
         with self._lock:
             woken = self.objects.fail_all_locked(ZmeshError("zmesh was shut down while this object was pending"))
             requests, self._requests = self._requests, {}
-            push_sockets, self._push_sockets = self._push_sockets, []
         for waiters, callbacks in woken:
             objects.wake(waiters, callbacks)
         for callback in requests.values():
             callback(False, ("ZmeshError", "zmesh was shut down"), [])
-        for sock in push_sockets:
-            sock.close(linger=0)
+        os.close(self._wake_fd)
         self._ctx.destroy(linger=0)
 
     # ------------------------------------------------------------------ I/O thread side
 
     def _io_loop(self) -> None:
-        handlers: dict[sockets.Socket, Callable[[list[Any]], bool]] = {
-            self._pull: self._on_command,
-            self._router: self._on_router,
-            self._node: self._on_node,
-        }
         running = True
         while running:
             try:
-                events = self._poller.poll(1000)
-                for sock, _ in events:
-                    handler = handlers.get(sock)
-                    if handler is None:
-                        peer = self._peer_address(sock)
-                        if peer is None:
-                            continue
-
-                        def handler(frames: list[Any], peer: str = peer) -> bool:
-                            return self._on_peer(peer, frames)
-
-                    # Drain each ready socket so one poll serves a burst of messages.
-                    for _ in range(1000):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if not handler(frames):
-                            running = False
-                            break
-                if self._released:
-                    self._drain_released()
+                running = self._io_step()
             except zmq.ContextTerminated:
                 return
             except Exception:
                 logger.exception("zmesh I/O thread: unexpected error; continuing")
-        for sock in (self._pull, self._router, self._node, *self._peers.values()):
+        for sock in (self._router, self._node, *self._peers.values()):
             sock.close(linger=0)
 
-    def _peer_address(self, sock: sockets.Socket) -> str | None:
-        for address, peer in self._peers.items():
-            if peer is sock:
-                return address
-        return None
+    def _io_step(self) -> bool:
+        """One round: wait for sockets or submitted work, then serve both. False means stop."""
+        outbox = self._outbox
+        if outbox:
+            events = self._poller.poll(0)
+        else:
+            # Announce the nap first, then look again: a submission between the two sees the flag.
+            self._io_sleeping = True
+            events = self._poller.poll(0 if outbox else 1000)
+            self._io_sleeping = False
+        for sock, _ in events:
+            if sock == self._wake_fd:
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+                continue
+            if sock is self._router:
+                handler: Callable[[list[Any]], None] = self._on_router
+            elif sock is self._node:
+                handler = self._on_node
+            else:
+                address = self._peer_by_socket.get(sock)
+                if address is None:
+                    continue
+                handler = functools.partial(self._on_peer, address)
+            # Drain each ready socket so one poll serves a burst of messages.
+            for _ in range(1000):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    handler(frames)
+                except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+                    logger.warning("dropping a malformed message: %r", exc)
+        while outbox:
+            command, dest, frames = outbox.popleft()
+            if command is _TO_PEER:
+                if dest not in self._dead_addresses:
+                    sockets.send(self._peer(dest), frames)
+            elif command is _VIA_ROUTER:
+                self._send_router([dest, *frames])
+            elif command is _TO_NODE:
+                sockets.send(self._node, frames)
+            elif command is _STOP:
+                return False
+        if self._released:
+            self._drain_released()
+        return True
 
     def _peer(self, address: str) -> sockets.Socket:
         sock = self._peers.get(address)
         if sock is None:
             sock = sockets.dealer(self._ctx, address, self.client_id)
             self._peers[address] = sock
+            self._peer_by_socket[sock] = address
             self._poller.register(sock, zmq.POLLIN)
         return sock
 
     def _drop_peer(self, address: str) -> None:
         sock = self._peers.pop(address, None)
         if sock is not None:
+            del self._peer_by_socket[sock]
             self._poller.unregister(sock)
             sock.close(linger=0)
 
@@ -467,33 +485,19 @@ class Runtime:
             while self._released:
                 self.objects.release_locked(self._released.popleft())
 
-    def _on_command(self, frames: list[Any]) -> bool:
-        cmd = frames[0]
-        if cmd == _TO_PEER:
-            address = frames[1].decode()
-            if address not in self._dead_addresses:
-                self._peer(address).send_multipart(frames[2:], copy=False)
-        elif cmd == _TO_NODE:
-            self._node.send_multipart(frames[1:], copy=False)
-        elif cmd == _VIA_ROUTER:
-            self._send_router(frames[1:])
-        elif cmd == _STOP:
-            return False
-        return True
-
     def _send_router(self, frames: list[Any]) -> None:
         try:
-            self._router.send_multipart(frames, copy=False)
+            sockets.send(self._router, frames)
         except zmq.ZMQError as exc:  # the peer went away: its answer has nowhere to go
             logger.debug("dropping a reply to a gone peer: %s", exc)
 
-    def _on_router(self, frames: list[Any]) -> bool:
+    def _on_router(self, frames: list[Any]) -> None:
         identity = frames[0]
         try:
             msg = protocol.decode(frames[1:])
         except (protocol.ProtocolError, serialization.DeserializationError) as exc:
             logger.warning("dropping a malformed message from a peer: %s", exc)
-            return True
+            return
         if msg.type == protocol.CALL and self.on_call is not None:
             self.on_call(identity, msg)
         elif msg.type == protocol.GET_OBJECT:
@@ -503,14 +507,13 @@ class Runtime:
             self.on_log(prefix, stream, text)
         else:
             logger.warning("dropping an unexpected %r message from a peer", msg.type)
-        return True
 
-    def _on_node(self, frames: list[Any]) -> bool:
+    def _on_node(self, frames: list[Any]) -> None:
         try:
             msg = protocol.decode(frames)
         except (protocol.ProtocolError, serialization.DeserializationError) as exc:
             logger.warning("dropping a malformed message from the node: %s", exc)
-            return True
+            return
         if msg.type == protocol.REPLY:
             req_id, ok, value = msg.header
             with self._lock:
@@ -519,21 +522,17 @@ class Runtime:
                 callback(ok, value, msg.payload)
         elif msg.type == protocol.ACTOR_STATE:
             self._on_actor_state(*msg.header)
-        elif msg.type == protocol.INIT and self.on_init is not None:
-            self.on_init(msg)
-        return True
 
-    def _on_peer(self, address: str, frames: list[Any]) -> bool:
+    def _on_peer(self, address: str, frames: list[Any]) -> None:
         try:
             msg = protocol.decode(frames)
         except (protocol.ProtocolError, serialization.DeserializationError) as exc:
             logger.warning("dropping a malformed message from %s: %s", address, exc)
-            return True
+            return
         if msg.type == protocol.RESULT:
             self._on_result(address, msg)
         elif msg.type == protocol.OBJECT:
             self._on_object(msg)
-        return True
 
     def _on_result(self, address: str, msg: protocol.Message) -> None:
         oids, ok, counts = msg.header
@@ -619,10 +618,10 @@ class Runtime:
                 if threading.current_thread() is self._thread:
                     sock = self._peer(address)
                     for call in to_send:
-                        sock.send_multipart(call.frames, copy=False)
+                        sockets.send(sock, call.frames)
                 else:
                     for call in to_send:
-                        self._push([_TO_PEER, address.encode(), *call.frames])
+                        self._push(_TO_PEER, address, call.frames)
         for oids, err in to_fail:
             self._fail(oids, err)
         if old is not None and old in self._dead_addresses and threading.current_thread() is self._thread:

@@ -22,9 +22,6 @@ REQUEST = b"Q"  # (req_id, op, args) + payload frames
 # node -> client
 REPLY = b"R"  # (req_id, ok, value) ; value is an error payload when not ok
 ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
-INIT = b"I"  # (actor_id, incarnation, spec) + [class blob, *arg frames]
-# worker -> node
-INIT_DONE = b"D"  # (actor_id, incarnation, ok, error payload or None)
 # caller -> worker and back
 CALL = b"C"  # (object_id, method, num_returns, group, nargs) + arg frames
 RESULT = b"r"  # (object_id, ok) + value frames
@@ -41,8 +38,6 @@ KNOWN_TYPES = frozenset(
         REQUEST,
         REPLY,
         ACTOR_STATE,
-        INIT,
-        INIT_DONE,
         CALL,
         RESULT,
         GET_OBJECT,
@@ -63,16 +58,17 @@ class Message(NamedTuple):
 
 
 def encode(msg_type: bytes, header: tuple[Any, ...], payload: list[Any] | tuple[Any, ...] = ()) -> list[Any]:
-    """Frames for one message, ready for ``send_multipart``."""
-    return [msg_type, serialization.dumps_header(header), *payload]
+    """Frames for one message: the type byte and header share the first frame."""
+    return [msg_type + serialization.dumps_header(header), *payload]
 
 
 def decode(frames: list[bytes]) -> Message:
     """Check and decode one message; raises ProtocolError on anything malformed."""
-    if len(frames) < 2:
-        raise ProtocolError(f"message has {len(frames)} frame(s), expected at least 2")
-    msg_type = frames[0]
+    if not frames or len(frames[0]) < 2:
+        raise ProtocolError("message is empty or has no header")
+    first = frames[0]
+    msg_type = first[:1]
     if msg_type not in KNOWN_TYPES:
-        raise ProtocolError(f"unknown message type {msg_type[:8]!r}")
-    header = serialization.loads_header(frames[1])
-    return Message(msg_type, header, frames[2:])
+        raise ProtocolError(f"unknown message type {msg_type!r}")
+    header = serialization.loads_header(first[1:])
+    return Message(msg_type, header, frames[1:])

@@ -102,11 +102,16 @@ def loads_value(frames: list[Any]) -> Any:
 
 
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    """Frames for call arguments: a count frame, then each value's frames.
+    """Frames for call arguments.
 
-    Each argument is serialized on its own so a failure names the argument,
-    and large ones travel as separate frames.
+    No arguments: no frames. Only small builtin values: one pickle of
+    ``(args, kwargs)``. Otherwise a layout frame, then each argument's own
+    frames, so a failure names the argument and large ones travel apart.
     """
+    if not args and not kwargs:
+        return []
+    if all(_is_plain(v) for v in args) and all(_is_plain(v) for v in kwargs.values()):
+        return [b"P" + pickle.dumps((args, kwargs), protocol=5)]
     layout: list[tuple[str | None, int]] = []
     frames: list[Any] = []
     for index, value in enumerate(args):
@@ -117,7 +122,7 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         part = _dump_arg(value, f"keyword argument {name!r}")
         layout.append((name, len(part)))
         frames.extend(part)
-    return [pickle.dumps(layout, protocol=5), *frames]
+    return [b"L" + pickle.dumps(layout, protocol=5), *frames]
 
 
 def _dump_arg(value: Any, what: str) -> list[Any]:
@@ -129,22 +134,26 @@ def _dump_arg(value: Any, what: str) -> list[Any]:
 
 def loads_args(frames: list[Any]) -> tuple[list[Any], dict[str, Any]]:
     if not frames:
-        raise DeserializationError("arguments have no frames")
+        return [], {}
+    head = bytes(frames[0])
     try:
-        layout = pickle.loads(frames[0])
+        decoded = pickle.loads(head[1:])
     except Exception as exc:
-        raise DeserializationError(f"undecodable argument layout: {exc}") from None
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
+        raise DeserializationError(f"undecodable arguments: {exc}") from None
+    if head[:1] == b"P":
+        args, kwargs = decoded
+        return list(args), dict(kwargs)
+    args_out: list[Any] = []
+    kwargs_out: dict[str, Any] = {}
     pos = 1
-    for name, count in layout:
+    for name, count in decoded:
         value = loads_value(frames[pos : pos + count])
         pos += count
         if name is None:
-            args.append(value)
+            args_out.append(value)
         else:
-            kwargs[name] = value
-    return args, kwargs
+            kwargs_out[name] = value
+    return args_out, kwargs_out
 
 
 def _describe(value: Any) -> str:

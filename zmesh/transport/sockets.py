@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, TypeAlias
 
 import zmq
@@ -44,13 +45,13 @@ def dealer(ctx: Context, address: str, identity: bytes) -> Socket:
     return sock
 
 
-def pull(ctx: Context, address: str) -> Socket:
-    sock = _common(ctx.socket(zmq.PULL))
-    sock.bind(address)
-    return sock
+_SNDMORE = int(zmq.SNDMORE)
+_COPY_LIMIT = 64 * 1024
 
 
-def push(ctx: Context, address: str) -> Socket:
-    sock = _common(ctx.socket(zmq.PUSH))
-    sock.connect(address)
-    return sock
+def send(sock: Socket, frames: list[Any], flags: int = 0) -> None:
+    """``send_multipart`` without its per-frame overhead; large frames go without a copy."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        copy = not (isinstance(frame, memoryview | bytearray | pickle.PickleBuffer) or len(frame) >= _COPY_LIMIT)
+        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=copy)
