@@ -27,6 +27,8 @@ from zmesh.transport import protocol, serialization
 logger = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "_default"
+# (caller identity, result object ids, method name, concurrency group, argument frames)
+CallItem = tuple[bytes, tuple[Any, ...], str, "str | None", list[Any]]
 ASYNC_DEFAULT_CONCURRENCY = 1000  # Ray's default for async actors
 
 
@@ -81,7 +83,7 @@ class ActorWorker:
         default_limit = spec.get("max_concurrency") or (ASYNC_DEFAULT_CONCURRENCY if self.is_async else 1)
         self.limits: dict[str, int] = {DEFAULT_GROUP: default_limit, **(spec.get("concurrency_groups") or {})}
         self.sequential = not self.is_async and all(v == 1 for v in self.limits.values()) and len(self.limits) == 1
-        self.inbox: queue.SimpleQueue[tuple[bytes, protocol.Message] | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[CallItem | None] = queue.SimpleQueue()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # --- construction
@@ -94,10 +96,18 @@ class ActorWorker:
     # --- receiving (I/O thread)
 
     def on_call(self, identity: bytes, msg: protocol.Message) -> None:
+        """A batch of calls from one caller, split into items in their order."""
+        items: list[CallItem] = []
+        payload = msg.payload
+        pos = 0
+        for oids, method, group, nframes in msg.header:
+            items.append((identity, tuple(oids), str(method), group, payload[pos : pos + nframes]))
+            pos += nframes
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._dispatch_async, identity, msg)
+            self.loop.call_soon_threadsafe(self._dispatch_batch, items)
         else:
-            self.inbox.put((identity, msg))
+            for item in items:
+                self.inbox.put(item)
 
     # --- running (main thread)
 
@@ -110,19 +120,17 @@ class ActorWorker:
         else:
             pools = {g: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"zmesh-{g}") for g, n in self.limits.items()}
             while (item := self.inbox.get()) is not None:
-                pools[self._group_of(item[1])].submit(self.execute, *item)
+                pools[self._group_of(item[2], item[3])].submit(self.execute, *item)
 
-    def _group_of(self, msg: protocol.Message) -> str:
-        group = msg.header[2]
+    def _group_of(self, method_name: str, group: str | None) -> str:
         if group is None:
-            group = method_options(self.cls, msg.header[1])[1]
+            group = method_options(self.cls, method_name)[1]
         return group if group in self.limits else DEFAULT_GROUP
 
-    def execute(self, identity: bytes, msg: protocol.Message) -> None:
-        oids, method_name, _ = msg.header
+    def execute(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
         try:
             method = self._method(method_name)
-            args, kwargs = serialization.loads_args(msg.payload)
+            args, kwargs = serialization.loads_args(frames)
             args, kwargs = resolve_refs(args, kwargs)
             result = method(*args, **kwargs)
             frames = self._result_frames(oids, result)
@@ -141,21 +149,21 @@ class ActorWorker:
         while not self.inbox.empty():
             item = self.inbox.get()
             if item is not None:
-                self._dispatch_async(*item)
+                self._dispatch_batch([item])
         self._stopped = asyncio.Event()
         await self._stopped.wait()
 
-    def _dispatch_async(self, identity: bytes, msg: protocol.Message) -> None:
-        task = asyncio.ensure_future(self._execute_async(identity, msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _dispatch_batch(self, items: list[CallItem]) -> None:
+        for item in items:
+            task = asyncio.ensure_future(self._execute_async(*item))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _execute_async(self, identity: bytes, msg: protocol.Message) -> None:
-        oids, method_name, _ = msg.header
-        async with self._semaphores[self._group_of(msg)]:
+    async def _execute_async(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
+        async with self._semaphores[self._group_of(method_name, group)]:
             try:
                 method = self._method(method_name)
-                args, kwargs = serialization.loads_args(msg.payload)
+                args, kwargs = serialization.loads_args(frames)
                 args = [await a if isinstance(a, ObjectRef) else a for a in args]
                 kwargs = {k: (await v if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()}
                 result = method(*args, **kwargs)
@@ -201,7 +209,7 @@ class ActorWorker:
     def _send_result(self, identity: bytes, oids: tuple[Any, ...], ok: bool, frames: list[list[Any]]) -> None:
         flat = [f for part in frames for f in part]
         counts = [len(part) for part in frames]
-        self.rt.reply_via_router(identity, protocol.encode(protocol.RESULT, (oids, ok, counts), flat))
+        self.rt.send_result(identity, (oids, ok, counts, len(flat)), flat)
 
 
 def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:

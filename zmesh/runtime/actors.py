@@ -15,10 +15,11 @@ DEAD = "DEAD"
 class Call:
     """One submitted method call, kept until its result arrives so it can be failed or retried."""
 
-    __slots__ = ("frames", "oids", "retries_left")
+    __slots__ = ("frames", "header", "oids", "retries_left")
 
-    def __init__(self, oids: tuple[ObjectId, ...], frames: list[Any], retries_left: int) -> None:
+    def __init__(self, oids: tuple[ObjectId, ...], header: tuple[Any, ...], frames: list[Any], retries_left: int) -> None:
         self.oids = oids
+        self.header = header  # (oids, method, group, frame count): one entry of a CALL batch
         self.frames = frames
         self.retries_left = retries_left
 

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 _TO_PEER = b"P"
 _TO_NODE = b"N"
 _VIA_ROUTER = b"R"
+# Calls and results are batched: consecutive ones for one peer leave as one message.
+_CALL = protocol.CALL
+_RESULT = protocol.RESULT
+_MAX_BATCH = 512
 _WAKE = b"W"
 _STOP = b"X"
 
@@ -103,7 +107,7 @@ class Runtime:
         self._oid_counter = itertools.count(1)
         self._released: deque[ObjectId] = deque()
         # Work for the I/O thread: (command, destination, frames), in submission order.
-        self._outbox: deque[tuple[bytes, Any, list[Any]]] = deque()
+        self._outbox: deque[tuple[bytes, Any, Any]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._io_sleeping = False
         self._sent_classes: set[str] = set()
@@ -128,9 +132,9 @@ class Runtime:
 
     # ------------------------------------------------------------------ user-thread side
 
-    def _push(self, command: bytes, dest: Any, frames: list[Any]) -> None:
+    def _push(self, command: bytes, dest: Any, body: Any) -> None:
         """Hand work to the I/O thread; wakes it only when it is asleep in poll."""
-        self._outbox.append((command, dest, frames))
+        self._outbox.append((command, dest, body))
         if self._io_sleeping:
             try:
                 os.eventfd_write(self._wake_fd, 1)
@@ -300,8 +304,7 @@ class Runtime:
         self, actor_id: ActorId, method: str, args_frames: list[Any], num_returns: int, group: str | None, retries: int
     ) -> list[ObjectId]:
         oids = tuple(self.new_object_id() for _ in range(num_returns))
-        frames = protocol.encode(protocol.CALL, (oids, method, group), args_frames)
-        call = Call(oids, frames, retries)
+        call = Call(oids, (oids, method, group, len(args_frames)), args_frames, retries)
         dest = None
         resolve = False
         failed: BaseException | None = None
@@ -322,7 +325,7 @@ class Runtime:
                 if not conn.resolving:
                     conn.resolving = resolve = True
         if dest is not None:
-            self._push(_TO_PEER, dest, frames)
+            self._push(_CALL, dest, call)
         elif failed is not None:
             self._fail(oids, failed)
         elif resolve:
@@ -373,8 +376,9 @@ class Runtime:
     def send_log(self, owner: str, prefix: str, stream: str, text: str) -> None:
         self._push(_TO_PEER, owner, protocol.encode(protocol.LOG, (prefix, stream, text)))
 
-    def reply_via_router(self, identity: bytes, frames: list[Any]) -> None:
-        self._push(_VIA_ROUTER, identity, frames)
+    def send_result(self, identity: bytes, header: tuple[Any, ...], frames: list[Any]) -> None:
+        """Queue one call's result for its caller; ``header`` is ``(oids, ok, counts, frame count)``."""
+        self._push(_RESULT, identity, (header, frames))
 
     def send_to_node(self, frames: list[Any]) -> None:
         self._push(_TO_NODE, None, frames)
@@ -449,17 +453,35 @@ class Runtime:
                     handler(frames)
                 except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
                     logger.warning("dropping a malformed message: %r", exc)
+        batch_kind: bytes | None = None
+        batch_dest: Any = None
+        headers: list[tuple[Any, ...]] = []
+        payload: list[Any] = []
         while outbox:
-            command, dest, frames = outbox.popleft()
+            command, dest, body = outbox.popleft()
+            if command is _CALL or command is _RESULT:
+                if command is not batch_kind or dest != batch_dest or len(headers) >= _MAX_BATCH:
+                    self._send_batch(batch_kind, batch_dest, headers, payload)
+                    batch_kind, batch_dest, headers, payload = command, dest, [], []
+                if command is _CALL:
+                    headers.append(body.header)
+                    payload.extend(body.frames)
+                else:
+                    headers.append(body[0])
+                    payload.extend(body[1])
+                continue
+            self._send_batch(batch_kind, batch_dest, headers, payload)
+            batch_kind, headers, payload = None, [], []
             if command is _TO_PEER:
                 if dest not in self._dead_addresses:
-                    sockets.send(self._peer(dest), frames)
+                    sockets.send(self._peer(dest), body)
             elif command is _VIA_ROUTER:
-                self._send_router([dest, *frames])
+                self._send_router([dest, *body])
             elif command is _TO_NODE:
-                sockets.send(self._node, frames)
+                sockets.send(self._node, body)
             elif command is _STOP:
                 return False
+        self._send_batch(batch_kind, batch_dest, headers, payload)
         if self._released:
             self._drain_released()
         return True
@@ -484,6 +506,15 @@ class Runtime:
         with self._lock:
             while self._released:
                 self.objects.release_locked(self._released.popleft())
+
+    def _send_batch(self, kind: bytes | None, dest: Any, headers: list[tuple[Any, ...]], payload: list[Any]) -> None:
+        if kind is None or not headers:
+            return
+        frames = [kind + serialization.dumps_header(tuple(headers)), *payload]
+        if kind is _RESULT:
+            self._send_router([dest, *frames])
+        elif dest not in self._dead_addresses:
+            sockets.send(self._peer(dest), frames)
 
     def _send_router(self, frames: list[Any]) -> None:
         try:
@@ -535,16 +566,20 @@ class Runtime:
             self._on_object(msg)
 
     def _on_result(self, address: str, msg: protocol.Message) -> None:
-        oids, ok, counts = msg.header
+        results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
+        payload = msg.payload
+        pos = 0
         with self._lock:
             conn = self._actor_at.get(address)
-            if conn is None or conn.inflight.pop(oids[0], None) is None:
-                return  # a late answer from a worker already declared dead
-        results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
-        pos = 0
-        for oid, count in zip(oids, counts, strict=True):
-            results.append((oid, msg.payload[pos : pos + count], ok, None))
-            pos += count
+            for oids, ok, counts, nframes in msg.header:
+                frames = payload[pos : pos + nframes]
+                pos += nframes
+                if conn is None or conn.inflight.pop(oids[0], None) is None:
+                    continue  # a late answer from a worker already declared dead
+                start = 0
+                for oid, count in zip(oids, counts, strict=True):
+                    results.append((oid, frames[start : start + count], ok, None))
+                    start += count
         self._complete(results)
 
     def _serve_object(self, identity: bytes, oid: ObjectId) -> None:
@@ -616,12 +651,12 @@ class Runtime:
             if to_send and address is not None:
                 # Send while holding the lock, so calls submitted later cannot overtake these.
                 if threading.current_thread() is self._thread:
-                    sock = self._peer(address)
-                    for call in to_send:
-                        sockets.send(sock, call.frames)
+                    for i in range(0, len(to_send), _MAX_BATCH):
+                        chunk = to_send[i : i + _MAX_BATCH]
+                        self._send_batch(_CALL, address, [c.header for c in chunk], [f for c in chunk for f in c.frames])
                 else:
                     for call in to_send:
-                        self._push(_TO_PEER, address, call.frames)
+                        self._push(_CALL, address, call)
         for oids, err in to_fail:
             self._fail(oids, err)
         if old is not None and old in self._dead_addresses and threading.current_thread() is self._thread:

@@ -101,6 +101,12 @@ class ObjectStore:
         """Block until ``count`` of ``entries`` are done; returns how many are."""
         deadline = None if timeout is None else time.monotonic() + timeout
         event = threading.Event()
+        if count == len(entries):
+            # Waiting for all: wait on each in turn, so a long list costs O(n), not O(n^2).
+            for index, entry in enumerate(entries):
+                if not self._wait_one(entry, event, deadline):
+                    return index + sum(1 for e in entries[index:] if e.done)
+            return len(entries)
         try:
             while True:
                 with self._lock:
@@ -120,6 +126,19 @@ class ObjectStore:
                 for e in entries:
                     if event in e.waiters:
                         e.waiters.remove(event)
+
+    def _wait_one(self, entry: Entry, event: threading.Event, deadline: float | None) -> bool:
+        with self._lock:
+            if entry.done:
+                return True
+            event.clear()
+            entry.waiters.append(event)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done = event.wait(remaining)
+        with self._lock:
+            if event in entry.waiters:
+                entry.waiters.remove(event)
+            return done or entry.done
 
     def add_callback(self, entry: Entry, callback: Callable[[], None]) -> None:
         with self._lock:
