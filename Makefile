@@ -27,6 +27,7 @@ lint: $(STAMP)
 check: lint test
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]' || echo "Ray could not be installed: benchmarking zmesh alone"
 	$(PY) benchmarks/bench.py
 
 clean:

@@ -60,8 +60,8 @@ def _run_node(args: argparse.Namespace) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: node.request_stop())
-    print(f"zmesh node {node.node_id} listening on {node.address.removeprefix('tcp://')}", flush=True)
-    node.serve_forever()
+    banner = f"zmesh node {node.node_id} listening on {node.address.removeprefix('tcp://')}"
+    node.serve_forever(on_ready=lambda: print(banner, flush=True))
     return 0
 
 

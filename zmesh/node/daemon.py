@@ -86,7 +86,8 @@ class Node:
         self._thread = threading.Thread(target=self.serve_forever, name="zmesh-node", daemon=True)
         self._thread.start()
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Run the loop in this thread until stopped; ``on_ready`` runs once drivers can find the node."""
         # The zygote is started from the loop's thread: it dies when this thread ends.
         self._start_zygote()
         if self.config.advertise:
@@ -95,6 +96,8 @@ class Node:
                 {"address": self.address, "pid": os.getpid(), "create_time": proc.create_time(), "node_id": self.node_id}
             )
         logger.info("zmesh node %s listening on %s", self.node_id, self.address)
+        if on_ready is not None:
+            on_ready()
         try:
             self._loop()
         finally:
