@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from zmesh.exceptions import (
     ActorAlreadyExistsError,
@@ -47,6 +48,8 @@ _WAKE = b"W"
 _STOP = b"X"
 
 _NODE_ERRORS: dict[str, type[Exception]] = {
+    "NodeUnavailableError": NodeUnavailableError,
+    "ConnectionError": NodeUnavailableError,
     "ActorAlreadyExistsError": ActorAlreadyExistsError,
     "ActorDiedError": ActorDiedError,
     "ValueError": ValueError,
@@ -122,6 +125,11 @@ class Runtime:
         for sock in (self._router, self._node):
             self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_fd, zmq.POLLIN)
+        # The kernel tells us at once when a same-host node dies; we learn it from the monitor.
+        self._node_monitor = self._node.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._poller.register(self._node_monitor, zmq.POLLIN)
+        self._node_connected = False
+        self.node_lost: str | None = None
         self._thread = threading.Thread(target=self._io_loop, name="zmesh-io", daemon=True)
         self._thread.start()
         try:
@@ -171,6 +179,8 @@ class Runtime:
         """Ask the node something and wait for its answer."""
         if self.closed:
             raise ZmeshError("zmesh is shut down; call zmesh.init() first")
+        if self.node_lost is not None:
+            raise NodeUnavailableError(self.node_lost)
         reply = _Reply()
         req_id = next(self._req_ids)
         with self._lock:
@@ -189,6 +199,8 @@ class Runtime:
 
     def request_nowait(self, op: str, args: tuple[Any, ...], payload: list[Any], on_reply: Callable[[bool, Any, list[Any]], None]) -> None:
         """Send a request whose reply is handled on the I/O thread."""
+        if self.node_lost is not None:
+            raise NodeUnavailableError(self.node_lost)
         req_id = next(self._req_ids)
         with self._lock:
             self._requests[req_id] = on_reply
@@ -414,7 +426,8 @@ class Runtime:
                 return
             except Exception:
                 logger.exception("zmesh I/O thread: unexpected error; continuing")
-        for sock in (self._router, self._node, *self._peers.values()):
+        self._node.disable_monitor()
+        for sock in (self._router, self._node, self._node_monitor, *self._peers.values()):
             sock.close(linger=0)
 
     def _io_step(self) -> bool:
@@ -436,6 +449,9 @@ class Runtime:
                 continue
             if sock is self._router:
                 handler: Callable[[list[Any]], None] = self._on_router
+            elif sock is self._node_monitor:
+                self._on_node_monitor()
+                continue
             elif sock is self._node:
                 handler = self._on_node
             else:
@@ -506,6 +522,29 @@ class Runtime:
         with self._lock:
             while self._released:
                 self.objects.release_locked(self._released.popleft())
+
+    def _on_node_monitor(self) -> None:
+        while True:
+            try:
+                event = zmq_monitor.recv_monitor_message(self._node_monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._node_connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self._node_connected and self.node_lost is None:
+                self._on_node_lost(f"the zmesh node at {self.node_address} went away")
+
+    def _on_node_lost(self, why: str) -> None:
+        """Nothing the node owed us will come: fail pending requests and every actor it hosted."""
+        logger.error("%s; actors on it are lost", why)
+        self.node_lost = why
+        with self._lock:
+            requests, self._requests = self._requests, {}
+            actor_ids = [a for a, conn in self._actors.items() if conn.state is not DEAD]
+        for callback in requests.values():
+            callback(False, ("NodeUnavailableError", why), [])
+        for actor_id in actor_ids:
+            self._on_actor_state(actor_id, DEAD, 1 << 30, None, f"actor {actor_id} is lost: {why}")
 
     def _send_batch(self, kind: bytes | None, dest: Any, headers: list[tuple[Any, ...]], payload: list[Any]) -> None:
         if kind is None or not headers:
