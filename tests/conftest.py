@@ -27,16 +27,16 @@ def isolated_run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 
 
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
+def no_leaks(isolated_run_dir: Path) -> Iterator[None]:
     """Every test ends with zmesh shut down and no zmesh process it started still running."""
-    before = {p.pid for p in zmesh_processes()}
     yield
     if zmesh.is_initialized():
         zmesh.shutdown()
+    run_dir = str(isolated_run_dir)
     try:
-        wait_for(lambda: not zmesh_processes(exclude=before), timeout=10, what="zmesh processes of this test to exit")
+        wait_for(lambda: not zmesh_processes(run_dir), timeout=10, what="zmesh processes of this test to exit")
     except TimeoutError:
-        leaked = zmesh_processes(exclude=before)
+        leaked = zmesh_processes(run_dir)
         for proc in leaked:
             proc.kill()
         pytest.fail(f"leaked zmesh processes: {[(p.pid, p.cmdline()) for p in leaked]}")

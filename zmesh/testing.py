@@ -94,19 +94,24 @@ def node_process(run_dir: str, *args: str, **kwargs: Any) -> Iterator[NodeProces
         node.stop()
 
 
-def zmesh_processes(exclude: set[int] | None = None) -> list[psutil.Process]:
-    """Live processes of this user running zmesh code (nodes, zygotes and their forked workers)."""
+def zmesh_processes(run_dir: str | None = None) -> list[psutil.Process]:
+    """Live zmesh processes (nodes, zygotes, forked workers) of this user.
+
+    With ``run_dir``, only those started with that ``ZMESH_RUN_DIR`` in their
+    environment, which is how a test finds exactly the processes it started.
+    """
     found = []
     me = os.getpid()
-    for proc in psutil.process_iter(["pid", "cmdline", "uids", "status"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
-            if proc.pid == me or (exclude and proc.pid in exclude):
-                continue
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            if proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             cmdline = " ".join(proc.info["cmdline"] or [])
-            if "zmesh.node.zygote" in cmdline or "-m zmesh node" in cmdline or "zmesh node" in cmdline:
-                found.append(proc)
+            if "zmesh.node.zygote" not in cmdline and "zmesh node" not in cmdline:
+                continue
+            if run_dir is not None and proc.environ().get("ZMESH_RUN_DIR") != run_dir:
+                continue
+            found.append(proc)
         except psutil.Error:
             continue
     return found

@@ -462,7 +462,7 @@ class Runtime:
             # Drain each ready socket so one poll serves a burst of messages.
             for _ in range(1000):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sockets.recv(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 try:

@@ -58,6 +58,8 @@ def loads_code(data: bytes) -> Any:
 
 def _is_plain(value: Any) -> bool:
     kind = type(value)
+    if kind is bytes or kind is str:
+        return len(value) < _OOB_THRESHOLD
     if kind in _PLAIN_TYPES:
         return True
     if kind is tuple or kind is list:
@@ -65,6 +67,11 @@ def _is_plain(value: Any) -> bool:
     if kind is dict:
         return len(value) < 64 and all(type(k) in _PLAIN_TYPES and type(v) in _PLAIN_TYPES for k, v in value.items())
     return False
+
+
+def _is_small_atom(value: Any) -> bool:
+    kind = type(value)
+    return kind in _PLAIN_TYPES and (kind not in (bytes, str) or len(value) < 1024)
 
 
 def dumps_value(value: Any) -> list[Any]:

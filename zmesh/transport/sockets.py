@@ -55,3 +55,9 @@ def send(sock: Socket, frames: list[Any], flags: int = 0) -> None:
     for i, frame in enumerate(frames):
         copy = not (isinstance(frame, memoryview | bytearray | pickle.PickleBuffer) or len(frame) >= _COPY_LIMIT)
         sock.send(frame, flags | _SNDMORE if i < last else flags, copy=copy)
+
+
+def recv(sock: Socket, flags: int = 0) -> list[Any]:
+    """One message's frames: small ones as bytes, large ones as zero-copy memoryviews."""
+    frames = sock.recv_multipart(flags, copy=False)
+    return [f.bytes if len(f) < _COPY_LIMIT else f.buffer for f in frames]
