@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, new_node_id
 
 logger = logging.getLogger(__name__)
+
+_KEEP_DEAD = 1000  # dead actors remembered for status and for late callers
 
 
 class ReplyError(Exception):
@@ -60,6 +63,8 @@ class Node:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        self._reschedule = False
+        self._dead: deque[ActorId] = deque()
         self._thread: threading.Thread | None = None
         self._zygote: subprocess.Popen[bytes] | None = None
         self._zsock: socket.socket | None = None
@@ -131,6 +136,9 @@ class Node:
                         self._client_gone(self._client_by_fd[sock], "exited")
                 except Exception:
                     logger.exception("zmesh node: error while handling an event; continuing")
+            if self._reschedule:
+                self._reschedule = False
+                self._schedule()
             self._check_waiting()
 
     def _shutdown(self) -> None:
@@ -418,6 +426,7 @@ class Node:
         record = self._actors.get(actor_id)
         if record is None or record.incarnation != incarnation or record.state not in (records.STARTING, records.RESTARTING):
             return None, []
+        self._by_token.pop(record.token, None)
         if ok:
             record.state = records.ALIVE
             record.address = client.address
@@ -503,7 +512,11 @@ class Node:
             del self._names[(record.namespace, record.name)]
         self._notify(record)
         record.args_frames = []
-        self._schedule()
+        self._dead.append(record.actor_id)
+        while len(self._dead) > _KEEP_DEAD:
+            # Forget the oldest dead actors; a stale handle to one is told it is unknown, hence dead.
+            self._actors.pop(self._dead.popleft(), None)
+        self._reschedule = True  # freed resources may let a waiting creation start
 
     def status(self) -> dict[str, Any]:
         live = [r.describe() for r in self._actors.values() if r.state != records.DEAD]

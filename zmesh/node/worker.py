@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from zmesh import runtime as runtime_mod
-from zmesh.exceptions import TaskError
+from zmesh.exceptions import ActorDiedError, TaskError
 from zmesh.object_ref import ObjectRef
 from zmesh.runtime import Runtime
 from zmesh.transport import protocol, serialization
@@ -231,7 +231,11 @@ def main(node_address: str, token: str) -> int:
 
     rt = Runtime(node_address, kind="worker", token=token)
     runtime_mod.set_current(rt)
-    (actor_id, incarnation, spec), payload = rt.request("init", (token,), with_payload=True)
+    try:
+        (actor_id, incarnation, spec), payload = rt.request("init", (token,), with_payload=True)
+    except ActorDiedError:
+        rt.close()
+        return 0  # the actor was killed before this worker got to it
     worker = ActorWorker(rt, actor_id, incarnation, spec, payload)
     rt.on_call = worker.on_call
     owner = spec.get("owner_address")
