@@ -204,8 +204,8 @@ class Node:
                 if spawned is not None and spawned.token == event["token"]:
                     spawned.pid = event["pid"]
                     self._by_pid[event["pid"]] = spawned.actor_id
-                else:
-                    _kill(event["pid"])  # killed before it even started
+                elif event["pid"] not in self._by_pid:  # not already known from the worker's own init
+                    _kill(event["pid"])  # its actor was killed before it even started
             elif event["ev"] == "exited":
                 actor_id = self._by_pid.pop(event["pid"], None)
                 if actor_id is not None:
