@@ -422,14 +422,14 @@ class Node:
         return (record.actor_id, record.incarnation, spec), [blob, record.meta_blob, *record.args_frames]
 
     def _op_started(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
-        actor_id, incarnation, ok, error = args
+        actor_id, incarnation, ok, error, address = args
         record = self._actors.get(actor_id)
         if record is None or record.incarnation != incarnation or record.state not in (records.STARTING, records.RESTARTING):
             return None, []
         self._by_token.pop(record.token, None)
         if ok:
             record.state = records.ALIVE
-            record.address = client.address
+            record.address = str(address) if address else client.address
             self._notify(record)
         else:
             self._mark_dead(record, f"the actor's constructor failed: {error}")

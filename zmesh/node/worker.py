@@ -18,11 +18,13 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import zmq
+
 from zmesh import runtime as runtime_mod
 from zmesh.exceptions import ActorDiedError, TaskError
 from zmesh.object_ref import ObjectRef
 from zmesh.runtime import Runtime
-from zmesh.transport import protocol, serialization
+from zmesh.transport import protocol, serialization, sockets
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +99,7 @@ class ActorWorker:
 
     def on_call(self, identity: bytes, msg: protocol.Message) -> None:
         """A batch of calls from one caller, split into items in their order."""
-        items: list[CallItem] = []
-        payload = msg.payload
-        pos = 0
-        for oids, method, group, nframes in msg.header:
-            items.append((identity, tuple(oids), str(method), group, payload[pos : pos + nframes]))
-            pos += nframes
+        items = split_calls(identity, msg)
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self._dispatch_batch, items)
         else:
@@ -111,12 +108,16 @@ class ActorWorker:
 
     # --- running (main thread)
 
+    def bind_calls(self) -> str:
+        """A sequential actor takes calls on a socket of the main thread's own: no hand-off per call."""
+        self.calls, address = sockets.router(self.rt.context)
+        return address
+
     def serve(self) -> None:
         if self.is_async:
             asyncio.run(self._serve_async())
         elif self.sequential:
-            while (item := self.inbox.get()) is not None:
-                self.execute(*item)
+            self._serve_inline()
         else:
             pools = {g: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"zmesh-{g}") for g, n in self.limits.items()}
             while (item := self.inbox.get()) is not None:
@@ -127,19 +128,41 @@ class ActorWorker:
             group = method_options(self.cls, method_name)[1]
         return group if group in self.limits else DEFAULT_GROUP
 
+    def _serve_inline(self) -> None:
+        """Receive, run and answer each call on the main thread, in arrival order."""
+        sock = self.calls
+        while True:
+            frames = sockets.recv(sock)
+            try:
+                msg = protocol.decode(frames[1:])
+                if msg.type != protocol.CALL:
+                    raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
+                items = split_calls(frames[0], msg)
+            except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError) as exc:
+                logger.warning("dropping a malformed message sent to actor %s: %s", self.class_name, exc)
+                continue
+            for identity, oids, method_name, _, args in items:
+                ok, parts = self.run(oids, method_name, args)
+                flat = [f for part in parts for f in part]
+                header = protocol.RESULT + serialization.dumps_header(((oids, ok, [len(p) for p in parts], len(flat)),))
+                try:
+                    sockets.send(sock, [identity, header, *flat])
+                except zmq.ZMQError:
+                    pass  # the caller is gone
+
     def execute(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
+        ok, parts = self.run(oids, method_name, frames)
+        self._send_result(identity, oids, ok, parts)
+
+    def run(self, oids: tuple[Any, ...], method_name: str, frames: list[Any]) -> tuple[bool, list[list[Any]]]:
+        """Run one call; returns (ok, frames of each return value or of the error)."""
         try:
             method = self._method(method_name)
             args, kwargs = serialization.loads_args(frames)
             args, kwargs = resolve_refs(args, kwargs)
-            result = method(*args, **kwargs)
-            frames = self._result_frames(oids, result)
-            ok = True
+            return True, self._result_frames(oids, method(*args, **kwargs))
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
-            if isinstance(exc, SystemExit | KeyboardInterrupt) and not isinstance(exc, Exception):
-                logger.info("actor method %s raised %s", method_name, type(exc).__name__)
-            frames, ok = self._error_frames(oids, method_name, exc), False
-        self._send_result(identity, oids, ok, frames)
+            return False, self._error_frames(oids, method_name, exc)
 
     async def _serve_async(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -212,6 +235,17 @@ class ActorWorker:
         self.rt.send_result(identity, (oids, ok, counts, len(flat)), flat)
 
 
+def split_calls(identity: bytes, msg: protocol.Message) -> list[CallItem]:
+    """The calls of one CALL batch, in their order."""
+    items: list[CallItem] = []
+    payload = msg.payload
+    pos = 0
+    for oids, method, group, nframes in msg.header:
+        items.append((identity, tuple(oids), str(method), group, payload[pos : pos + nframes]))
+        pos += nframes
+    return items
+
+
 def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """Top-level ObjectRef arguments arrive as their values, as in Ray."""
     if not any(isinstance(a, ObjectRef) for a in args) and not any(isinstance(v, ObjectRef) for v in kwargs.values()):
@@ -247,10 +281,11 @@ def main(node_address: str, token: str) -> int:
         worker.construct()
     except BaseException as exc:
         text = f"{worker.class_name}.__init__ raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        rt.request("started", (actor_id, incarnation, False, text))
+        rt.request("started", (actor_id, incarnation, False, text, None))
         sys.stderr.flush()
         rt.close()
         return 1
-    rt.request("started", (actor_id, incarnation, True, None))
+    address = worker.bind_calls() if worker.sequential else None
+    rt.request("started", (actor_id, incarnation, True, None, address))
     worker.serve()
     return 0

@@ -206,6 +206,10 @@ class Runtime:
             self._requests[req_id] = on_reply
         self._push(_TO_NODE, None, protocol.encode(protocol.REQUEST, (req_id, op, args), payload))
 
+    @property
+    def context(self) -> sockets.Context:
+        return self._ctx
+
     def new_object_id(self) -> ObjectId:
         return ObjectId(self.client_id + next(self._oid_counter).to_bytes(8, "big"))
 
