@@ -466,19 +466,11 @@ class Node:
                 record.subscribers.discard(client_id)
 
     def _worker_exited(self, record: ActorRecord, pid: int, code: int) -> None:
-        if record.pid != pid:
-            return
-        record.pid = None
-        record.address = None
-        if record.state == records.DEAD:
-            return
+        if record.pid != pid or record.state == records.DEAD:
+            return  # a worker already replaced or killed on purpose
         if record.can_restart():
-            record.restarts += 1
-            record.incarnation += 1
-            record.state = records.RESTARTING
-            logger.info("actor %s (%s) worker exited with code %s; restart %d", record.class_name, record.actor_id, code, record.restarts)
-            self._notify(record)
-            self._spawn(record)
+            logger.info("actor %s (%s) worker exited with code %s; restarting", record.class_name, record.actor_id, code)
+            self._restart(record)
             return
         limit = "unlimited" if record.max_restarts == -1 else record.max_restarts
         self._mark_dead(
@@ -487,18 +479,28 @@ class Node:
             f"and it has no restarts left (max_restarts={limit})",
         )
 
+    def _restart(self, record: ActorRecord) -> None:
+        """Replace the actor's worker; callers hear of it before anything else we send them."""
+        old = record.pid
+        record.restarts += 1
+        record.incarnation += 1
+        record.state = records.RESTARTING
+        record.address = None
+        self._notify(record)
+        if old is not None:
+            _kill(old)
+        self._spawn(record)
+
     def _kill(self, record: ActorRecord, why: str, *, no_restart: bool) -> None:
         if record.state == records.DEAD:
             return
         if record.state == records.WAITING:
             self._waiting.remove(record.actor_id)
             self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
-            return
-        pid = record.pid
-        if no_restart or not record.can_restart():
+        elif no_restart or not record.can_restart():
             self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
-        if pid is not None:
-            _kill(pid)
+        else:
+            self._restart(record)
 
     def _mark_dead(self, record: ActorRecord, error: str) -> None:
         record.state = records.DEAD
