@@ -109,11 +109,6 @@ def test_kill_is_permanent(local: None) -> None:
     wait_for(lambda: not pid_alive(pid), timeout=10, what="the killed worker to exit")
 
 
-@pytest.mark.xfail(
-    reason="zmesh bug: a call submitted right after kill(h, no_restart=False) returns is sent to the killed worker "
-    "and fails with ActorUnavailableError instead of running on the restarted one",
-    strict=True,
-)
 def test_kill_with_restart_reruns_init(local: None) -> None:
     counter = Counter.options(max_restarts=1).remote(5)
     pid = _get(counter.pid.remote())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -62,6 +64,10 @@ def _signature(member: Any, static: Any) -> inspect.Signature | None:
         return sig
     params = list(sig.parameters.values())[1:]
     return sig.replace(parameters=params)
+
+
+def _code_path() -> list[str]:
+    return [os.path.abspath(p or os.curdir) for p in sys.path if isinstance(p, str)]
 
 
 class ActorClass:
@@ -124,6 +130,8 @@ class ActorClass:
             "max_restarts": opts.max_restarts,
             "max_concurrency": opts.max_concurrency,
             "concurrency_groups": dict(opts.concurrency_groups),
+            # Modules the class refers to by name must import in the worker as they do here.
+            "sys_path": _code_path(),
         }
         reply = rt.create_actor(actor_id, spec, key, blob, meta_blob, args_frames, wait=opts.name is not None)
         if reply is not None:

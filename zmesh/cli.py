@@ -23,13 +23,23 @@ def _resources(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _amount_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zmesh", description="A peer-to-peer actor mesh with Ray's actor API.")
     sub = parser.add_subparsers(dest="command", required=True)
     node = sub.add_parser("node", help="run a node in the foreground (Ctrl-C or SIGTERM stops it and its workers)")
     node.add_argument("--port", type=int, default=6390, help="TCP port on 127.0.0.1 (0 picks a free one; default 6390)")
-    node.add_argument("--num-cpus", type=float, default=None, help="CPUs to advertise (default: all)")
-    node.add_argument("--num-gpus", type=float, default=0, help="GPUs to advertise (default 0)")
+    node.add_argument("--num-cpus", type=_amount_arg, default=None, help="CPUs to advertise (default: all)")
+    node.add_argument("--num-gpus", type=_amount_arg, default=0, help="GPUs to advertise (default 0)")
     node.add_argument("--resources", type=_resources, default=None, help="custom resources as JSON, e.g. '{\"special\": 1}'")
     node.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     for name, text in (("status", "show the node, its resources and its actors"), ("stop", "stop the node running on this host")):

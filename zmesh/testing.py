@@ -41,23 +41,16 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        # The banner comes once drivers can find the node; log lines may come before it.
+        line = ""
+        while self.proc.stdout is not None:
+            line = self.proc.stdout.readline()
+            if not line or line.startswith("zmesh node "):
+                break
         if "listening on" not in line:
             self.stop()
-            raise RuntimeError(f"zmesh node did not start: {line!r}")
+            raise RuntimeError(f"zmesh node did not start: {getattr(self, 'output', '')!r}")
         self.address = line.rsplit(" ", 1)[1].strip()
-        # The run-directory record is written by the loop, just after the banner.
-        from zmesh.transport import rundir
-
-        saved = os.environ.get("ZMESH_RUN_DIR")
-        os.environ["ZMESH_RUN_DIR"] = run_dir
-        try:
-            wait_for(lambda: rundir.read_node_info() is not None, what="node record in the run directory")
-        finally:
-            if saved is None:
-                del os.environ["ZMESH_RUN_DIR"]
-            else:
-                os.environ["ZMESH_RUN_DIR"] = saved
 
     @property
     def pid(self) -> int:

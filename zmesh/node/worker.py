@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import queue
+import sys
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,7 @@ class ActorWorker:
         self.rt = rt
         self.actor_id = actor_id
         self.incarnation = incarnation
+        adopt_code_path(spec.get("sys_path") or [])
         self.cls: type = serialization.loads_code(payload[0])
         self.class_name = spec["class_name"]
         self.init_args = payload[2:]
@@ -235,13 +237,28 @@ class ActorWorker:
         self.rt.send_result(identity, (oids, ok, counts, len(flat)), flat)
 
 
+def adopt_code_path(paths: list[str]) -> None:
+    """Put the creator's import path first, so modules it imports by name import here too."""
+    missing = [p for p in paths if isinstance(p, str) and p not in sys.path and os.path.isdir(p)]
+    sys.path[:0] = missing
+
+
 def split_calls(identity: bytes, msg: protocol.Message) -> list[CallItem]:
-    """The calls of one CALL batch, in their order."""
+    """The calls of one CALL batch, in their order; ProtocolError if any entry is malformed."""
     items: list[CallItem] = []
     payload = msg.payload
     pos = 0
-    for oids, method, group, nframes in msg.header:
-        items.append((identity, tuple(oids), str(method), group, payload[pos : pos + nframes]))
+    for entry in msg.header:
+        if not isinstance(entry, tuple) or len(entry) != 4:
+            raise protocol.ProtocolError("a call entry is not (oids, method, group, frame count)")
+        oids, method, group, nframes = entry
+        if not isinstance(oids, tuple) or not oids or not all(isinstance(o, bytes) for o in oids):
+            raise protocol.ProtocolError("a call's result ids are not a non-empty tuple of bytes")
+        if not isinstance(method, str) or not (group is None or isinstance(group, str)):
+            raise protocol.ProtocolError("a call's method or group is not a string")
+        if not isinstance(nframes, int) or nframes < 0 or pos + nframes > len(payload):
+            raise protocol.ProtocolError("a call's frame count does not match the message")
+        items.append((identity, oids, method, group, payload[pos : pos + nframes]))
         pos += nframes
     return items
 
@@ -261,8 +278,6 @@ def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], di
 
 def main(node_address: str, token: str) -> int:
     """Entry point of a forked worker: returns the process exit code."""
-    import sys
-
     rt = Runtime(node_address, kind="worker", token=token)
     runtime_mod.set_current(rt)
     try:
