@@ -171,13 +171,7 @@ def test_init_with_malformed_address_raises_value_error(address: str) -> None:
     [
         (["--resources", "notjson"], "--resources"),
         (["--resources", '{"special": -1}'], "--resources"),
-        pytest.param(
-            ["--num-cpus", "-1"],
-            "--num-cpus",
-            marks=pytest.mark.xfail(
-                reason="zmesh bug: the error for --num-cpus -1 says 'num_cpus', not the flag '--num-cpus'", strict=True
-            ),
-        ),
+        (["--num-cpus", "-1"], "--num-cpus"),
     ],
     ids=["resources-notjson", "resources-negative", "num-cpus-negative"],
 )
