@@ -46,6 +46,14 @@ class CustomError(Exception):
         self.code = code
 
 
+class PairError(Exception):
+    """A user exception whose constructor needs two arguments."""
+
+    def __init__(self, left: int, right: int) -> None:
+        super().__init__(left, right)
+        self.right = right
+
+
 @zmesh.remote
 class Faulty:
     def __init__(self) -> None:
@@ -74,6 +82,9 @@ class FaultyCustom:
     def fail_with_custom_error(self, code: int) -> None:
         self.calls += 1
         raise CustomError("custom failure", code)
+
+    def fail_with_pair_error(self) -> None:
+        raise PairError(1, 2)
 
 
 # ---------------------------------------------------------------------------- call arguments
@@ -169,7 +180,7 @@ def test_bad_method_option_raises_value_error(local: None) -> None:
     with pytest.raises(ValueError, match="concurrency_group"):
         zmesh.method(concurrency_group="")
     counter = Counter.remote()
-    with pytest.raises(ValueError, match="unknown method option.*retries"):
+    with pytest.raises(ValueError, match=r"unknown method option.*retries"):
         counter.add.options(retries=1)
     with pytest.raises(ValueError, match="num_returns"):
         counter.add.options(num_returns=-1)
@@ -240,22 +251,29 @@ def test_exception_in_method_reaches_caller_as_task_error_of_user_class(local: N
     assert zmesh.get(actor.bump.remote()) == 3
 
 
-@pytest.mark.xfail(
-    reason="zmesh bug: a class the actor refers to from the driver's own (non-__main__) module is pickled by reference, "
-    "and the worker cannot import that module (the driver's sys.path is not shipped)",
-    strict=True,
-)
 def test_custom_exception_class_from_test_module(local: None) -> None:
     actor = FaultyCustom.remote()
+    assert zmesh.get(actor.bump.remote()) == 1
     try:
         zmesh.get(actor.fail_with_custom_error.remote(7), timeout=10)
     except CustomError as exc:
         assert isinstance(exc, TaskError)
-        assert exc.code == 7
         assert "fail_with_custom_error" in exc.remote_traceback
+        assert "custom failure" in str(exc)
     else:
         raise AssertionError("no error raised")
-    assert zmesh.get(actor.bump.remote()) == 2
+    assert zmesh.get(actor.bump.remote()) == 3
+
+
+def test_custom_exception_keeps_its_attributes_and_class(local: None) -> None:
+    actor = FaultyCustom.remote()
+    with pytest.raises(CustomError) as info:
+        zmesh.get(actor.fail_with_custom_error.remote(7), timeout=10)
+    assert info.value.code == 7
+    with pytest.raises(PairError) as pair:
+        zmesh.get(actor.fail_with_pair_error.remote(), timeout=10)
+    assert isinstance(pair.value, TaskError)
+    assert pair.value.right == 2
 
 
 def test_exception_class_defined_inside_test(local: None) -> None:
@@ -326,6 +344,9 @@ GARBAGE: list[list[bytes]] = [
     [protocol.GET_OBJECT + pickle.dumps(())],
     [protocol.LOG + pickle.dumps(("x", "stdout"))],
     [protocol.RESULT + pickle.dumps((1,)), b"junk"],
+    [protocol.CALL + pickle.dumps((1,))],  # CALL headers of the wrong shape
+    [protocol.CALL + pickle.dumps(((None, "add", None, 0),))],
+    [protocol.CALL + pickle.dumps((("x", "add", None, 5),))],
     [os.urandom(HUGE)],  # huge frames
     [protocol.REQUEST + os.urandom(HUGE)],
     [protocol.GOODBYE + pickle.dumps((b"12345678",)), os.urandom(HUGE)],
@@ -349,7 +370,7 @@ def test_garbage_to_node_is_dropped_and_node_keeps_serving(driver: NodeProcess) 
         # this connection (delivered in order) has been handled.
         sock.send_multipart(protocol.encode(protocol.REQUEST, (77, "status", ())))
         replies = replies_until(sock, lambda msg: msg.type == protocol.REPLY and msg.header[0] == 77)
-        req_id, ok, value = replies[-1].header
+        _req_id, ok, value = replies[-1].header
         assert ok is False
         assert "hello" in str(value).lower()
     assert driver.proc.poll() is None and pid_alive(driver.pid)
@@ -367,8 +388,10 @@ def probe_call(sock: zmq.Socket, method: str, *args: Any) -> Any:
     pos = 0
     for oids, ok, counts, nframes in msg.header:
         if oid in oids:
-            assert ok, serialization.loads_value(msg.payload[pos : pos + counts[0]])
-            return serialization.loads_value(msg.payload[pos : pos + counts[0]])
+            value = serialization.loads_value(msg.payload[pos : pos + counts[0]])
+            if not ok:
+                raise value
+            return value
         pos += nframes
     raise AssertionError("unreachable")
 
@@ -381,7 +404,18 @@ def actor_address(handle: Any) -> str:
     return str(address)
 
 
-ACTOR_KINDS = {
+@zmesh.remote
+class AsyncCounter:
+    def __init__(self, start: int = 0) -> None:
+        self.value = start
+
+    async def add(self, amount: int) -> int:
+        self.value += amount
+        return self.value
+
+
+ACTOR_KINDS: dict[str, dict[str, Any]] = {
+    "async": {},
     "sequential": {},
     "threaded": {"max_concurrency": 2},
     "groups": {"concurrency_groups": {"io": 1}},
@@ -390,7 +424,8 @@ ACTOR_KINDS = {
 
 @pytest.mark.parametrize("kind", sorted(ACTOR_KINDS))
 def test_garbage_to_actor_worker_is_dropped_and_actor_keeps_serving(driver: NodeProcess, kind: str) -> None:
-    counter = Counter.options(**ACTOR_KINDS[kind]).remote(0)
+    cls = AsyncCounter if kind == "async" else Counter
+    counter = cls.options(**ACTOR_KINDS[kind]).remote(0)
     assert zmesh.get(counter.add.remote(1), timeout=10) == 1
     worker_pid = actor_pid(counter)
     with raw_dealer(actor_address(counter)) as sock:

@@ -74,7 +74,7 @@ class TaskError(ZmeshError):
     function_name: str
 
     def __init__(self, message: str, cause: BaseException | None = None, remote_traceback: str = "", function_name: str = "") -> None:
-        super().__init__(message)
+        Exception.__init__(self, message)
         self.cause = cause
         self.remote_traceback = remote_traceback
         self.function_name = function_name
@@ -102,13 +102,17 @@ class TaskError(ZmeshError):
         user_cls = type(cause)
         try:
             combined = _combined_class(user_cls)
+            # No __init__ runs: the user's may need arguments we do not have; copy its state instead.
             err: TaskError = BaseException.__new__(combined)
             err.__dict__.update(getattr(cause, "__dict__", {}))
-            TaskError.__init__(err, message, cause, remote_traceback, function_name)
-            return err
         except TypeError:
             # Classes with an incompatible layout (some C types) cannot be mixed in.
             return cls(message, cause, remote_traceback, function_name)
+        err.args = (message,)
+        err.cause = cause
+        err.remote_traceback = remote_traceback
+        err.function_name = function_name
+        return err
 
 
 _COMBINED: dict[type, type] = {}
@@ -127,8 +131,10 @@ def _pickle_cause(cause: BaseException | None) -> bytes | None:
         return None
     from zmesh.transport import serialization
 
+    # Class, args and state, not the exception itself: unpickling an exception calls its
+    # __init__ with its args, which fails for classes whose __init__ takes other arguments.
     try:
-        return serialization.dumps_code(cause)
+        return serialization.dumps_code((type(cause), cause.args, getattr(cause, "__dict__", {})))
     except serialization.SerializationError:
         return None
 
@@ -139,7 +145,10 @@ def _rebuild_task_error(cause_blob: bytes | None, message: str, remote_traceback
         from zmesh.transport import serialization
 
         try:
-            cause = serialization.loads_code(cause_blob)
-        except serialization.DeserializationError:
+            user_cls, args, state = serialization.loads_code(cause_blob)
+            cause = BaseException.__new__(user_cls)
+            cause.args = args
+            cause.__dict__.update(state)
+        except (serialization.DeserializationError, TypeError, ValueError):
             cause = None  # the class is not importable here: keep the text only
     return TaskError.from_cause(cause, message, remote_traceback, function_name)
