@@ -382,17 +382,17 @@ def test_garbage_to_node_is_dropped_and_node_keeps_serving(driver: NodeProcess) 
 def probe_call(sock: zmq.Socket, method: str, *args: Any) -> Any:
     """Send one well-formed CALL as the runtime encodes it, and return the value of its RESULT."""
     oid = os.urandom(16)
-    arg_frames = serialization.dumps_args(args, {})
-    sock.send_multipart(protocol.encode(protocol.CALL, (((oid,), method, None, len(arg_frames)),), arg_frames))
+    slot, arg_frames = protocol.pack(serialization.dumps_args(args, {}))
+    sock.send_multipart(protocol.encode(protocol.CALL, (((oid,), method, None, slot),), arg_frames))
     msg = replies_until(sock, lambda m: m.type == protocol.RESULT and any(oid in h[0] for h in m.header))[-1]
     pos = 0
-    for oids, ok, counts, nframes in msg.header:
+    for oids, ok, counts, result_slot in msg.header:
+        frames, pos = protocol.unpack(result_slot, msg.payload, pos)
         if oid in oids:
-            value = serialization.loads_value(msg.payload[pos : pos + counts[0]])
+            value = serialization.loads_value(frames[: counts[0]])
             if not ok:
                 raise value
             return value
-        pos += nframes
     raise AssertionError("unreachable")
 
 

@@ -145,8 +145,8 @@ class ActorWorker:
                 continue
             for identity, oids, method_name, _, args in items:
                 ok, parts = self.run(oids, method_name, args)
-                flat = [f for part in parts for f in part]
-                header = protocol.RESULT + serialization.dumps_header(((oids, ok, [len(p) for p in parts], len(flat)),))
+                slot, flat = protocol.pack([f for part in parts for f in part])
+                header = protocol.RESULT + serialization.dumps_header(((oids, ok, [len(p) for p in parts], slot),))
                 try:
                     sockets.send(sock, [identity, header, *flat])
                 except zmq.ZMQError:
@@ -234,7 +234,8 @@ class ActorWorker:
     def _send_result(self, identity: bytes, oids: tuple[Any, ...], ok: bool, frames: list[list[Any]]) -> None:
         flat = [f for part in frames for f in part]
         counts = [len(part) for part in frames]
-        self.rt.send_result(identity, (oids, ok, counts, len(flat)), flat)
+        slot, frames = protocol.pack(flat)
+        self.rt.send_result(identity, (oids, ok, counts, slot), frames)
 
 
 def adopt_code_path(paths: list[str]) -> None:
@@ -251,15 +252,13 @@ def split_calls(identity: bytes, msg: protocol.Message) -> list[CallItem]:
     for entry in msg.header:
         if not isinstance(entry, tuple) or len(entry) != 4:
             raise protocol.ProtocolError("a call entry is not (oids, method, group, frame count)")
-        oids, method, group, nframes = entry
+        oids, method, group, slot = entry
         if not isinstance(oids, tuple) or not oids or not all(isinstance(o, bytes) for o in oids):
             raise protocol.ProtocolError("a call's result ids are not a non-empty tuple of bytes")
         if not isinstance(method, str) or not (group is None or isinstance(group, str)):
             raise protocol.ProtocolError("a call's method or group is not a string")
-        if not isinstance(nframes, int) or nframes < 0 or pos + nframes > len(payload):
-            raise protocol.ProtocolError("a call's frame count does not match the message")
-        items.append((identity, oids, method, group, payload[pos : pos + nframes]))
-        pos += nframes
+        frames, pos = protocol.unpack(slot, payload, pos)
+        items.append((identity, oids, method, group, frames))
     return items
 
 

@@ -320,7 +320,8 @@ class Runtime:
         self, actor_id: ActorId, method: str, args_frames: list[Any], num_returns: int, group: str | None, retries: int
     ) -> list[ObjectId]:
         oids = tuple(self.new_object_id() for _ in range(num_returns))
-        call = Call(oids, (oids, method, group, len(args_frames)), args_frames, retries)
+        slot, frames = protocol.pack(args_frames)
+        call = Call(oids, (oids, method, group, slot), frames, retries)
         dest = None
         resolve = False
         failed: BaseException | None = None
@@ -393,7 +394,7 @@ class Runtime:
         self._push(_TO_PEER, owner, protocol.encode(protocol.LOG, (prefix, stream, text)))
 
     def send_result(self, identity: bytes, header: tuple[Any, ...], frames: list[Any]) -> None:
-        """Queue one call's result for its caller; ``header`` is ``(oids, ok, counts, frame count)``."""
+        """Queue one call's result for its caller; ``header`` is ``(oids, ok, counts, packed frames)``."""
         self._push(_RESULT, identity, (header, frames))
 
     def send_to_node(self, frames: list[Any]) -> None:
@@ -471,7 +472,7 @@ class Runtime:
                     break
                 try:
                     handler(frames)
-                except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+                except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError, AttributeError) as exc:
                     logger.warning("dropping a malformed message: %r", exc)
         batch_kind: bytes | None = None
         batch_dest: Any = None
@@ -614,9 +615,8 @@ class Runtime:
         pos = 0
         with self._lock:
             conn = self._actor_at.get(address)
-            for oids, ok, counts, nframes in msg.header:
-                frames = payload[pos : pos + nframes]
-                pos += nframes
+            for oids, ok, counts, slot in msg.header:
+                frames, pos = protocol.unpack(slot, payload, pos)
                 if conn is None or conn.inflight.pop(oids[0], None) is None:
                     continue  # a late answer from a worker already declared dead
                 start = 0

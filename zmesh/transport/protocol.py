@@ -47,6 +47,28 @@ KNOWN_TYPES = frozenset(
 )
 
 
+# Frames of one call or result this small travel inside the batch header: fewer frames, fewer sends.
+_INLINE_LIMIT = 8 * 1024
+
+
+def pack(frames: list[Any]) -> tuple[Any, list[Any]]:
+    """``(slot, frames to append)``: small bytes frames go in the slot itself, else the slot is their count."""
+    if len(frames) <= 4 and all(type(f) is bytes for f in frames) and sum(map(len, frames)) <= _INLINE_LIMIT:
+        return tuple(frames), []
+    return len(frames), frames
+
+
+def unpack(slot: Any, payload: list[Any], pos: int) -> tuple[list[Any], int]:
+    """The frames a ``pack`` slot stands for, and the payload position after them."""
+    if type(slot) is tuple:
+        if not all(type(f) is bytes for f in slot):
+            raise ProtocolError("inline frames are not bytes")
+        return list(slot), pos
+    if type(slot) is not int or slot < 0 or pos + slot > len(payload):
+        raise ProtocolError("frame count does not match the message")
+    return payload[pos : pos + slot], pos + slot
+
+
 class ProtocolError(Exception):
     """A message that does not follow the protocol; the receiver drops it."""
 

@@ -59,5 +59,8 @@ def send(sock: Socket, frames: list[Any], flags: int = 0) -> None:
 
 def recv(sock: Socket, flags: int = 0) -> list[Any]:
     """One message's frames: small ones as bytes, large ones as zero-copy memoryviews."""
-    frames = sock.recv_multipart(flags, copy=False)
-    return [f.bytes if len(f) < _COPY_LIMIT else f.buffer for f in frames]
+    frames: list[Any] = [sock.recv(flags)]  # the first frame is always small: a routing id or a header
+    while sock.rcvmore:
+        frame = sock.recv(0, copy=False)
+        frames.append(frame.bytes if len(frame) < _COPY_LIMIT else frame.buffer)
+    return frames
