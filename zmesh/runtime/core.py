@@ -44,6 +44,8 @@ _VIA_ROUTER = b"R"
 _CALL = protocol.CALL
 _RESULT = protocol.RESULT
 _MAX_BATCH = 512
+# What decoding a peer's bad message can raise; the message is dropped, the process goes on.
+_MALFORMED = (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError, AttributeError)
 _WAKE = b"W"
 _STOP = b"X"
 
@@ -472,7 +474,7 @@ class Runtime:
                     break
                 try:
                     handler(frames)
-                except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError, AttributeError) as exc:
+                except _MALFORMED as exc:
                     logger.warning("dropping a malformed message: %r", exc)
         batch_kind: bytes | None = None
         batch_dest: Any = None
