@@ -44,6 +44,8 @@ _VIA_ROUTER = b"R"
 _CALL = protocol.CALL
 _RESULT = protocol.RESULT
 _MAX_BATCH = 512
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 # What decoding a peer's bad message can raise; the message is dropped, the process goes on.
 _MALFORMED = (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError, AttributeError)
 _WAKE = b"W"
@@ -468,10 +470,9 @@ class Runtime:
                 handler = functools.partial(self._on_peer, address)
             # Drain each ready socket so one poll serves a burst of messages.
             for _ in range(1000):
-                try:
-                    frames = sockets.recv(sock, zmq.NOBLOCK)
-                except zmq.Again:
+                if not sock.getsockopt(_EVENTS) & _POLLIN:
                     break
+                frames = sockets.recv(sock)
                 try:
                     handler(frames)
                 except _MALFORMED as exc:

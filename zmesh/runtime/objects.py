@@ -5,6 +5,7 @@ Thread-safe under the runtime's lock: user threads wait, the I/O thread complete
 
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -12,6 +13,29 @@ from typing import Any
 
 from zmesh.exceptions import GetTimeoutError
 from zmesh.transport.ids import ObjectId
+
+
+class Waiter:
+    """A wake-up flag on a bare lock: far cheaper to set than ``threading.Event`` on the hot path."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()  # held means "not set"
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass  # already set
+
+    def clear(self) -> None:
+        self._lock.acquire(blocking=False)
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once set (and clears it again); False after ``timeout`` seconds."""
+        return self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
 
 
 class Entry:
@@ -22,7 +46,7 @@ class Entry:
         self.ok = True
         self.error: BaseException | None = None  # an error raised on this side, never serialized
         self.done = False
-        self.waiters: list[threading.Event] = []
+        self.waiters: list[Waiter] = []
         self.callbacks: list[Callable[[], None]] = []
         self.remote_waiters: list[bytes] = []
         self.owned = owned
@@ -79,7 +103,7 @@ class ObjectStore:
 
     def complete_locked(
         self, oid: ObjectId, frames: list[Any] | None, ok: bool = True, error: BaseException | None = None
-    ) -> tuple[Entry | None, list[threading.Event], list[Callable[[], None]]]:
+    ) -> tuple[Entry | None, list[Waiter], list[Callable[[], None]]]:
         """Record a value; returns the entry and what to wake once the lock is released."""
         entry = self._entries.get(oid)
         if entry is None or entry.done:
@@ -100,7 +124,7 @@ class ObjectStore:
     def wait_done(self, entries: list[Entry], count: int, timeout: float | None) -> int:
         """Block until ``count`` of ``entries`` are done; returns how many are."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        event = threading.Event()
+        event = Waiter()
         if count == len(entries):
             # Waiting for all: wait on each in turn, so a long list costs O(n), not O(n^2).
             for index, entry in enumerate(entries):
@@ -127,7 +151,7 @@ class ObjectStore:
                     if event in e.waiters:
                         e.waiters.remove(event)
 
-    def _wait_one(self, entry: Entry, event: threading.Event, deadline: float | None) -> bool:
+    def _wait_one(self, entry: Entry, event: Waiter, deadline: float | None) -> bool:
         with self._lock:
             if entry.done:
                 return True
@@ -147,7 +171,7 @@ class ObjectStore:
                 return
         callback()
 
-    def fail_all_locked(self, error: BaseException) -> list[tuple[list[threading.Event], list[Callable[[], None]]]]:
+    def fail_all_locked(self, error: BaseException) -> list[tuple[list[Waiter], list[Callable[[], None]]]]:
         woken = []
         for oid, entry in list(self._entries.items()):
             if not entry.done:
@@ -159,7 +183,7 @@ class ObjectStore:
         return len(self._entries)
 
 
-def wake(waiters: Iterable[threading.Event], callbacks: Iterable[Callable[[], None]]) -> None:
+def wake(waiters: Iterable[Waiter], callbacks: Iterable[Callable[[], None]]) -> None:
     for event in waiters:
         event.set()
     for callback in callbacks:

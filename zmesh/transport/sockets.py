@@ -46,6 +46,7 @@ def dealer(ctx: Context, address: str, identity: bytes) -> Socket:
 
 
 _SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
 _COPY_LIMIT = 64 * 1024
 
 
@@ -60,7 +61,7 @@ def send(sock: Socket, frames: list[Any], flags: int = 0) -> None:
 def recv(sock: Socket, flags: int = 0) -> list[Any]:
     """One message's frames: small ones as bytes, large ones as zero-copy memoryviews."""
     frames: list[Any] = [sock.recv(flags)]  # the first frame is always small: a routing id or a header
-    while sock.rcvmore:
+    while sock.getsockopt(_RCVMORE):
         frame = sock.recv(0, copy=False)
         frames.append(frame.bytes if len(frame) < _COPY_LIMIT else frame.buffer)
     return frames
