@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import os
+import select
 import sys
 import threading
 from collections import deque
@@ -44,8 +45,6 @@ _VIA_ROUTER = b"R"
 _CALL = protocol.CALL
 _RESULT = protocol.RESULT
 _MAX_BATCH = 512
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 # What decoding a peer's bad message can raise; the message is dropped, the process goes on.
 _MALFORMED = (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError, AttributeError)
 _WAKE = b"W"
@@ -125,13 +124,18 @@ class Runtime:
         self._node = sockets.dealer(self._ctx, node_address, self.client_id)
         self._peers: dict[str, sockets.Socket] = {}
         self._peer_by_socket: dict[sockets.Socket, str] = {}
-        self._poller = zmq.Poller()
-        for sock in (self._router, self._node):
-            self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._wake_fd, zmq.POLLIN)
+        # Whoever holds _io_lock may use the sockets: the I/O thread, except while it sleeps in
+        # epoll on the sockets' file descriptors (which touches no socket), when a user thread
+        # may take it to send a call itself instead of waking the I/O thread to do it.
+        self._io_lock = threading.Lock()
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._by_fd: dict[int, sockets.Socket] = {}
+        self._touched: set[sockets.Socket] = set()
         # The kernel tells us at once when a same-host node dies; we learn it from the monitor.
         self._node_monitor = self._node.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self._poller.register(self._node_monitor, zmq.POLLIN)
+        for sock in (self._router, self._node, self._node_monitor):
+            self._watch(sock)
         self._node_connected = False
         self.node_lost: str | None = None
         self._thread = threading.Thread(target=self._io_loop, name="zmesh-io", daemon=True)
@@ -328,6 +332,7 @@ class Runtime:
         call = Call(oids, (oids, method, group, slot), frames, retries)
         dest = None
         resolve = False
+        alone = False
         failed: BaseException | None = None
         with self._lock:
             for oid in oids:
@@ -337,6 +342,7 @@ class Runtime:
             if conn is None:
                 conn = self._actors[actor_id] = ActorConn(actor_id)
             if conn.state is ALIVE and not conn.queue:
+                alone = not conn.inflight
                 conn.inflight[oids[0]] = call
                 dest = conn.address
             elif conn.state is DEAD:
@@ -346,12 +352,33 @@ class Runtime:
                 if not conn.resolving:
                     conn.resolving = resolve = True
         if dest is not None:
-            self._push(_CALL, dest, call)
+            # A call with nothing else in flight to its actor (the synchronous pattern) goes out
+            # from this thread when it can; a stream of calls goes through the I/O thread, in batches.
+            if not (alone and self._send_now(dest, call)):
+                self._push(_CALL, dest, call)
         elif failed is not None:
             self._fail(oids, failed)
         elif resolve:
             self._resolve(actor_id)
         return list(oids)
+
+    def _send_now(self, dest: str, call: Call) -> bool:
+        """Send ``call`` from this thread if the I/O thread is asleep and nothing is queued before it."""
+        lock = self._io_lock
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            if self._outbox or dest in self._dead_addresses or self.closed:
+                return False
+            sock = self._peer(dest)
+            sockets.send(sock, [_CALL + serialization.dumps_header((call.header,)), *call.frames])
+            # Sending may have consumed the signal of an answer already waiting on this socket.
+            if sockets.readable(sock):
+                self._touched.add(sock)
+                os.eventfd_write(self._wake_fd, 1)
+            return True
+        finally:
+            lock.release()
 
     def _resolve(self, actor_id: ActorId) -> None:
         def on_reply(ok: bool, value: Any, payload: list[Any]) -> None:
@@ -426,57 +453,98 @@ class Runtime:
 
     # ------------------------------------------------------------------ I/O thread side
 
+    def _watch(self, sock: sockets.Socket) -> None:
+        fd = sockets.fileno(sock)
+        self._by_fd[fd] = sock
+        self._epoll.register(fd, select.EPOLLIN)
+        self._touched.add(sock)
+
+    def _unwatch(self, sock: sockets.Socket) -> None:
+        fd = sockets.fileno(sock)
+        self._by_fd.pop(fd, None)
+        self._epoll.unregister(fd)
+        self._touched.discard(sock)
+
     def _io_loop(self) -> None:
+        lock = self._io_lock
+        lock.acquire()
         running = True
         while running:
             try:
-                running = self._io_step()
+                running = self._serve_ready()
             except zmq.ContextTerminated:
-                return
+                break
             except Exception:
                 logger.exception("zmesh I/O thread: unexpected error; continuing")
+            if not running:
+                break
+            # Announce the nap first, then look again: a submission between the two sees the flag.
+            self._io_sleeping = True
+            if self._outbox:
+                self._io_sleeping = False
+                continue
+            lock.release()
+            try:
+                events = self._epoll.poll(1.0)
+            finally:
+                self._io_sleeping = False
+                lock.acquire()
+            for fd, _ in events:
+                sock = self._by_fd.get(fd)
+                if sock is not None:
+                    self._touched.add(sock)
+                elif fd == self._wake_fd:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
         self._node.disable_monitor()
         for sock in (self._router, self._node, self._node_monitor, *self._peers.values()):
             sock.close(linger=0)
+        self._epoll.close()
+        lock.release()
 
-    def _io_step(self) -> bool:
-        """One round: wait for sockets or submitted work, then serve both. False means stop."""
+    def _serve_ready(self) -> bool:
+        """Serve sockets that may have input and the submitted work, until neither is left. False means stop."""
         outbox = self._outbox
-        if outbox:
-            events = self._poller.poll(0)
+        while True:
+            touched, self._touched = self._touched, set()
+            for sock in touched:
+                self._drain(sock)
+            if outbox and not self._drain_outbox():
+                return False
+            if not self._touched and not outbox:
+                break
+        if self._released:
+            self._drain_released()
+        return True
+
+    def _drain(self, sock: sockets.Socket) -> None:
+        """Receive what ``sock`` holds; a send may swallow its fd's signal, so always ask it directly."""
+        if sock is self._node_monitor:
+            self._on_node_monitor()
+            return
+        if sock is self._router:
+            handler: Callable[[list[Any]], None] = self._on_router
+        elif sock is self._node:
+            handler = self._on_node
         else:
-            # Announce the nap first, then look again: a submission between the two sees the flag.
-            self._io_sleeping = True
-            events = self._poller.poll(0 if outbox else 1000)
-            self._io_sleeping = False
-        for sock, _ in events:
-            if sock == self._wake_fd:
-                try:
-                    os.eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
-                continue
-            if sock is self._router:
-                handler: Callable[[list[Any]], None] = self._on_router
-            elif sock is self._node_monitor:
-                self._on_node_monitor()
-                continue
-            elif sock is self._node:
-                handler = self._on_node
-            else:
-                address = self._peer_by_socket.get(sock)
-                if address is None:
-                    continue
-                handler = functools.partial(self._on_peer, address)
-            # Drain each ready socket so one poll serves a burst of messages.
-            for _ in range(1000):
-                if not sock.getsockopt(_EVENTS) & _POLLIN:
-                    break
-                frames = sockets.recv(sock)
-                try:
-                    handler(frames)
-                except _MALFORMED as exc:
-                    logger.warning("dropping a malformed message: %r", exc)
+            address = self._peer_by_socket.get(sock)
+            if address is None:
+                return
+            handler = functools.partial(self._on_peer, address)
+        for _ in range(1000):
+            if not sockets.readable(sock):
+                return
+            frames = sockets.recv(sock)
+            try:
+                handler(frames)
+            except _MALFORMED as exc:
+                logger.warning("dropping a malformed message: %r", exc)
+        self._touched.add(sock)  # more left: come back after the others had their turn
+
+    def _drain_outbox(self) -> bool:
+        outbox = self._outbox
         batch_kind: bytes | None = None
         batch_dest: Any = None
         headers: list[tuple[Any, ...]] = []
@@ -498,17 +566,19 @@ class Runtime:
             batch_kind, headers, payload = None, [], []
             if command is _TO_PEER:
                 if dest not in self._dead_addresses:
-                    sockets.send(self._peer(dest), body)
+                    self._send(self._peer(dest), body)
             elif command is _VIA_ROUTER:
                 self._send_router([dest, *body])
             elif command is _TO_NODE:
-                sockets.send(self._node, body)
+                self._send(self._node, body)
             elif command is _STOP:
                 return False
         self._send_batch(batch_kind, batch_dest, headers, payload)
-        if self._released:
-            self._drain_released()
         return True
+
+    def _send(self, sock: sockets.Socket, frames: list[Any]) -> None:
+        sockets.send(sock, frames)
+        self._touched.add(sock)
 
     def _peer(self, address: str) -> sockets.Socket:
         sock = self._peers.get(address)
@@ -516,14 +586,14 @@ class Runtime:
             sock = sockets.dealer(self._ctx, address, self.client_id)
             self._peers[address] = sock
             self._peer_by_socket[sock] = address
-            self._poller.register(sock, zmq.POLLIN)
+            self._watch(sock)
         return sock
 
     def _drop_peer(self, address: str) -> None:
         sock = self._peers.pop(address, None)
         if sock is not None:
             del self._peer_by_socket[sock]
-            self._poller.unregister(sock)
+            self._unwatch(sock)
             sock.close(linger=0)
 
     def _drain_released(self) -> None:
@@ -561,11 +631,11 @@ class Runtime:
         if kind is _RESULT:
             self._send_router([dest, *frames])
         elif dest not in self._dead_addresses:
-            sockets.send(self._peer(dest), frames)
+            self._send(self._peer(dest), frames)
 
     def _send_router(self, frames: list[Any]) -> None:
         try:
-            sockets.send(self._router, frames)
+            self._send(self._router, frames)
         except zmq.ZMQError as exc:  # the peer went away: its answer has nowhere to go
             logger.debug("dropping a reply to a gone peer: %s", exc)
 

@@ -47,6 +47,8 @@ def dealer(ctx: Context, address: str, identity: bytes) -> Socket:
 
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _COPY_LIMIT = 64 * 1024
 
 
@@ -65,3 +67,13 @@ def recv(sock: Socket, flags: int = 0) -> list[Any]:
         frame = sock.recv(0, copy=False)
         frames.append(frame.bytes if len(frame) < _COPY_LIMIT else frame.buffer)
     return frames
+
+
+def readable(sock: Socket) -> bool:
+    """Whether a message waits on ``sock``; also resets the signal of its file descriptor."""
+    return bool(int(sock.getsockopt(_EVENTS)) & _POLLIN)
+
+
+def fileno(sock: Socket) -> int:
+    """The descriptor that becomes readable when ``sock`` may have news (check ``readable`` then)."""
+    return int(sock.getsockopt(zmq.FD))
