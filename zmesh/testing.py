@@ -7,9 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import psutil
 
@@ -76,15 +75,6 @@ class NodeProcess:
             self.output = self.proc.stdout.read()
             self.proc.stdout.close()
         return self.proc.returncode
-
-
-@contextmanager
-def node_process(run_dir: str, *args: str, **kwargs: Any) -> Iterator[NodeProcess]:
-    node = NodeProcess(run_dir, *args, **kwargs)
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 def zmesh_processes(run_dir: str | None = None) -> list[psutil.Process]:

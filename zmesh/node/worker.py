@@ -203,15 +203,10 @@ class ActorWorker:
         self._send_result(identity, oids, ok, frames)
 
     def _method(self, name: str) -> Any:
-        if name.startswith("__zmesh_"):
-            return getattr(self, name[1:].replace("__", "", 1))
         method = getattr(self.instance, name, None)
         if method is None or not callable(method):
             raise AttributeError(f"'{self.class_name}' actor has no method {name!r}")
         return method
-
-    def _zmesh_ready__(self) -> bool:
-        return True
 
     def _result_frames(self, oids: tuple[Any, ...], result: Any) -> list[list[Any]]:
         if len(oids) == 1:

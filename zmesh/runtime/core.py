@@ -416,20 +416,12 @@ class Runtime:
         else:
             self._push(_VIA_ROUTER, frames[0], frames[1:])
 
-    def actor_state(self, actor_id: ActorId) -> str:
-        with self._lock:
-            conn = self._actors.get(actor_id)
-            return conn.state if conn is not None else PENDING
-
     def send_log(self, owner: str, prefix: str, stream: str, text: str) -> None:
         self._push(_TO_PEER, owner, protocol.encode(protocol.LOG, (prefix, stream, text)))
 
     def send_result(self, identity: bytes, header: tuple[Any, ...], frames: list[Any]) -> None:
         """Queue one call's result for its caller; ``header`` is ``(oids, ok, counts, packed frames)``."""
         self._push(_RESULT, identity, (header, frames))
-
-    def send_to_node(self, frames: list[Any]) -> None:
-        self._push(_TO_NODE, None, frames)
 
     # --- shutdown
 

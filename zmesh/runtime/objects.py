@@ -179,9 +179,6 @@ class ObjectStore:
                 woken.append((waiters, callbacks))
         return woken
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 def wake(waiters: Iterable[Waiter], callbacks: Iterable[Callable[[], None]]) -> None:
     for event in waiters:

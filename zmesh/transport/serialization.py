@@ -63,9 +63,9 @@ def _is_plain(value: Any) -> bool:
     if kind in _PLAIN_TYPES:
         return True
     if kind is tuple or kind is list:
-        return len(value) < 64 and all(type(v) in _PLAIN_TYPES for v in value)
+        return len(value) < 64 and all(_is_small_atom(v) for v in value)
     if kind is dict:
-        return len(value) < 64 and all(type(k) in _PLAIN_TYPES and type(v) in _PLAIN_TYPES for k, v in value.items())
+        return len(value) < 64 and all(_is_small_atom(k) and _is_small_atom(v) for k, v in value.items())
     return False
 
 
