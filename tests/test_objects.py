@@ -12,7 +12,8 @@ import pytest
 from conftest import run_driver
 
 import zmesh
-from zmesh.exceptions import GetTimeoutError, TaskError
+from zmesh.exceptions import GetTimeoutError, ObjectLostError, TaskError
+from zmesh.testing import NodeProcess
 
 
 @zmesh.remote
@@ -351,3 +352,21 @@ def test_error_in_argument_ref_propagates_to_dependent_call(local: None) -> None
         zmesh.get(dependent, timeout=10)
     # The dependent method never ran, and the actor goes on serving.
     assert zmesh.get(other.append.remote("ok"), timeout=10) == ["ok"]
+
+
+def test_fetch_from_an_owner_that_exited_raises_object_lost(driver: NodeProcess) -> None:
+    @zmesh.remote
+    class Keeper:
+        def hold(self, refs: list[zmesh.ObjectRef]) -> None:
+            self.refs = refs
+
+        def fetch(self) -> Any:
+            return zmesh.get(self.refs[0], timeout=30)
+
+    keeper = Keeper.options(name="keeper", lifetime="detached").remote()
+    code = "import zmesh\nzmesh.init(address='auto')\nkeeper = zmesh.get_actor('keeper')\nzmesh.get(keeper.hold.remote([zmesh.put(123)]))\n"
+    assert run_driver(code).returncode == 0
+    # The owner of the value exited: the fetch fails at once instead of waiting forever.
+    with pytest.raises(ObjectLostError, match="owner"):
+        zmesh.get(keeper.fetch.remote(), timeout=20)
+    zmesh.kill(keeper)

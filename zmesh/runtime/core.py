@@ -124,6 +124,8 @@ class Runtime:
         self._node = sockets.dealer(self._ctx, node_address, self.client_id)
         self._peers: dict[str, sockets.Socket] = {}
         self._peer_by_socket: dict[sockets.Socket, str] = {}
+        self._peer_monitors: dict[sockets.Socket, str] = {}
+        self._fetching: dict[str, set[ObjectId]] = {}  # owner address -> objects asked of it
         # Whoever holds _io_lock may use the sockets: the I/O thread, except while it sleeps in
         # epoll on the sockets' file descriptors (which touches no socket), when a user thread
         # may take it to send a call itself instead of waking the I/O thread to do it.
@@ -259,6 +261,7 @@ class Runtime:
                     entry, need_fetch = self.objects.borrow_locked(oid)
                     if need_fetch:
                         fetch.append((oid, owner))
+                        self._fetching.setdefault(owner, set()).add(oid)
                 out.append(entry)
         for oid, owner in fetch:
             self._push(_TO_PEER, owner, protocol.encode(protocol.GET_OBJECT, (oid,)))
@@ -491,7 +494,7 @@ class Runtime:
                     except BlockingIOError:
                         pass
         self._node.disable_monitor()
-        for sock in (self._router, self._node, self._node_monitor, *self._peers.values()):
+        for sock in (self._router, self._node, self._node_monitor, *self._peers.values(), *self._peer_monitors):
             sock.close(linger=0)
         self._epoll.close()
         lock.release()
@@ -515,6 +518,10 @@ class Runtime:
         """Receive what ``sock`` holds; a send may swallow its fd's signal, so always ask it directly."""
         if sock is self._node_monitor:
             self._on_node_monitor()
+            return
+        peer = self._peer_monitors.get(sock)
+        if peer is not None:
+            self._on_peer_monitor(sock, peer)
             return
         if sock is self._router:
             handler: Callable[[list[Any]], None] = self._on_router
@@ -579,6 +586,11 @@ class Runtime:
             self._peers[address] = sock
             self._peer_by_socket[sock] = address
             self._watch(sock)
+            # A refused or dropped connection tells us the peer process is gone (loopback and LAN
+            # alike refuse at once): what we were fetching from it will never come.
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+            self._peer_monitors[monitor] = address
+            self._watch(monitor)
         return sock
 
     def _drop_peer(self, address: str) -> None:
@@ -586,7 +598,23 @@ class Runtime:
         if sock is not None:
             del self._peer_by_socket[sock]
             self._unwatch(sock)
+            for monitor, peer in list(self._peer_monitors.items()):
+                if peer == address:
+                    del self._peer_monitors[monitor]
+                    self._unwatch(monitor)
+                    monitor.close(linger=0)
+            sock.disable_monitor()
             sock.close(linger=0)
+
+    def _on_peer_monitor(self, monitor: sockets.Socket, address: str) -> None:
+        while sockets.readable(monitor):
+            zmq_monitor.recv_monitor_message(monitor)
+            with self._lock:
+                lost = self._fetching.pop(address, set())
+            if lost:
+                self._complete(
+                    [(oid, None, False, ObjectLostError(f"object {oid.hex()} is lost: its owner at {address} is gone")) for oid in lost]
+                )
 
     def _drain_released(self) -> None:
         with self._lock:
@@ -672,7 +700,7 @@ class Runtime:
         if msg.type == protocol.RESULT:
             self._on_result(address, msg)
         elif msg.type == protocol.OBJECT:
-            self._on_object(msg)
+            self._on_object(address, msg)
 
     def _on_result(self, address: str, msg: protocol.Message) -> None:
         results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
@@ -706,8 +734,10 @@ class Runtime:
             return protocol.encode(protocol.OBJECT, (oid, False), serialization.dumps_value(entry.error))
         return protocol.encode(protocol.OBJECT, (oid, entry.ok), entry.frames or [])
 
-    def _on_object(self, msg: protocol.Message) -> None:
+    def _on_object(self, address: str, msg: protocol.Message) -> None:
         oid, ok = msg.header
+        with self._lock:
+            self._fetching.get(address, set()).discard(oid)
         self._complete([(oid, list(msg.payload), ok, None)])
 
     def _on_actor_state(self, actor_id: ActorId, state: str, incarnation: int, address: str | None, error: str | None) -> None:
