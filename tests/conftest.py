@@ -22,7 +22,10 @@ def isolated_run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     """Each test gets its own run directory, so it never finds another test's node (or a user's)."""
     path = tmp_path_factory.mktemp("run")
     monkeypatch.setenv("ZMESH_RUN_DIR", str(path))
-    monkeypatch.delenv("ZMESH_ADDRESS", raising=False)
+    # The per-user cluster key is made here, not in the real home directory.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    for name in ("ZMESH_ADDRESS", "ZMESH_CLUSTER_KEY_FILE", "ZMESH_INSECURE"):
+        monkeypatch.delenv(name, raising=False)
     yield path
 
 

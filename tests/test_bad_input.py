@@ -19,6 +19,7 @@ from conftest import pid_alive
 import zmesh
 from zmesh.exceptions import TaskError
 from zmesh.testing import NodeProcess
+from zmesh.transport.security import Security, resolve_key
 from zmesh.transport import protocol, serialization
 
 
@@ -305,6 +306,8 @@ def raw_dealer(address: str) -> Iterator[zmq.Socket]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # A member of the cluster (it holds the key) that sends garbage: the worst a peer can get past the handshake.
+    Security(resolve_key()[0]).client(sock)
     sock.connect(address if address.startswith("tcp://") else "tcp://" + address)
     try:
         yield sock

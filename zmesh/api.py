@@ -16,7 +16,9 @@ from zmesh.exceptions import NodeUnavailableError
 from zmesh.object_ref import ObjectRef
 from zmesh.options import ActorOptions, validate_name, validate_resources
 from zmesh.runtime import Runtime
+from zmesh.runtime.core import local_address_towards
 from zmesh.transport import rundir
+from zmesh.transport.security import INSECURE_ENV, KEY_ENV, Security, resolve_key
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +39,22 @@ def _parse_address(address: str) -> str:
     return f"tcp://{host}:{port}"
 
 
-def _local_node_address() -> str | None:
+def _local_node() -> tuple[str | None, dict[str, Any]]:
+    """The address of the node to use when none is given, and what its run-directory record says."""
     if os.environ.get("ZMESH_ADDRESS"):
-        return _parse_address(os.environ["ZMESH_ADDRESS"])
+        return _parse_address(os.environ["ZMESH_ADDRESS"]), {}
     info = rundir.read_node_info()
-    return info["address"] if info else None
+    return (info["address"], info) if info else (None, {})
+
+
+def _client_security(address: str, cluster_key: str | None, info: dict[str, Any]) -> Security:
+    """The key a driver presents: the one given, else the local node's, else this user's."""
+    if os.environ.get(INSECURE_ENV) == "1" or info.get("insecure"):
+        if local_address_towards(address) != "127.0.0.1":
+            raise ValueError(f"an insecure connection is allowed on loopback only, not to {address}")
+        return Security(None)
+    key, _ = resolve_key(cluster_key if cluster_key is not None else (os.environ.get(KEY_ENV) or info.get("key_file")))
+    return Security(key)
 
 
 def init(
@@ -53,12 +66,15 @@ def init(
     resources: dict[str, float] | None = None,
     ignore_reinit_error: bool = False,
     connect_timeout: float = 5.0,
+    cluster_key: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Connect this process to zmesh.
 
     ``address=None``: the node running on this host, or else a new embedded node
     (loopback only, stopped at exit). ``"auto"``: the node running on this host.
-    ``"host:port"``: that node. Returns a description of the node.
+    ``"host:port"``: that node. ``cluster_key``: the key file of the cluster
+    (default: ``$ZMESH_CLUSTER_KEY_FILE``, the local node's, or this user's own
+    key, made on first use). Returns a description of the node.
     """
     global _embedded, _atexit_registered
     with _lock:
@@ -72,8 +88,10 @@ def init(
         ns = validate_name(namespace, "namespace") if namespace is not None else DEFAULT_NAMESPACE
         custom = validate_resources(resources)
         node_address: str | None
+        info: dict[str, Any] = {}
+        key_path = os.fspath(cluster_key) if cluster_key is not None else None
         if address in (None, "auto"):
-            node_address = _local_node_address()
+            node_address, info = _local_node()
             if node_address is None and address == "auto":
                 raise NodeUnavailableError("address='auto' but no zmesh node is running on this host; start one with `zmesh node`")
         elif address == "local":
@@ -90,12 +108,23 @@ def init(
             from zmesh.node.config import NodeConfig
             from zmesh.node.daemon import Node
 
-            node = Node(NodeConfig.from_env(num_cpus=num_cpus, num_gpus=num_gpus or 0, resources=custom, advertise=False))
+            config = NodeConfig.from_env(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus or 0,
+                resources=custom,
+                advertise=False,
+                cluster_key=key_path,
+                insecure=os.environ.get(INSECURE_ENV) == "1",
+            )
+            node = Node(config)
             node.start()
             _embedded = node
             node_address = node.address
+            security = node.security
+        else:
+            security = _client_security(node_address, key_path, info)
         try:
-            rt = Runtime(node_address, kind="driver", namespace=ns, connect_timeout=connect_timeout)
+            rt = Runtime(node_address, kind="driver", namespace=ns, connect_timeout=connect_timeout, security=security)
         except BaseException:
             _stop_embedded()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 from typing import Any
@@ -24,6 +25,10 @@ class NodeConfig:
     advertise: bool = True
     # Seconds a waiting creation logs its warning after, when it can never fit.
     infeasible_warning_s: float = 5.0
+    # Path of the cluster key file; None means $ZMESH_CLUSTER_KEY_FILE, else the per-user key.
+    cluster_key: str | None = None
+    # No CURVE at all: loopback only, for measuring what encryption costs.
+    insecure: bool = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> NodeConfig:
@@ -47,6 +52,16 @@ class NodeConfig:
         validate_resources(self.resources)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"listen address must be an IP address, got {self.host!r}") from None
+        if self.insecure and not self.loopback:
+            raise ValueError(f"--insecure is allowed on loopback only, not on {self.host}")
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
 
     def total_resources(self) -> dict[str, float]:
         total = {

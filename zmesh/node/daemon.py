@@ -29,10 +29,29 @@ from zmesh.node.records import ActorRecord, Client
 from zmesh.node.resources import Resources
 from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, new_node_id
+from zmesh.transport.security import Security, ZapHandler, resolve_key
 
 logger = logging.getLogger(__name__)
 
 _KEEP_DEAD = 1000  # dead actors remembered for status and for late callers
+
+
+def node_security(config: NodeConfig) -> Security:
+    """The node's security from its config; refuses what would expose it."""
+    if config.insecure:
+        logger.warning(
+            "INSECURE: this node uses no encryption and no authentication (--insecure); "
+            "any process that can reach %s can run code on it. Use for measuring only.",
+            config.host,
+        )
+        return Security(None)
+    key, explicit = resolve_key(config.cluster_key)
+    if not config.loopback and not explicit:
+        raise ValueError(
+            f"listening on {config.host} needs an explicit cluster key: run `zmesh keygen PATH`, copy the file "
+            "to every machine of the cluster, and start each node with --cluster-key PATH"
+        )
+    return Security(key)
 
 
 class ReplyError(Exception):
@@ -48,8 +67,11 @@ class Node:
         self.config = config or NodeConfig()
         self.node_id = new_node_id()
         self.resources = Resources(self.config.total_resources())
+        self.security = node_security(self.config)
         self._ctx = zmq.Context()
-        self._router, self.address = sockets.router(self._ctx, self.config.host, self.config.port)
+        # Bound before the ROUTER: no handshake is ever left unchecked.
+        self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
+        self._router, self.address = sockets.router(self._ctx, self.security, self.config.host, self.config.port)
         self._clients: dict[ClientId, Client] = {}
         self._client_by_fd: dict[int, ClientId] = {}
         self._actors: dict[ActorId, ActorRecord] = {}
@@ -72,6 +94,8 @@ class Node:
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        if self._zap is not None:
+            self._poller.register(self._zap.socket, zmq.POLLIN)
         self._ops: dict[str, Callable[[Client, tuple[Any, ...], list[Any]], tuple[Any, list[Any]]]] = {
             "create": self._op_create,
             "resolve": self._op_resolve,
@@ -97,8 +121,18 @@ class Node:
         self._start_zygote()
         if self.config.advertise:
             proc = psutil.Process()
+            key = self.security.key
             rundir.write_node_info(
-                {"address": self.address, "pid": os.getpid(), "create_time": proc.create_time(), "node_id": self.node_id}
+                {
+                    "address": self.address,
+                    "pid": os.getpid(),
+                    "create_time": proc.create_time(),
+                    "node_id": self.node_id,
+                    # Where the key is, never the key: drivers of this user load it from there.
+                    "key_file": key.path if key is not None else None,
+                    "fingerprint": key.fingerprint if key is not None else None,
+                    "insecure": key is None,
+                }
             )
         logger.info("zmesh node %s listening on %s", self.node_id, self.address)
         if on_ready is not None:
@@ -128,6 +162,8 @@ class Node:
                 try:
                     if sock is self._router:
                         self._drain_router()
+                    elif self._zap is not None and sock is self._zap.socket:
+                        self._zap.handle()
                     elif sock == self._wake_r:
                         os.read(self._wake_r, 4096)
                     elif self._zsock is not None and sock == self._zsock.fileno():
@@ -160,6 +196,8 @@ class Node:
         if self.config.advertise:
             rundir.remove_node_info(os.getpid())
         self._router.close(linger=0)
+        if self._zap is not None:
+            self._zap.close()
         self._ctx.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -218,7 +256,14 @@ class Node:
         env = {}
         if record.reservation is not None and record.reservation.gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, record.reservation.gpu_ids))
-        request = {"op": "spawn", "token": record.token, "address": self.address, "env": env}
+        request = {
+            "op": "spawn",
+            "token": record.token,
+            "address": self.address,
+            "host": self.config.host,
+            "env": env,
+            "security": self.security.spawn_env(),
+        }
         self._zsock.sendall(json.dumps(request).encode() + b"\n")
 
     # ------------------------------------------------------------------ messages

@@ -26,6 +26,7 @@ from zmesh.exceptions import ActorDiedError, TaskError
 from zmesh.object_ref import ObjectRef
 from zmesh.runtime import Runtime
 from zmesh.transport import protocol, serialization, sockets
+from zmesh.transport.security import Security
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class ActorWorker:
 
     def bind_calls(self) -> str:
         """A sequential actor takes calls on a socket of the main thread's own: no hand-off per call."""
-        self.calls, address = sockets.router(self.rt.context)
+        self.calls, address = sockets.router(self.rt.context, self.rt.security, self.rt.listen_host)
         return address
 
     def serve(self) -> None:
@@ -270,9 +271,9 @@ def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], di
     }
 
 
-def main(node_address: str, token: str) -> int:
+def main(node_address: str, token: str, security: Security, listen_host: str) -> int:
     """Entry point of a forked worker: returns the process exit code."""
-    rt = Runtime(node_address, kind="worker", token=token)
+    rt = Runtime(node_address, kind="worker", token=token, security=security, listen_host=listen_host)
     runtime_mod.set_current(rt)
     try:
         (actor_id, incarnation, spec), payload = rt.request("init", (token,), with_payload=True)

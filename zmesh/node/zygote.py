@@ -57,8 +57,10 @@ def _spawn(request: dict[str, Any], control: socket.socket, wake_r: int, wake_w:
         die_with_parent()
         os.environ.update(request.get("env") or {})
         from zmesh.node import worker
+        from zmesh.transport.security import Security
 
-        code = worker.main(request["address"], request["token"])
+        security = Security.from_spawn_env(request["security"])
+        code = worker.main(request["address"], request["token"], security, request["host"])
     except BaseException:
         import traceback
 

@@ -8,10 +8,12 @@ thread-local inproc PUSH, which keeps each thread's submissions in order.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import itertools
 import logging
 import os
 import select
+import socket
 import sys
 import threading
 from collections import deque
@@ -34,6 +36,7 @@ from zmesh.runtime import objects
 from zmesh.runtime.actors import ALIVE, DEAD, PENDING, ActorConn, Call
 from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, ObjectId, new_client_id
+from zmesh.transport.security import Security, ZapHandler
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,23 @@ def node_error(value: Any) -> Exception:
     return _NODE_ERRORS.get(kind, ZmeshError)(message)
 
 
+def local_address_towards(address: str) -> str:
+    """This host's address on the route to ``address`` (loopback for a local node)."""
+    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "127.0.0.1"
+    except ValueError:
+        if host == "localhost":
+            return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # no packet is sent: this only asks the routing table
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
 class Runtime:
     """Everything one process needs to call actors and own objects."""
 
@@ -96,6 +116,8 @@ class Runtime:
         namespace: str = "default",
         token: str | None = None,
         connect_timeout: float = 5.0,
+        security: Security | None = None,
+        listen_host: str | None = None,
     ) -> None:
         self.client_id: ClientId = new_client_id()
         self.kind = kind
@@ -120,8 +142,12 @@ class Runtime:
         self.closed = False
         self.on_call: CallHandler | None = None  # set by a worker to receive CALLs
         self.on_log: Callable[[str, str, str], None] = _print_log
-        self._router, self.address = sockets.router(self._ctx)
-        self._node = sockets.dealer(self._ctx, node_address, self.client_id)
+        self.security = security if security is not None else Security(None)
+        # Bound before any CURVE socket, so no handshake ever goes unchecked.
+        self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
+        self.listen_host = listen_host or local_address_towards(node_address)
+        self._router, self.address = sockets.router(self._ctx, self.security, self.listen_host)
+        self._node = sockets.dealer(self._ctx, self.security, node_address, self.client_id)
         self._peers: dict[str, sockets.Socket] = {}
         self._peer_by_socket: dict[sockets.Socket, str] = {}
         self._peer_monitors: dict[sockets.Socket, str] = {}
@@ -138,6 +164,8 @@ class Runtime:
         self._node_monitor = self._node.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         for sock in (self._router, self._node, self._node_monitor):
             self._watch(sock)
+        if self._zap is not None:
+            self._watch(self._zap.socket)
         self._node_connected = False
         self.node_lost: str | None = None
         self._thread = threading.Thread(target=self._io_loop, name="zmesh-io", daemon=True)
@@ -496,6 +524,8 @@ class Runtime:
         self._node.disable_monitor()
         for sock in (self._router, self._node, self._node_monitor, *self._peers.values(), *self._peer_monitors):
             sock.close(linger=0)
+        if self._zap is not None:
+            self._zap.close()
         self._epoll.close()
         lock.release()
 
@@ -518,6 +548,9 @@ class Runtime:
         """Receive what ``sock`` holds; a send may swallow its fd's signal, so always ask it directly."""
         if sock is self._node_monitor:
             self._on_node_monitor()
+            return
+        if self._zap is not None and sock is self._zap.socket:
+            self._zap.handle()
             return
         peer = self._peer_monitors.get(sock)
         if peer is not None:
@@ -582,7 +615,7 @@ class Runtime:
     def _peer(self, address: str) -> sockets.Socket:
         sock = self._peers.get(address)
         if sock is None:
-            sock = sockets.dealer(self._ctx, address, self.client_id)
+            sock = sockets.dealer(self._ctx, self.security, address, self.client_id)
             self._peers[address] = sock
             self._peer_by_socket[sock] = address
             self._watch(sock)

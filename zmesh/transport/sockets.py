@@ -7,21 +7,26 @@ from typing import Any, TypeAlias
 
 import zmq
 
+from zmesh.transport.security import Security
+
 Socket: TypeAlias = "zmq.Socket[Any]"
 Context: TypeAlias = "zmq.Context[Any]"
 
 
-def _common(sock: Socket) -> Socket:
+def _common(sock: Socket, security: Security) -> Socket:
     # linger 0: closing never blocks on a dead peer; hwm 0: never drop a call silently.
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    # A peer sending a larger frame is disconnected by ZeroMQ before we see any of it.
+    sock.setsockopt(zmq.MAXMSGSIZE, security.max_message_bytes)
     return sock
 
 
-def router(ctx: Context, host: str = "127.0.0.1", port: int = 0) -> tuple[Socket, str]:
+def router(ctx: Context, security: Security, host: str = "127.0.0.1", port: int = 0) -> tuple[Socket, str]:
     """A ROUTER bound on ``host``; port 0 picks a free one. Returns the socket and its address."""
-    sock = _common(ctx.socket(zmq.ROUTER))
+    sock = _common(ctx.socket(zmq.ROUTER), security)
+    security.server(sock)
     # An unknown routing id raises instead of dropping, so a reply to a gone peer is visible.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -36,8 +41,9 @@ def router(ctx: Context, host: str = "127.0.0.1", port: int = 0) -> tuple[Socket
     return sock, f"tcp://{host}:{port}"
 
 
-def dealer(ctx: Context, address: str, identity: bytes) -> Socket:
-    sock = _common(ctx.socket(zmq.DEALER))
+def dealer(ctx: Context, security: Security, address: str, identity: bytes) -> Socket:
+    sock = _common(ctx.socket(zmq.DEALER), security)
+    security.client(sock)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
