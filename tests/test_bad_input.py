@@ -19,8 +19,8 @@ from conftest import pid_alive
 import zmesh
 from zmesh.exceptions import TaskError
 from zmesh.testing import NodeProcess
-from zmesh.transport.security import Security, resolve_key
 from zmesh.transport import protocol, serialization
+from zmesh.transport.security import Security, resolve_key
 
 
 @zmesh.remote

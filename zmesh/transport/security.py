@@ -186,7 +186,7 @@ class ZapHandler:
     def _answer(self, request: list[bytes]) -> list[bytes]:
         if len(request) < 6:
             return [b"1.0", b"", b"400", b"malformed ZAP request", b"", b""]
-        version, request_id, domain, address, _identity, mechanism = request[:6]
+        version, request_id, _domain, address, _identity, mechanism = request[:6]
         credentials = request[6:]
         key = self.security.key
         ok = key is not None and mechanism == b"CURVE" and len(credentials) == 1 and z85.encode(credentials[0]) == key.public
