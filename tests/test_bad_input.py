@@ -320,7 +320,12 @@ def replies_until(sock: zmq.Socket, last: Callable[[protocol.Message], bool], ti
     got: list[protocol.Message] = []
     while True:
         assert sock.poll(int(timeout * 1000), zmq.POLLIN), f"no answer within {timeout} s; got {[m.type for m in got]}"
-        msg = protocol.decode(sock.recv_multipart())
+        frames = sock.recv_multipart()
+        refused = protocol.decode_json(frames, protocol.REFUSED_TAG)
+        if refused is not None:  # the node's answer to a malformed hello
+            assert "refuses" in refused["reason"]
+            continue
+        msg = protocol.decode(frames)
         got.append(msg)
         if last(msg):
             return got
@@ -329,7 +334,10 @@ def replies_until(sock: zmq.Socket, last: Callable[[protocol.Message], bool], ti
 HUGE = 4 * 1024 * 1024
 UNPICKLABLE = b"\x80\x05not a pickle at all"
 
-# Garbage in the old layout ([type, header, ...]) and the current one ([type + header, ...]), and plain noise.
+V = bytes([protocol.PROTOCOL_VERSION])
+
+# Plain noise, wrong versions and types, headers that do not decode or have the wrong shape,
+# headers that name a class (a pickle that would run code), malformed hellos, huge frames.
 GARBAGE: list[list[bytes]] = [
     [os.urandom(64)],  # a single random frame
     [b""],  # an empty frame
@@ -337,22 +345,25 @@ GARBAGE: list[list[bytes]] = [
     [b"", b"", b""],
     [os.urandom(3), os.urandom(50), os.urandom(7)],
     [b"\xff", pickle.dumps(())],  # an unknown type byte
-    [b"\xff" + pickle.dumps(())],
+    [V + b"\xff" + pickle.dumps(())],
+    [b"\x63" + protocol.REQUEST + pickle.dumps((1, "status", ()))],  # another protocol version
     [b"ZZZZ", pickle.dumps((1, 2))],
-    [protocol.REQUEST, UNPICKLABLE],  # a valid type byte with an unpicklable header
-    [protocol.REQUEST + UNPICKLABLE],
-    [protocol.HELLO + b"\x00" * 32],
-    [protocol.REQUEST + pickle.dumps("not a tuple")],
-    [protocol.HELLO + pickle.dumps((1, 2))],  # a HELLO header of the wrong shape
-    [protocol.GET_OBJECT + pickle.dumps(())],
-    [protocol.LOG + pickle.dumps(("x", "stdout"))],
-    [protocol.RESULT + pickle.dumps((1,)), b"junk"],
-    [protocol.CALL + pickle.dumps((1,))],  # CALL headers of the wrong shape
-    [protocol.CALL + pickle.dumps(((None, "add", None, 0),))],
-    [protocol.CALL + pickle.dumps((("x", "add", None, 5),))],
+    [V + protocol.REQUEST + UNPICKLABLE],  # a valid type with an undecodable header
+    [V + protocol.REQUEST + pickle.dumps("not a tuple")],
+    [V + protocol.REQUEST + pickle.dumps((1, "status", ()), protocol=5).replace(b"status", b"st\x00tus")],
+    [V + protocol.REQUEST + pickle.dumps((1, "status", (os.system,)))],  # a header naming a function
+    [protocol.HELLO_TAG, b"not json"],
+    [protocol.HELLO_TAG, b'["a list"]'],
+    [protocol.HELLO_TAG, b'{"protocol": 1}'],  # a hello missing its fields
+    [V + protocol.GET_OBJECT + pickle.dumps(())],
+    [V + protocol.LOG + pickle.dumps(("x", "stdout"))],
+    [V + protocol.RESULT + pickle.dumps((1,)), b"junk"],
+    [V + protocol.CALL + pickle.dumps((1,))],  # CALL headers of the wrong shape
+    [V + protocol.CALL + pickle.dumps(((None, "add", None, 0),))],
+    [V + protocol.CALL + pickle.dumps((("x", "add", None, 5),))],
     [os.urandom(HUGE)],  # huge frames
-    [protocol.REQUEST + os.urandom(HUGE)],
-    [protocol.GOODBYE + pickle.dumps((b"12345678",)), os.urandom(HUGE)],
+    [V + protocol.REQUEST + os.urandom(HUGE)],
+    [V + protocol.GOODBYE + pickle.dumps((b"12345678",)), os.urandom(HUGE)],
 ]
 
 

@@ -37,14 +37,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zmesh", description="A peer-to-peer actor mesh with Ray's actor API.")
     sub = parser.add_subparsers(dest="command", required=True)
     node = sub.add_parser("node", help="run a node in the foreground (Ctrl-C or SIGTERM stops it and its workers)")
-    node.add_argument("--port", type=int, default=6390, help="TCP port on 127.0.0.1 (0 picks a free one; default 6390)")
+    node.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS", help="IP address to listen on (default 127.0.0.1)")
+    node.add_argument("--port", type=int, default=6390, help="TCP port (0 picks a free one; default 6390)")
+    node.add_argument(
+        "--cluster-key", metavar="PATH", help="cluster key file (default: $ZMESH_CLUSTER_KEY_FILE, else your own per-user key)"
+    )
+    node.add_argument("--insecure", action="store_true", help="no encryption or authentication at all: loopback only, for measuring")
     node.add_argument("--num-cpus", type=_amount_arg, default=None, help="CPUs to advertise (default: all)")
     node.add_argument("--num-gpus", type=_amount_arg, default=0, help="GPUs to advertise (default 0)")
     node.add_argument("--resources", type=_resources, default=None, help="custom resources as JSON, e.g. '{\"special\": 1}'")
     node.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    keygen = sub.add_parser("keygen", help="write a new cluster key file (mode 0600)")
+    keygen.add_argument("path", nargs="?", help="where to write it (default: your per-user key file)")
     for name, text in (("status", "show the node, its resources and its actors"), ("stop", "stop the node running on this host")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--address", default="auto", help="host:port of the node (default: the one on this host)")
+        cmd.add_argument("--cluster-key", metavar="PATH", help="cluster key file (default: the node's, or your own)")
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
     return parser
@@ -54,7 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "node":
         return _run_node(args)
+    if args.command == "keygen":
+        return _keygen(args.path)
     return _client_command(args)
+
+
+def _keygen(path: str | None) -> int:
+    from zmesh.transport.security import ClusterKey, default_key_path
+
+    target = path or str(default_key_path())
+    try:
+        written = ClusterKey.generate().save(target)
+    except FileExistsError:
+        print(f"zmesh keygen: {target} already exists; remove it first to replace the key", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"zmesh keygen: cannot write {target}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote a new cluster key to {written} (mode 0600); give it to every node (--cluster-key) and driver")
+    return 0
 
 
 def _run_node(args: argparse.Namespace) -> int:
@@ -63,7 +89,15 @@ def _run_node(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = NodeConfig.from_env(port=args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus, resources=args.resources or {})
+        config = NodeConfig.from_env(
+            host=args.listen,
+            port=args.port,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            resources=args.resources or {},
+            cluster_key=args.cluster_key,
+            insecure=args.insecure,
+        )
         node = Node(config)
     except (ValueError, OSError) as exc:
         print(f"zmesh node: {exc}", file=sys.stderr)
@@ -81,7 +115,7 @@ def _client_command(args: argparse.Namespace) -> int:
     from zmesh.runtime import current
 
     try:
-        zmesh.init(address=args.address, connect_timeout=3.0)
+        zmesh.init(address=args.address, connect_timeout=3.0, cluster_key=args.cluster_key)
     except (NodeUnavailableError, ValueError) as exc:
         print(f"zmesh {args.command}: {exc}", file=sys.stderr)
         return 1

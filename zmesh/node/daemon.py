@@ -276,6 +276,10 @@ class Node:
                 return
             identity = frames[0]
             try:
+                hello = protocol.decode_json(frames[1:], protocol.HELLO_TAG)
+                if hello is not None:
+                    self._on_hello(identity, hello)
+                    continue
                 msg = protocol.decode(frames[1:])
                 self._dispatch(identity, msg)
             except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -296,9 +300,7 @@ class Node:
             return False  # the peer is gone
 
     def _dispatch(self, identity: bytes, msg: protocol.Message) -> None:
-        if msg.type == protocol.HELLO:
-            self._on_hello(identity, msg.header)
-        elif msg.type == protocol.GOODBYE:
+        if msg.type == protocol.GOODBYE:
             self._client_gone(ClientId(identity), "said goodbye")
         elif msg.type == protocol.REQUEST:
             req_id, op, args = msg.header
@@ -321,20 +323,22 @@ class Node:
     def _reply_error(self, identity: bytes, req_id: Any, exc: ReplyError) -> None:
         self._send(identity, protocol.encode(protocol.REPLY, (req_id, False, (exc.kind, str(exc)))))
 
-    def _on_hello(self, identity: bytes, header: tuple[Any, ...]) -> None:
-        req_id, version, client_id, kind, pid, address, _token = header
-        if version != protocol.PROTOCOL_VERSION:
-            logger.warning("zmesh node: refusing a %s speaking protocol %r (this node speaks %d)", kind, version, protocol.PROTOCOL_VERSION)
-            self._reply_error(
-                identity, req_id, ReplyError("ConnectionError", f"protocol version {version!r} is not {protocol.PROTOCOL_VERSION}")
-            )
+    def _on_hello(self, identity: bytes, hello: dict[str, Any]) -> None:
+        kind, pid = str(hello.get("kind")), hello.get("pid")
+        problem = protocol.incompatibility(hello)
+        if problem is None and self.security.key is not None and hello.get("cluster") != self.security.key.fingerprint:
+            problem = "it belongs to another cluster"
+        if problem is not None:
+            logger.warning("zmesh node: refusing a %s (pid %s): %s", kind, pid, problem)
+            self._send(identity, protocol.encode_json(protocol.REFUSED_TAG, {"reason": f"this node refuses it: {problem}"}))
             return
-        if client_id != identity:
-            raise protocol.ProtocolError("hello from a peer whose routing id is not its client id")
+        if hello.get("client_id") != identity.hex() or not isinstance(pid, int) or not isinstance(hello.get("address"), str):
+            raise protocol.ProtocolError("a hello whose fields do not match its sender")
+        address = hello["address"]
         old = self._clients.pop(ClientId(identity), None)
         if old is not None and old.pidfd is not None:
             self._forget_pidfd(old)
-        client = Client(ClientId(identity), str(kind), int(pid), str(address))
+        client = Client(ClientId(identity), kind, pid, address)
         try:
             client.pidfd = os.pidfd_open(client.pid)
         except OSError:
@@ -343,8 +347,14 @@ class Node:
             self._client_by_fd[client.pidfd] = client.client_id
             self._poller.register(client.pidfd, zmq.POLLIN)
         self._clients[client.client_id] = client
-        info = {"node_id": self.node_id, "address": self.address, "pid": os.getpid(), "resources": self.resources.total}
-        self._send(identity, protocol.encode(protocol.REPLY, (req_id, True, info)))
+        info = {
+            **protocol.identity(),
+            "node_id": self.node_id,
+            "address": self.address,
+            "pid": os.getpid(),
+            "resources": self.resources.total,
+        }
+        self._send(identity, protocol.encode_json(protocol.WELCOME_TAG, info))
 
     def _forget_pidfd(self, client: Client) -> None:
         if client.pidfd is not None:

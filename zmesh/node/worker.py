@@ -147,7 +147,7 @@ class ActorWorker:
             for identity, oids, method_name, _, args in items:
                 ok, parts = self.run(oids, method_name, args)
                 slot, flat = protocol.pack([f for part in parts for f in part])
-                header = protocol.RESULT + serialization.dumps_header(((oids, ok, [len(p) for p in parts], slot),))
+                header = protocol.header_frame(protocol.RESULT, ((oids, ok, [len(p) for p in parts], slot),))
                 try:
                     sockets.send(sock, [identity, header, *flat])
                 except zmq.ZMQError:

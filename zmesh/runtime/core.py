@@ -140,6 +140,7 @@ class Runtime:
         self._io_sleeping = False
         self._sent_classes: set[str] = set()
         self.closed = False
+        self._welcome = _Reply()
         self.on_call: CallHandler | None = None  # set by a worker to receive CALLs
         self.on_log: Callable[[str, str, str], None] = _print_log
         self.security = security if security is not None else Security(None)
@@ -188,22 +189,31 @@ class Runtime:
                 pass  # closed during shutdown
 
     def _hello(self, token: str | None, timeout: float) -> dict[str, Any]:
-        reply = _Reply()
-        req_id = next(self._req_ids)
-        with self._lock:
-            self._requests[req_id] = reply
-        header = (req_id, protocol.PROTOCOL_VERSION, self.client_id, self.kind, os.getpid(), self.address, token)
-        self._push(_TO_NODE, None, protocol.encode(protocol.HELLO, header))
-        if not reply.event.wait(timeout):
-            with self._lock:
-                self._requests.pop(req_id, None)
+        """Introduce this process to its node; both sides check they can understand each other."""
+        self._welcome = _Reply()
+        fields = {
+            **protocol.identity(),
+            "client_id": self.client_id.hex(),
+            "kind": self.kind,
+            "pid": os.getpid(),
+            "address": self.address,
+            "token": token,
+            "cluster": self.security.key.fingerprint if self.security.key is not None else None,
+        }
+        self._push(_TO_NODE, None, protocol.encode_json(protocol.HELLO_TAG, fields))
+        if not self._welcome.event.wait(timeout):
             raise NodeUnavailableError(
-                f"no zmesh node answered at {self.node_address} within {timeout:g} s "
-                "(start one with `zmesh node`, or call zmesh.init() with no address for a local one)"
+                f"no zmesh node answered at {self.node_address} within {timeout:g} s (start one with `zmesh node`, or call "
+                "zmesh.init() with no address for a local one; a node of another cluster key cannot answer)"
             )
-        if not reply.ok:
-            raise node_error(reply.value)
-        info: dict[str, Any] = reply.value
+        if not self._welcome.ok:
+            logger.error("the zmesh node at %s refused this %s: %s", self.node_address, self.kind, self._welcome.value)
+            raise NodeUnavailableError(f"the zmesh node at {self.node_address} refused this {self.kind}: {self._welcome.value}")
+        info: dict[str, Any] = self._welcome.value
+        problem = protocol.incompatibility(info)
+        if problem is not None:
+            logger.error("refusing the zmesh node at %s: %s", self.node_address, problem)
+            raise NodeUnavailableError(f"cannot use the zmesh node at {self.node_address}: {problem}")
         return info
 
     def request(
@@ -402,7 +412,7 @@ class Runtime:
             if self._outbox or dest in self._dead_addresses or self.closed:
                 return False
             sock = self._peer(dest)
-            sockets.send(sock, [_CALL + serialization.dumps_header((call.header,)), *call.frames])
+            sockets.send(sock, [protocol.header_frame(_CALL, (call.header,)), *call.frames])
             # Sending may have consumed the signal of an answer already waiting on this socket.
             if sockets.readable(sock):
                 self._touched.add(sock)
@@ -680,7 +690,7 @@ class Runtime:
     def _send_batch(self, kind: bytes | None, dest: Any, headers: list[tuple[Any, ...]], payload: list[Any]) -> None:
         if kind is None or not headers:
             return
-        frames = [kind + serialization.dumps_header(tuple(headers)), *payload]
+        frames = [protocol.header_frame(kind, tuple(headers)), *payload]
         if kind is _RESULT:
             self._send_router([dest, *frames])
         elif dest not in self._dead_addresses:
@@ -710,6 +720,11 @@ class Runtime:
             logger.warning("dropping an unexpected %r message from a peer", msg.type)
 
     def _on_node(self, frames: list[Any]) -> None:
+        for tag, ok in ((protocol.WELCOME_TAG, True), (protocol.REFUSED_TAG, False)):
+            fields = protocol.decode_json(frames, tag)
+            if fields is not None:
+                self._welcome(ok, fields if ok else fields.get("reason", "no reason given"), [])
+                return
         try:
             msg = protocol.decode(frames)
         except (protocol.ProtocolError, serialization.DeserializationError) as exc:

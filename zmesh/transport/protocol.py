@@ -1,39 +1,49 @@
 """The wire protocol: message types and the frame layout every zmesh process speaks.
 
-A message is a list of frames: ``[type, header, *payload]``. ``type`` is one
-byte naming the message, ``header`` is a pickled tuple whose shape is fixed per
-type, and ``payload`` frames carry serialized values (see ``serialization``).
-On a ROUTER socket the peer's routing id comes first. ``docs/protocol.md``
-describes every message.
+A message is a list of frames. The first frame is the protocol version (one
+byte), the message type (one byte) and the header: a pickled tuple of builtin
+values whose shape is fixed per type, decoded without ever importing a class.
+Further frames carry serialized values (see ``serialization``). On a ROUTER
+socket the peer's routing id comes first. The hello that opens a connection to
+a node is JSON instead, so that peers of any version can read it and say why
+they refuse each other. ``docs/protocol.md`` describes every message.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any, NamedTuple
 
 from zmesh.transport import serialization
 
 PROTOCOL_VERSION = 1
+_VERSION = bytes([PROTOCOL_VERSION])
+# Headers larger than this are refused before decoding (a batch of 512 inline calls fits easily).
+MAX_HEADER_BYTES = 16 * 2**20
+
+# The hello and its answers: JSON, the same in every protocol version.
+HELLO_TAG = b"ZMESH-HELLO"
+WELCOME_TAG = b"ZMESH-WELCOME"
+REFUSED_TAG = b"ZMESH-REFUSED"
 
 # client (driver or worker runtime) -> node
-HELLO = b"H"  # (version, client_id, kind, pid, address, token)
 GOODBYE = b"B"  # (client_id,)
 REQUEST = b"Q"  # (req_id, op, args) + payload frames
 # node -> client
-REPLY = b"R"  # (req_id, ok, value) ; value is an error payload when not ok
+REPLY = b"R"  # (req_id, ok, value); value is (error kind, message) when not ok
 ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
-# caller -> worker and back
-CALL = b"C"  # (object_id, method, num_returns, group, nargs) + arg frames
-RESULT = b"r"  # (object_id, ok) + value frames
+# caller -> worker and back; each header is a batch of entries
+CALL = b"C"  # ((oids, method, group, packed arg frames), ...) + arg frames
+RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
 # borrower -> owner and back
 GET_OBJECT = b"G"  # (object_id,)
-OBJECT = b"O"  # (object_id, status) + value frames
+OBJECT = b"O"  # (object_id, ok) + value frames
 # worker -> owner of the actor
 LOG = b"L"  # (prefix, stream, text)
 
 KNOWN_TYPES = frozenset(
     {
-        HELLO,
         GOODBYE,
         REQUEST,
         REPLY,
@@ -80,17 +90,66 @@ class Message(NamedTuple):
 
 
 def encode(msg_type: bytes, header: tuple[Any, ...], payload: list[Any] | tuple[Any, ...] = ()) -> list[Any]:
-    """Frames for one message: the type byte and header share the first frame."""
-    return [msg_type + serialization.dumps_header(header), *payload]
+    """Frames for one message: version, type and header share the first frame."""
+    return [_VERSION + msg_type + serialization.dumps_header(header), *payload]
 
 
-def decode(frames: list[bytes]) -> Message:
-    """Check and decode one message; raises ProtocolError on anything malformed."""
-    if not frames or len(frames[0]) < 2:
+def header_frame(msg_type: bytes, header: tuple[Any, ...]) -> bytes:
+    return _VERSION + msg_type + serialization.dumps_header(header)
+
+
+def decode(frames: list[Any]) -> Message:
+    """Check and decode one message; raises ProtocolError on anything malformed.
+
+    Version, type and size are checked before a byte of the header is decoded.
+    """
+    if not frames or type(frames[0]) is not bytes or len(frames[0]) < 3:
         raise ProtocolError("message is empty or has no header")
     first = frames[0]
-    msg_type = first[:1]
+    if first[:1] != _VERSION:
+        raise ProtocolError(f"protocol version {first[0]} (this process speaks {PROTOCOL_VERSION})")
+    msg_type = first[1:2]
     if msg_type not in KNOWN_TYPES:
         raise ProtocolError(f"unknown message type {msg_type!r}")
-    header = serialization.loads_header(first[1:])
+    if len(first) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(first)} bytes is over the {MAX_HEADER_BYTES} byte limit")
+    header = serialization.loads_header(first[2:])
     return Message(msg_type, header, frames[1:])
+
+
+# --- the hello
+
+
+def python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def identity() -> dict[str, Any]:
+    """What every hello and welcome says about its sender's software."""
+    return {"protocol": PROTOCOL_VERSION, "python": python_version()}
+
+
+def incompatibility(peer: dict[str, Any]) -> str | None:
+    """Why a peer cannot talk to this process, or None if it can."""
+    if peer.get("protocol") != PROTOCOL_VERSION:
+        return f"it speaks zmesh protocol {peer.get('protocol')!r}, this process speaks {PROTOCOL_VERSION}"
+    if peer.get("python") != python_version():
+        return f"it runs Python {peer.get('python')!r}, this process runs Python {python_version()} (pickles differ between minor versions)"
+    return None
+
+
+def encode_json(tag: bytes, fields: dict[str, Any]) -> list[bytes]:
+    return [tag, json.dumps(fields).encode()]
+
+
+def decode_json(frames: list[Any], tag: bytes) -> dict[str, Any] | None:
+    """The fields of a JSON message with ``tag``, None if ``frames`` is not one; ProtocolError if malformed."""
+    if len(frames) != 2 or frames[0] != tag:
+        return None
+    try:
+        fields = json.loads(frames[1])
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"undecodable {tag.decode()}: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{tag.decode()} is not a JSON object")
+    return fields

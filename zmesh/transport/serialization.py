@@ -30,9 +30,16 @@ def dumps_header(header: tuple[Any, ...]) -> bytes:
     return pickle.dumps(header, protocol=5)
 
 
+class _BuiltinsOnly(pickle.Unpickler):
+    """Headers hold builtin values only: naming any class or function is refused, so a header cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise DeserializationError(f"headers may not refer to {module}.{name}")
+
+
 def loads_header(data: bytes) -> tuple[Any, ...]:
     try:
-        header = pickle.loads(data)
+        header = _BuiltinsOnly(io.BytesIO(data)).load()
     except Exception as exc:  # any garbage must turn into one error type
         raise DeserializationError(f"undecodable header: {exc}") from None
     if not isinstance(header, tuple):
