@@ -19,7 +19,7 @@ from conftest import pid_alive
 import zmesh
 from zmesh.exceptions import TaskError
 from zmesh.testing import NodeProcess
-from zmesh.transport import protocol, serialization
+from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.security import Security, resolve_key
 
 
@@ -415,7 +415,7 @@ def actor_address(handle: Any) -> str:
     assert rt is not None
     address = rt._actors[handle._zmesh_actor_id].address
     assert address is not None
-    return str(address)
+    return sockets.endpoints(address)[0]  # the TCP endpoint: what a peer on another host would reach
 
 
 @zmesh.remote

@@ -119,6 +119,7 @@ class Node:
         """Run the loop in this thread until stopped; ``on_ready`` runs once drivers can find the node."""
         # The zygote is started from the loop's thread: it dies when this thread ends.
         self._start_zygote()
+        rundir.remove_stale_sockets()
         if self.config.advertise:
             proc = psutil.Process()
             key = self.security.key
@@ -181,6 +182,10 @@ class Node:
         for record in self._actors.values():
             if record.pid is not None:
                 _kill(record.pid)
+                sockets.remove_ipc(record.address)
+        for client in self._clients.values():
+            if client.kind == "worker":  # killed with their actors above
+                sockets.remove_ipc(client.address)
         if self._zsock is not None:
             self._zsock.close()
         if self._zygote is not None:
@@ -368,6 +373,8 @@ class Node:
         if client is None:
             return
         self._forget_pidfd(client)
+        if why == "exited":
+            sockets.remove_ipc(client.address)
         for record in list(self._actors.values()):
             record.subscribers.discard(client_id)
             if record.owner == client_id and record.state != records.DEAD:
@@ -521,6 +528,8 @@ class Node:
                 record.subscribers.discard(client_id)
 
     def _worker_exited(self, record: ActorRecord, pid: int, code: int) -> None:
+        if record.pid == pid:
+            sockets.remove_ipc(record.address)  # the worker's call socket; killed, it could not remove it
         if record.pid != pid or record.state == records.DEAD:
             return  # a worker already replaced or killed on purpose
         if record.can_restart():
@@ -540,6 +549,7 @@ class Node:
         record.restarts += 1
         record.incarnation += 1
         record.state = records.RESTARTING
+        sockets.remove_ipc(record.address)
         record.address = None
         self._notify(record)
         if old is not None:

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import queue
+import select
 import sys
 import threading
 import traceback
@@ -113,7 +114,7 @@ class ActorWorker:
 
     def bind_calls(self) -> str:
         """A sequential actor takes calls on a socket of the main thread's own: no hand-off per call."""
-        self.calls, address = sockets.router(self.rt.context, self.rt.security, self.rt.listen_host)
+        self.calls, address = sockets.servers(self.rt.context, self.rt.security, self.rt.listen_host)
         return address
 
     def serve(self) -> None:
@@ -133,25 +134,33 @@ class ActorWorker:
 
     def _serve_inline(self) -> None:
         """Receive, run and answer each call on the main thread, in arrival order."""
-        sock = self.calls
+        # epoll on the sockets' descriptors, then ask each socket: cheaper than zmq_poll per call.
+        waiter = select.epoll()
+        for server in self.calls:
+            waiter.register(sockets.fileno(server), select.EPOLLIN)
         while True:
-            frames = sockets.recv(sock)
+            for sock in self.calls:
+                while sockets.readable(sock):
+                    self._answer(sock, sockets.recv(sock))
+            waiter.poll()
+
+    def _answer(self, sock: sockets.Socket, frames: list[Any]) -> None:
+        try:
+            msg = protocol.decode(frames[1:])
+            if msg.type != protocol.CALL:
+                raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
+            items = split_calls(frames[0], msg)
+        except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError) as exc:
+            logger.warning("dropping a malformed message sent to actor %s: %s", self.class_name, exc)
+            return
+        for identity, oids, method_name, _, args in items:
+            ok, parts = self.run(oids, method_name, args)
+            slot, flat = protocol.pack([f for part in parts for f in part])
+            header = protocol.header_frame(protocol.RESULT, ((oids, ok, [len(p) for p in parts], slot),))
             try:
-                msg = protocol.decode(frames[1:])
-                if msg.type != protocol.CALL:
-                    raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
-                items = split_calls(frames[0], msg)
-            except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError) as exc:
-                logger.warning("dropping a malformed message sent to actor %s: %s", self.class_name, exc)
-                continue
-            for identity, oids, method_name, _, args in items:
-                ok, parts = self.run(oids, method_name, args)
-                slot, flat = protocol.pack([f for part in parts for f in part])
-                header = protocol.header_frame(protocol.RESULT, ((oids, ok, [len(p) for p in parts], slot),))
-                try:
-                    sockets.send(sock, [identity, header, *flat])
-                except zmq.ZMQError:
-                    pass  # the caller is gone
+                sockets.send(sock, [identity, header, *flat])
+            except zmq.ZMQError:
+                pass  # the caller is gone
 
     def execute(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
         ok, parts = self.run(oids, method_name, frames)

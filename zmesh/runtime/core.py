@@ -147,7 +147,10 @@ class Runtime:
         # Bound before any CURVE socket, so no handshake ever goes unchecked.
         self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
         self.listen_host = listen_host or local_address_towards(node_address)
-        self._router, self.address = sockets.router(self._ctx, self.security, self.listen_host)
+        self._servers, self.address = sockets.servers(self._ctx, self.security, self.listen_host)
+        self._router = self._servers[0]
+        # Which of our ROUTERs each peer reached us on: its answers must leave by the same one.
+        self._route: dict[bytes, sockets.Socket] = {}
         self._node = sockets.dealer(self._ctx, self.security, node_address, self.client_id)
         self._peers: dict[str, sockets.Socket] = {}
         self._peer_by_socket: dict[sockets.Socket, str] = {}
@@ -163,7 +166,7 @@ class Runtime:
         self._touched: set[sockets.Socket] = set()
         # The kernel tells us at once when a same-host node dies; we learn it from the monitor.
         self._node_monitor = self._node.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        for sock in (self._router, self._node, self._node_monitor):
+        for sock in (*self._servers, self._node, self._node_monitor):
             self._watch(sock)
         if self._zap is not None:
             self._watch(self._zap.socket)
@@ -483,6 +486,7 @@ class Runtime:
             callback(False, ("ZmeshError", "zmesh was shut down"), [])
         os.close(self._wake_fd)
         self._ctx.destroy(linger=0)
+        sockets.remove_ipc(self.address)
 
     # ------------------------------------------------------------------ I/O thread side
 
@@ -532,7 +536,7 @@ class Runtime:
                     except BlockingIOError:
                         pass
         self._node.disable_monitor()
-        for sock in (self._router, self._node, self._node_monitor, *self._peers.values(), *self._peer_monitors):
+        for sock in (*self._servers, self._node, self._node_monitor, *self._peers.values(), *self._peer_monitors):
             sock.close(linger=0)
         if self._zap is not None:
             self._zap.close()
@@ -566,8 +570,8 @@ class Runtime:
         if peer is not None:
             self._on_peer_monitor(sock, peer)
             return
-        if sock is self._router:
-            handler: Callable[[list[Any]], None] = self._on_router
+        if sock in self._servers:
+            handler: Callable[[list[Any]], None] = functools.partial(self._on_router, sock)
         elif sock is self._node:
             handler = self._on_node
         else:
@@ -625,7 +629,7 @@ class Runtime:
     def _peer(self, address: str) -> sockets.Socket:
         sock = self._peers.get(address)
         if sock is None:
-            sock = sockets.dealer(self._ctx, self.security, address, self.client_id)
+            sock = sockets.connect(self._ctx, self.security, address, self.client_id)
             self._peers[address] = sock
             self._peer_by_socket[sock] = address
             self._watch(sock)
@@ -698,12 +702,13 @@ class Runtime:
 
     def _send_router(self, frames: list[Any]) -> None:
         try:
-            self._send(self._router, frames)
+            self._send(self._route.get(frames[0], self._router), frames)
         except zmq.ZMQError as exc:  # the peer went away: its answer has nowhere to go
             logger.debug("dropping a reply to a gone peer: %s", exc)
 
-    def _on_router(self, frames: list[Any]) -> None:
+    def _on_router(self, via: sockets.Socket, frames: list[Any]) -> None:
         identity = frames[0]
+        self._route[identity] = via
         try:
             msg = protocol.decode(frames[1:])
         except (protocol.ProtocolError, serialization.DeserializationError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,40 @@ from typing import Any
 import psutil
 
 
+class RunDirError(OSError):
+    """The run directory is not private to this user, so nothing in it can be trusted."""
+
+
 def run_dir() -> Path:
-    """``$ZMESH_RUN_DIR``, else a 0700 directory of this user's under the temp dir."""
+    """``$ZMESH_RUN_DIR``, else a directory of this user's under the temp dir; always mode 0700.
+
+    Same-host sockets live here unencrypted, protected by these permissions alone, so a
+    directory another user owns or can enter is refused rather than used.
+    """
     configured = os.environ.get("ZMESH_RUN_DIR")
     path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"zmesh-{os.getuid()}"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise RunDirError(f"run directory {path} belongs to uid {info.st_uid}, not to you; set ZMESH_RUN_DIR to a directory of yours")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(0o700)
     return path
+
+
+def socket_dir() -> Path:
+    """Where this user's processes bind their same-host (IPC) sockets."""
+    path = run_dir() / "s"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def remove_stale_sockets() -> None:
+    """Delete IPC socket files whose process is gone (they are named ``<pid>-<id>.sock``)."""
+    for entry in socket_dir().glob("*.sock"):
+        pid = entry.name.partition("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            entry.unlink(missing_ok=True)
 
 
 def _node_file() -> Path:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 from typing import Any, TypeAlias
 
 import zmq
 
+from zmesh.transport import rundir
 from zmesh.transport.security import Security
 
 Socket: TypeAlias = "zmq.Socket[Any]"
@@ -39,6 +42,51 @@ def router(ctx: Context, security: Security, host: str = "127.0.0.1", port: int 
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc}") from None
     return sock, f"tcp://{host}:{port}"
+
+
+def servers(ctx: Context, security: Security, host: str) -> tuple[list[Socket], str]:
+    """A process's inbound ROUTERs: TCP with CURVE, plus an IPC one for peers on this host.
+
+    IPC carries no encryption: it lives in the user's 0700 run directory, which other
+    users cannot enter, so large arguments between local processes pay no cipher.
+    Returns the sockets and the process's address, ``tcp://host:port|ipc://path``.
+    """
+    tcp, tcp_address = router(ctx, security, host)
+    path = rundir.socket_dir() / f"{os.getpid()}-{os.urandom(6).hex()}.sock"
+    local = _common(ctx.socket(zmq.ROUTER), security)
+    local.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    local.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    local.bind(f"ipc://{path}")
+    return [tcp, local], f"{tcp_address}|ipc://{path}"
+
+
+def endpoints(address: str) -> tuple[str, str | None]:
+    """The TCP endpoint of an address and its IPC one, if it has one."""
+    tcp, _, ipc = address.partition("|")
+    return tcp, ipc or None
+
+
+def connect(ctx: Context, security: Security, address: str, identity: bytes) -> Socket:
+    """A DEALER to a peer: over IPC when the peer is a process of ours on this host, else TCP with CURVE."""
+    tcp, ipc = endpoints(address)
+    if ipc is not None and _is_ours(ipc.removeprefix("ipc://")):
+        return dealer(ctx, Security(None, security.max_message_bytes), ipc, identity)
+    return dealer(ctx, security, tcp, identity)
+
+
+def remove_ipc(address: str | None) -> None:
+    """Delete the IPC socket file of a process of ours that is gone (ZeroMQ cannot, once it was killed)."""
+    ipc = endpoints(address)[1] if address else None
+    if ipc is not None and _is_ours(ipc.removeprefix("ipc://")):
+        os.unlink(ipc.removeprefix("ipc://"))
+
+
+def _is_ours(path: str) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(info.st_mode) and info.st_uid == os.getuid() and os.path.dirname(path) == str(rundir.socket_dir())
 
 
 def dealer(ctx: Context, security: Security, address: str, identity: bytes) -> Socket:
