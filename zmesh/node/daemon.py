@@ -81,6 +81,7 @@ class Node:
         self._by_token: dict[str, ActorId] = {}
         self._by_pid: dict[int, ActorId] = {}
         self._dropped = 0
+        self._dropped_by_workers: dict[ClientId, int] = {}  # kept after a worker exits: the count is history
         self._last_drop_log: dict[bytes, float] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -105,6 +106,8 @@ class Node:
             "stop": self._op_stop,
             "init": self._op_init,
             "started": self._op_started,
+            "dropped": self._op_dropped,
+            "gone": self._op_gone,
         }
         self.started_at = time.time()
 
@@ -463,6 +466,18 @@ class Node:
         self._kill(record, "it was killed with zmesh.kill()", no_restart=bool(no_restart))
         return None, []
 
+    def _op_gone(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        """Which of these client addresses belong to no live client of this node."""
+        (addresses,) = args
+        live = {c.address for c in self._clients.values()}
+        return [a for a in addresses if isinstance(a, str) and a not in live], []
+
+    def _op_dropped(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        (count,) = args
+        if isinstance(count, int) and count >= 0:
+            self._dropped_by_workers[client.client_id] = count
+        return None, []
+
     def _op_status(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         return self.status(), []
 
@@ -599,7 +614,8 @@ class Node:
             "dead_actors": dead[-50:],
             "waiting": [self._actors[a].describe() for a in self._waiting],
             "clients": len(self._clients),
-            "dropped_messages": self._dropped,
+            "dropped_messages": self._dropped + sum(self._dropped_by_workers.values()),
+            "dropped_by_node": self._dropped,
         }
 
 

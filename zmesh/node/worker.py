@@ -150,8 +150,8 @@ class ActorWorker:
             if msg.type != protocol.CALL:
                 raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
             items = split_calls(frames[0], msg)
-        except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError) as exc:
-            logger.warning("dropping a malformed message sent to actor %s: %s", self.class_name, exc)
+        except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError) as exc:
+            self.rt.drop(frames[0], exc)
             return
         for identity, oids, method_name, _, args in items:
             ok, parts = self.run(oids, method_name, args)

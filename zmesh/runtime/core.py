@@ -16,6 +16,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -141,6 +142,9 @@ class Runtime:
         self._sent_classes: set[str] = set()
         self.closed = False
         self._welcome = _Reply()
+        self.dropped = 0  # malformed messages received, reported to the node by workers
+        self._dropped_reported = 0
+        self._drop_logged: dict[Any, float] = {}
         self.on_call: CallHandler | None = None  # set by a worker to receive CALLs
         self.on_log: Callable[[str, str, str], None] = _print_log
         self.security = security if security is not None else Security(None)
@@ -154,7 +158,7 @@ class Runtime:
         self._node = sockets.dealer(self._ctx, self.security, node_address, self.client_id)
         self._peers: dict[str, sockets.Socket] = {}
         self._peer_by_socket: dict[sockets.Socket, str] = {}
-        self._peer_monitors: dict[sockets.Socket, str] = {}
+        self._owners_checked = 0.0
         self._fetching: dict[str, set[ObjectId]] = {}  # owner address -> objects asked of it
         # Whoever holds _io_lock may use the sockets: the I/O thread, except while it sleeps in
         # epoll on the sockets' file descriptors (which touches no socket), when a user thread
@@ -535,8 +539,8 @@ class Runtime:
                         os.eventfd_read(self._wake_fd)
                     except BlockingIOError:
                         pass
-        self._node.disable_monitor()
-        for sock in (*self._servers, self._node, self._node_monitor, *self._peers.values(), *self._peer_monitors):
+        # Monitored sockets first, their monitors after (see _drop_peer).
+        for sock in (*self._servers, self._node, *self._peers.values(), self._node_monitor):
             sock.close(linger=0)
         if self._zap is not None:
             self._zap.close()
@@ -556,6 +560,10 @@ class Runtime:
                 break
         if self._released:
             self._drain_released()
+        if self.dropped != self._dropped_reported:
+            self._report_drops()
+        if self._fetching and time.monotonic() - self._owners_checked >= 1.0:
+            self._check_owners()
         return True
 
     def _drain(self, sock: sockets.Socket) -> None:
@@ -565,10 +573,6 @@ class Runtime:
             return
         if self._zap is not None and sock is self._zap.socket:
             self._zap.handle()
-            return
-        peer = self._peer_monitors.get(sock)
-        if peer is not None:
-            self._on_peer_monitor(sock, peer)
             return
         if sock in self._servers:
             handler: Callable[[list[Any]], None] = functools.partial(self._on_router, sock)
@@ -586,8 +590,22 @@ class Runtime:
             try:
                 handler(frames)
             except _MALFORMED as exc:
-                logger.warning("dropping a malformed message: %r", exc)
+                self.drop(frames[0] if sock in self._servers else sock, exc)
         self._touched.add(sock)  # more left: come back after the others had their turn
+
+    def drop(self, peer: Any, reason: BaseException) -> None:
+        """Count a bad message and log it at most once a minute per peer; a worker tells its node."""
+        self.dropped += 1
+        now = time.monotonic()
+        key = peer if isinstance(peer, bytes) else id(peer)
+        if now - self._drop_logged.get(key, -1e9) >= 60:
+            self._drop_logged[key] = now
+            logger.warning("dropped a malformed message from a peer: %s", reason)
+
+    def _report_drops(self) -> None:
+        if self.kind == "worker" and self.dropped != self._dropped_reported and self.node_lost is None:
+            self._dropped_reported = self.dropped
+            self._send(self._node, protocol.encode(protocol.REQUEST, (0, "dropped", (self.dropped,))))
 
     def _drain_outbox(self) -> bool:
         outbox = self._outbox
@@ -633,11 +651,6 @@ class Runtime:
             self._peers[address] = sock
             self._peer_by_socket[sock] = address
             self._watch(sock)
-            # A refused or dropped connection tells us the peer process is gone (loopback and LAN
-            # alike refuse at once): what we were fetching from it will never come.
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
-            self._peer_monitors[monitor] = address
-            self._watch(monitor)
         return sock
 
     def _drop_peer(self, address: str) -> None:
@@ -645,23 +658,29 @@ class Runtime:
         if sock is not None:
             del self._peer_by_socket[sock]
             self._unwatch(sock)
-            for monitor, peer in list(self._peer_monitors.items()):
-                if peer == address:
-                    del self._peer_monitors[monitor]
-                    self._unwatch(monitor)
-                    monitor.close(linger=0)
-            sock.disable_monitor()
             sock.close(linger=0)
 
-    def _on_peer_monitor(self, monitor: sockets.Socket, address: str) -> None:
-        while sockets.readable(monitor):
-            zmq_monitor.recv_monitor_message(monitor)
-            with self._lock:
-                lost = self._fetching.pop(address, set())
-            if lost:
+    def _check_owners(self) -> None:
+        """Ask the node whether the owners we are fetching from still live; fail what a dead one owed us.
+
+        (Per-peer socket monitors would tell at once, but wedged sockets under load; once a
+        second is enough for a fetch that can never complete.)"""
+        self._owners_checked = time.monotonic()
+        owners = list(self._fetching)
+        if not owners or self.node_lost is not None:
+            return
+
+        def on_reply(ok: bool, value: Any, payload: list[Any]) -> None:
+            if not ok:
+                return
+            for owner in value:
+                with self._lock:
+                    lost = self._fetching.pop(owner, set())
                 self._complete(
-                    [(oid, None, False, ObjectLostError(f"object {oid.hex()} is lost: its owner at {address} is gone")) for oid in lost]
+                    [(oid, None, False, ObjectLostError(f"object {oid.hex()} is lost: its owner at {owner} is gone")) for oid in lost]
                 )
+
+        self.request_nowait("gone", (owners,), [], on_reply)
 
     def _drain_released(self) -> None:
         with self._lock:
@@ -709,11 +728,7 @@ class Runtime:
     def _on_router(self, via: sockets.Socket, frames: list[Any]) -> None:
         identity = frames[0]
         self._route[identity] = via
-        try:
-            msg = protocol.decode(frames[1:])
-        except (protocol.ProtocolError, serialization.DeserializationError) as exc:
-            logger.warning("dropping a malformed message from a peer: %s", exc)
-            return
+        msg = protocol.decode(frames[1:])
         if msg.type == protocol.CALL and self.on_call is not None:
             self.on_call(identity, msg)
         elif msg.type == protocol.GET_OBJECT:
@@ -722,7 +737,7 @@ class Runtime:
             prefix, stream, text = msg.header
             self.on_log(prefix, stream, text)
         else:
-            logger.warning("dropping an unexpected %r message from a peer", msg.type)
+            raise protocol.ProtocolError(f"unexpected {msg.type!r} message")
 
     def _on_node(self, frames: list[Any]) -> None:
         for tag, ok in ((protocol.WELCOME_TAG, True), (protocol.REFUSED_TAG, False)):
@@ -730,11 +745,7 @@ class Runtime:
             if fields is not None:
                 self._welcome(ok, fields if ok else fields.get("reason", "no reason given"), [])
                 return
-        try:
-            msg = protocol.decode(frames)
-        except (protocol.ProtocolError, serialization.DeserializationError) as exc:
-            logger.warning("dropping a malformed message from the node: %s", exc)
-            return
+        msg = protocol.decode(frames)
         if msg.type == protocol.REPLY:
             req_id, ok, value = msg.header
             with self._lock:
@@ -745,11 +756,7 @@ class Runtime:
             self._on_actor_state(*msg.header)
 
     def _on_peer(self, address: str, frames: list[Any]) -> None:
-        try:
-            msg = protocol.decode(frames)
-        except (protocol.ProtocolError, serialization.DeserializationError) as exc:
-            logger.warning("dropping a malformed message from %s: %s", address, exc)
-            return
+        msg = protocol.decode(frames)
         if msg.type == protocol.RESULT:
             self._on_result(address, msg)
         elif msg.type == protocol.OBJECT:
