@@ -182,10 +182,9 @@ class Node:
             self._check_waiting()
 
     def _shutdown(self) -> None:
-        for record in self._actors.values():
-            if record.pid is not None:
-                _kill(record.pid)
-                sockets.remove_ipc(record.address)
+        for pid, actor_id in list(self._by_pid.items()):
+            self._kill_worker(pid)
+            sockets.remove_ipc(self._actors[actor_id].address if actor_id in self._actors else None)
         for client in self._clients.values():
             if client.kind == "worker":  # killed with their actors above
                 sockets.remove_ipc(client.address)
@@ -543,9 +542,11 @@ class Node:
                 record.subscribers.discard(client_id)
 
     def _worker_exited(self, record: ActorRecord, pid: int, code: int) -> None:
-        if record.pid == pid:
-            sockets.remove_ipc(record.address)  # the worker's call socket; killed, it could not remove it
-        if record.pid != pid or record.state == records.DEAD:
+        if record.pid != pid:
+            return  # a worker already replaced
+        sockets.remove_ipc(record.address)  # the worker's call socket; killed, it could not remove it
+        record.pid = None  # never signal this pid again: the kernel may give it to another process
+        if record.state == records.DEAD:
             return  # a worker already replaced or killed on purpose
         if record.can_restart():
             logger.info("actor %s (%s) worker exited with code %s; restarting", record.class_name, record.actor_id, code)
@@ -568,8 +569,13 @@ class Node:
         record.address = None
         self._notify(record)
         if old is not None:
-            _kill(old)
+            self._kill_worker(old)
         self._spawn(record)
+
+    def _kill_worker(self, pid: int) -> None:
+        """SIGKILL a worker of ours; only pids the zygote has not yet reported dead, so never a reused one."""
+        if pid in self._by_pid:
+            _kill(pid)
 
     def _kill(self, record: ActorRecord, why: str, *, no_restart: bool) -> None:
         if record.state == records.DEAD:
@@ -586,7 +592,7 @@ class Node:
         record.state = records.DEAD
         record.error = error
         if record.pid is not None:
-            _kill(record.pid)
+            self._kill_worker(record.pid)
         if record.reservation is not None:
             self.resources.release(record.reservation)
             record.reservation = None
@@ -620,6 +626,8 @@ class Node:
 
 
 def _kill(pid: int) -> None:
+    if pid <= 0:
+        return  # 0 and negatives would signal whole process groups
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
