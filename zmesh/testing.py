@@ -42,10 +42,12 @@ class NodeProcess:
         )
         # The banner comes once drivers can find the node; log lines may come before it.
         line = ""
+        self._early: list[str] = []
         while self.proc.stdout is not None:
             line = self.proc.stdout.readline()
             if not line or line.startswith("zmesh node "):
                 break
+            self._early.append(line)
         if "listening on" not in line:
             self.stop()
             raise RuntimeError(f"zmesh node did not start: {getattr(self, 'output', '')!r}")
@@ -72,7 +74,7 @@ class NodeProcess:
                 self.proc.kill()
                 self.proc.wait()
         if self.proc.stdout:
-            self.output = self.proc.stdout.read()
+            self.output = "".join(self._early) + self.proc.stdout.read()
             self.proc.stdout.close()
         return self.proc.returncode
 

@@ -622,6 +622,10 @@ class Node:
             "clients": len(self._clients),
             "dropped_messages": self._dropped + sum(self._dropped_by_workers.values()),
             "dropped_by_node": self._dropped,
+            # Handshakes refused at this node's port: peers without the cluster key.
+            "refused_connections": self._zap.refused if self._zap is not None else 0,
+            "secure": not self.security.insecure,
+            "cluster": self.security.key.fingerprint if self.security.key is not None else None,
         }
 
 

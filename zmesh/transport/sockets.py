@@ -69,7 +69,8 @@ def endpoints(address: str) -> tuple[str, str | None]:
 def connect(ctx: Context, security: Security, address: str, identity: bytes) -> Socket:
     """A DEALER to a peer: over IPC when the peer is a process of ours on this host, else TCP with CURVE."""
     tcp, ipc = endpoints(address)
-    if ipc is not None and _is_ours(ipc.removeprefix("ipc://")):
+    # ZMESH_LOCAL_IPC=0 sends same-host traffic over TCP too: for measuring what CURVE costs.
+    if ipc is not None and os.environ.get("ZMESH_LOCAL_IPC") != "0" and _is_ours(ipc.removeprefix("ipc://")):
         return dealer(ctx, Security(None, security.max_message_bytes), ipc, identity)
     return dealer(ctx, security, tcp, identity)
 
