@@ -157,8 +157,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"waiting creations ({len(waiting)}):")
     for a in waiting:
         lines.append(f"  {a['actor_id']:<17} {a['class_name']:<20} needs {a['resources']}")
-    lines.append(
-        f"clients: {status['clients']}   dropped messages: {status['dropped_messages']}   refused connections: {status['refused_connections']}"
-    )
+    counts = f"dropped messages: {status['dropped_messages']}   refused connections: {status['refused_connections']}"
+    lines.append(f"clients: {status['clients']}   {counts}")
     lines.append(f"security: {'CurveZMQ, cluster ' + status['cluster'] if status['secure'] else 'NONE (--insecure)'}")
     return "\n".join(lines)
