@@ -29,6 +29,7 @@ check: lint test
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]' || echo "Ray could not be installed: benchmarking zmesh alone"
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/security_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
