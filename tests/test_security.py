@@ -35,6 +35,9 @@ class Echo:
     def double(self, value: int) -> int:
         return value * 2
 
+    def make(self, size: int) -> bytes:
+        return b"y" * size
+
 
 class _Exploit:
     """Unpickling this creates ``path``: the proof that someone unpickled attacker bytes."""
@@ -369,3 +372,42 @@ def test_another_local_user_cannot_call_our_actors(driver: NodeProcess) -> None:
     assert "refused" in out.stdout
     assert "ADMITTED" not in out.stdout
     zmesh.kill(echo)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"protocol": 99, "python": protocol.python_version()}, "protocol"),
+        ({"protocol": protocol.PROTOCOL_VERSION, "python": "3.99"}, "Python"),
+    ],
+)
+def test_peer_of_another_version_is_refused_clearly_on_both_sides(driver: NodeProcess, fields: dict[str, Any], reason: str) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        Security(resolve_key()[0]).client(sock)
+        sock.connect("tcp://" + driver.address)
+        hello = {**fields, "client_id": "00" * 8, "kind": "driver", "pid": os.getpid(), "address": "tcp://127.0.0.1:1", "token": None}
+        sock.send_multipart(protocol.encode_json(protocol.HELLO_TAG, hello))
+        assert sock.poll(10_000), "the node did not answer the hello"
+        refused = protocol.decode_json(sock.recv_multipart(), protocol.REFUSED_TAG)
+        assert refused is not None and reason in refused["reason"]
+    finally:
+        ctx.destroy(linger=0)
+    zmesh.shutdown()
+    assert driver.stop() == 0
+    assert "refusing a driver" in driver.output and reason in driver.output
+
+
+def test_message_size_cap_is_enforced_at_the_call_site(isolated_run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZMESH_MAX_MESSAGE_BYTES", str(2**20))
+    zmesh.init()
+    echo = Echo.remote()
+    with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
+        echo.echo.remote(b"x" * (2 * 2**20))
+    with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
+        echo.echo.remote([b"y" * 600_000, b"z" * 600_000])  # one pickle stream of 1.2 MB
+    with pytest.raises(zmesh.exceptions.TaskError, match="result of Echo.make"):
+        zmesh.get(echo.make.remote(2 * 2**20), timeout=10)
+    assert zmesh.get(echo.echo.remote(b"x" * 1000), timeout=10) == b"x" * 1000

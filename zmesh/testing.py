@@ -65,7 +65,9 @@ class NodeProcess:
             return []
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code. Safe to call twice."""
+        if hasattr(self, "output"):
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

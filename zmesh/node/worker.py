@@ -172,7 +172,10 @@ class ActorWorker:
             method = self._method(method_name)
             args, kwargs = serialization.loads_args(frames)
             args, kwargs = resolve_refs(args, kwargs)
-            return True, self._result_frames(oids, method(*args, **kwargs))
+            parts = self._result_frames(oids, method(*args, **kwargs))
+            for part in parts:
+                self.rt.check_size(part, f"the result of {self.class_name}.{method_name}()")
+            return True, parts
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             return False, self._error_frames(oids, method_name, exc)
 

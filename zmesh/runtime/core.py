@@ -265,6 +265,14 @@ class Runtime:
     def context(self) -> sockets.Context:
         return self._ctx
 
+    def check_size(self, frames: list[Any], what: str) -> None:
+        """Refuse at the call site a frame that peers would drop (and disconnect us for)."""
+        limit = self.security.max_message_bytes
+        for frame in frames:
+            size = memoryview(frame).nbytes
+            if size > limit:
+                raise ValueError(f"{what} take {size:,} bytes in one piece, over the {limit:,} byte limit (ZMESH_MAX_MESSAGE_BYTES)")
+
     def new_object_id(self) -> ObjectId:
         return ObjectId(self.client_id + next(self._oid_counter).to_bytes(8, "big"))
 
@@ -346,6 +354,7 @@ class Runtime:
         wait: bool,
     ) -> Any:
         """Ask the node to create an actor; the conn queues calls until it is alive."""
+        self.check_size(args_frames, f"the arguments of {spec['class_name']}()")
         with self._lock:
             conn = self._actors.get(actor_id)
             if conn is None:
@@ -376,6 +385,7 @@ class Runtime:
         self, actor_id: ActorId, method: str, args_frames: list[Any], num_returns: int, group: str | None, retries: int
     ) -> list[ObjectId]:
         oids = tuple(self.new_object_id() for _ in range(num_returns))
+        self.check_size(args_frames, f"the arguments of {method}()")
         slot, frames = protocol.pack(args_frames)
         call = Call(oids, (oids, method, group, slot), frames, retries)
         dest = None
