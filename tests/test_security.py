@@ -408,6 +408,6 @@ def test_message_size_cap_is_enforced_at_the_call_site(isolated_run_dir: Path, m
         echo.echo.remote(b"x" * (2 * 2**20))
     with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
         echo.echo.remote([b"y" * 600_000, b"z" * 600_000])  # one pickle stream of 1.2 MB
-    with pytest.raises(zmesh.exceptions.TaskError, match="result of Echo.make"):
+    with pytest.raises(zmesh.exceptions.TaskError, match=r"result of Echo\.make"):
         zmesh.get(echo.make.remote(2 * 2**20), timeout=10)
     assert zmesh.get(echo.echo.remote(b"x" * 1000), timeout=10) == b"x" * 1000
