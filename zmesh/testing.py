@@ -30,11 +30,11 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
 class NodeProcess:
     """A `zmesh node` daemon running as a child process, for one test."""
 
-    def __init__(self, run_dir: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, run_dir: str, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.run_dir = run_dir
         self.env = {**os.environ, "ZMESH_RUN_DIR": run_dir, **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zmesh", "node", "--port", "0", *args],
+            [*(prefix or []), sys.executable, "-m", "zmesh", "node", "--port", "0", *args],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
