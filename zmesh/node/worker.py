@@ -136,13 +136,17 @@ class ActorWorker:
         """Receive, run and answer each call on the main thread, in arrival order."""
         # epoll on the sockets' descriptors, then ask each socket: cheaper than zmq_poll per call.
         waiter = select.epoll()
+        by_fd = {}
         for server in self.calls:
+            by_fd[sockets.fileno(server)] = server
             waiter.register(sockets.fileno(server), select.EPOLLIN)
+        ready = list(self.calls)
         while True:
-            for sock in self.calls:
+            for sock in ready:
+                # Answering sends on ``sock``, which may swallow its fd's next signal: ask it again each time.
                 while sockets.readable(sock):
                     self._answer(sock, sockets.recv(sock))
-            waiter.poll()
+            ready = [by_fd[fd] for fd, _ in waiter.poll()]
 
     def _answer(self, sock: sockets.Socket, frames: list[Any]) -> None:
         try:

@@ -92,9 +92,12 @@ def main(fd: int) -> int:
         if wake_r in readable:
             os.read(wake_r, 4096)
         if control.fileno() in readable:
-            data = control.recv(65536)
+            try:
+                data = control.recv(65536)
+            except OSError:
+                data = b""
             if not data:
-                return 0
+                return 0  # the node is gone; our workers die with us
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)

@@ -107,26 +107,34 @@ _POLLIN = int(zmq.POLLIN)
 _COPY_LIMIT = 64 * 1024
 
 
+# pyzmq's Python layer adds checks and enum conversions per call; on the call path we go to
+# the compiled socket methods directly.
+_raw: Any = zmq.Socket.__mro__[1]
+_raw_send = _raw.send
+_raw_recv = _raw.recv
+_raw_get = _raw.get
+
+
 def send(sock: Socket, frames: list[Any], flags: int = 0) -> None:
     """``send_multipart`` without its per-frame overhead; large frames go without a copy."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         copy = not (isinstance(frame, memoryview | bytearray | pickle.PickleBuffer) or len(frame) >= _COPY_LIMIT)
-        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=copy)
+        _raw_send(sock, frame, flags | _SNDMORE if i < last else flags, copy=copy)
 
 
 def recv(sock: Socket, flags: int = 0) -> list[Any]:
     """One message's frames: small ones as bytes, large ones as zero-copy memoryviews."""
-    frames: list[Any] = [sock.recv(flags)]  # the first frame is always small: a routing id or a header
-    while sock.getsockopt(_RCVMORE):
-        frame = sock.recv(0, copy=False)
+    frames: list[Any] = [_raw_recv(sock, flags)]  # the first frame is always small: a routing id or a header
+    while _raw_get(sock, _RCVMORE):
+        frame = _raw_recv(sock, 0, copy=False)
         frames.append(frame.bytes if len(frame) < _COPY_LIMIT else frame.buffer)
     return frames
 
 
 def readable(sock: Socket) -> bool:
     """Whether a message waits on ``sock``; also resets the signal of its file descriptor."""
-    return bool(int(sock.getsockopt(_EVENTS)) & _POLLIN)
+    return bool(_raw_get(sock, _EVENTS) & _POLLIN)
 
 
 def fileno(sock: Socket) -> int:
