@@ -51,7 +51,6 @@ _RESULT = protocol.RESULT
 _MAX_BATCH = 512
 # What decoding a peer's bad message can raise; the message is dropped, the process goes on.
 _MALFORMED = (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError, AttributeError)
-_WAKE = b"W"
 _STOP = b"X"
 
 _NODE_ERRORS: dict[str, type[Exception]] = {
