@@ -16,8 +16,7 @@ from zmesh.exceptions import NodeUnavailableError
 from zmesh.object_ref import ObjectRef
 from zmesh.options import ActorOptions, validate_name, validate_resources
 from zmesh.runtime import Runtime
-from zmesh.runtime.core import local_address_towards
-from zmesh.transport import rundir
+from zmesh.transport import rundir, sockets
 from zmesh.transport.security import INSECURE_ENV, KEY_ENV, Security, resolve_key
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def _local_node() -> tuple[str | None, dict[str, Any]]:
 def _client_security(address: str, cluster_key: str | None, info: dict[str, Any]) -> Security:
     """The key a driver presents: the one given, else the local node's, else this user's."""
     if os.environ.get(INSECURE_ENV) == "1" or info.get("insecure"):
-        if local_address_towards(address) != "127.0.0.1":
+        if sockets.local_address_towards(address) != "127.0.0.1":
             raise ValueError(f"an insecure connection is allowed on loopback only, not to {address}")
         return Security(None)
     key, _ = resolve_key(cluster_key if cluster_key is not None else (os.environ.get(KEY_ENV) or info.get("key_file")))

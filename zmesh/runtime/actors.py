@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Any
 
+from zmesh.exceptions import ActorDiedError, ActorUnavailableError
 from zmesh.transport.ids import ActorId, ObjectId
 
 PENDING = "PENDING"  # address not known yet, or restarting: calls queue here
@@ -42,3 +44,60 @@ class ActorConn:
         calls = list(self.inflight.values())
         self.inflight.clear()
         return calls
+
+
+@dataclasses.dataclass
+class Transition:
+    """What applying the node's news to a connection asks the runtime to do."""
+
+    send: list[Call] = dataclasses.field(default_factory=list)  # to the new address, in this order
+    fail: list[tuple[tuple[ObjectId, ...], BaseException]] = dataclasses.field(default_factory=list)
+    gone: str | None = None  # the address of a worker that no longer serves this actor
+
+
+def apply_state(conn: ActorConn, state: str, incarnation: int, address: str | None, error: str | None) -> Transition | None:
+    """Move ``conn`` to the state the node reports (sans I/O); None when the news is stale.
+
+    A worker that went away loses its calls in flight: they fail (``ActorUnavailableError``
+    while the actor restarts, ``ActorDiedError`` when it is dead), or queue again while
+    they have retries left. Once alive at a new address, everything queued is sent there.
+    """
+    if conn.state is DEAD or incarnation < conn.incarnation:
+        return None
+    step = Transition()
+    old = conn.address
+    if old is not None and (state != ALIVE or address != old):
+        step.gone = old
+        lost_error: BaseException
+        if state == DEAD:
+            lost_error = ActorDiedError(error or f"actor {conn.actor_id} is dead")
+        else:
+            lost_error = ActorUnavailableError(
+                f"actor {conn.actor_id} became unavailable while this call was in flight: its worker died and is restarting"
+            )
+        retry = []
+        for call in conn.take_inflight():
+            if call.retries_left == 0 or state == DEAD:
+                step.fail.append((call.oids, lost_error))
+            else:
+                call.retries_left -= 1 if call.retries_left > 0 else 0
+                retry.append(call)
+        conn.queue.extendleft(reversed(retry))
+        conn.address = None
+    conn.incarnation = max(conn.incarnation, incarnation)
+    if state == ALIVE and address is not None:
+        conn.state = ALIVE
+        conn.address = address
+        while conn.queue:
+            call = conn.queue.popleft()
+            conn.inflight[call.oids[0]] = call
+            step.send.append(call)
+    elif state == DEAD:
+        conn.state = DEAD
+        conn.error = ActorDiedError(error or f"actor {conn.actor_id} is dead")
+        step.fail.extend((call.oids, conn.error) for call in conn.queue)
+        step.fail.extend((call.oids, conn.error) for call in conn.take_inflight())
+        conn.queue.clear()
+    else:
+        conn.state = PENDING
+    return step

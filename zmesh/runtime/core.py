@@ -8,12 +8,10 @@ thread-local inproc PUSH, which keeps each thread's submissions in order.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import logging
 import os
 import select
-import socket
 import sys
 import threading
 import time
@@ -27,14 +25,13 @@ from zmq.utils import monitor as zmq_monitor
 from zmesh.exceptions import (
     ActorAlreadyExistsError,
     ActorDiedError,
-    ActorUnavailableError,
     NodeUnavailableError,
     ObjectLostError,
     TaskError,
     ZmeshError,
 )
 from zmesh.runtime import objects
-from zmesh.runtime.actors import ALIVE, DEAD, PENDING, ActorConn, Call
+from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, apply_state
 from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, ObjectId, new_client_id
 from zmesh.transport.security import Security, ZapHandler
@@ -88,23 +85,6 @@ def node_error(value: Any) -> Exception:
     return _NODE_ERRORS.get(kind, ZmeshError)(message)
 
 
-def local_address_towards(address: str) -> str:
-    """This host's address on the route to ``address`` (loopback for a local node)."""
-    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return "127.0.0.1"
-    except ValueError:
-        if host == "localhost":
-            return "127.0.0.1"
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((host, 9))  # no packet is sent: this only asks the routing table
-            return str(probe.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
-
-
 class Runtime:
     """Everything one process needs to call actors and own objects."""
 
@@ -149,7 +129,7 @@ class Runtime:
         self.security = security if security is not None else Security(None)
         # Bound before any CURVE socket, so no handshake ever goes unchecked.
         self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
-        self.listen_host = listen_host or local_address_towards(node_address)
+        self.listen_host = listen_host or sockets.local_address_towards(node_address)
         self._servers, self.address = sockets.servers(self._ctx, self.security, self.listen_host)
         self._router = self._servers[0]
         # Which of our ROUTERs each peer reached us on: its answers must leave by the same one.
@@ -811,63 +791,29 @@ class Runtime:
 
     def _on_actor_state(self, actor_id: ActorId, state: str, incarnation: int, address: str | None, error: str | None) -> None:
         """Apply the node's news about an actor: flush, fail or retry calls accordingly."""
-        to_send: list[Call] = []
-        to_fail: list[tuple[tuple[ObjectId, ...], BaseException]] = []
         with self._lock:
             conn = self._actors.get(actor_id)
-            if conn is None or conn.state is DEAD or incarnation < conn.incarnation:
+            step = apply_state(conn, state, incarnation, address, error) if conn is not None else None
+            if step is None:
                 return
-            old = conn.address
-            if old is not None and (state != ALIVE or address != old):
-                # The worker at ``old`` is gone: what it had in flight is lost.
-                self._dead_addresses.add(old)
-                self._actor_at.pop(old, None)
-                lost_error: BaseException
-                if state == DEAD:
-                    lost_error = ActorDiedError(error or f"actor {actor_id} is dead")
-                else:
-                    lost_error = ActorUnavailableError(
-                        f"actor {actor_id} became unavailable while this call was in flight: its worker died and is restarting"
-                    )
-                retry = []
-                for c in conn.take_inflight():
-                    if c.retries_left == 0 or state == DEAD:
-                        to_fail.append((c.oids, lost_error))
-                    else:
-                        c.retries_left -= 1 if c.retries_left > 0 else 0
-                        retry.append(c)
-                conn.queue.extendleft(reversed(retry))
-                conn.address = None
-            conn.incarnation = max(conn.incarnation, incarnation)
-            if state == ALIVE and address is not None:
-                conn.state = ALIVE
-                conn.address = address
-                self._actor_at[address] = conn
-                while conn.queue:
-                    call = conn.queue.popleft()
-                    conn.inflight[call.oids[0]] = call
-                    to_send.append(call)
-            elif state == DEAD:
-                conn.state = DEAD
-                conn.error = ActorDiedError(error or f"actor {actor_id} is dead")
-                to_fail.extend((c.oids, conn.error) for c in conn.queue)
-                to_fail.extend((c.oids, conn.error) for c in conn.take_inflight())
-                conn.queue.clear()
-            else:
-                conn.state = PENDING
-            if to_send and address is not None:
-                # Send while holding the lock, so calls submitted later cannot overtake these.
+            if step.gone is not None:
+                self._dead_addresses.add(step.gone)
+                self._actor_at.pop(step.gone, None)
+            if conn is not None and conn.state is ALIVE and conn.address is not None:
+                self._actor_at[conn.address] = conn
+            if step.send and address is not None:
+                # Sent while holding the lock, so calls submitted later cannot overtake these.
                 if threading.current_thread() is self._thread:
-                    for i in range(0, len(to_send), _MAX_BATCH):
-                        chunk = to_send[i : i + _MAX_BATCH]
+                    for i in range(0, len(step.send), _MAX_BATCH):
+                        chunk = step.send[i : i + _MAX_BATCH]
                         self._send_batch(_CALL, address, [c.header for c in chunk], [f for c in chunk for f in c.frames])
                 else:
-                    for call in to_send:
+                    for call in step.send:
                         self._push(_CALL, address, call)
-        for oids, err in to_fail:
+        for oids, err in step.fail:
             self._fail(oids, err)
-        if old is not None and old in self._dead_addresses and threading.current_thread() is self._thread:
-            self._drop_peer(old)
+        if step.gone is not None and threading.current_thread() is self._thread:
+            self._drop_peer(step.gone)
 
 
 def _print_log(prefix: str, stream: str, text: str) -> None:

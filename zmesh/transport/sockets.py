@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pickle
+import socket
 import stat
 from typing import Any, TypeAlias
 
@@ -140,3 +142,20 @@ def readable(sock: Socket) -> bool:
 def fileno(sock: Socket) -> int:
     """The descriptor that becomes readable when ``sock`` may have news (check ``readable`` then)."""
     return int(sock.getsockopt(zmq.FD))
+
+
+def local_address_towards(address: str) -> str:
+    """This host's address on the route to ``address`` (loopback for a local node)."""
+    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "127.0.0.1"
+    except ValueError:
+        if host == "localhost":
+            return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # no packet is sent: this only asks the routing table
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
