@@ -296,6 +296,8 @@ class Node:
         self._dropped += 1
         now = time.monotonic()
         if now - self._last_drop_log.get(identity, -1e9) >= 60:
+            if len(self._last_drop_log) > 10_000:
+                self._last_drop_log.clear()  # many distinct peers sending garbage must not grow memory
             self._last_drop_log[identity] = now
             logger.warning("zmesh node: dropped a bad message from peer %s: %s", identity.hex()[:16], reason)
 

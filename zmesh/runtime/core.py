@@ -588,6 +588,8 @@ class Runtime:
         now = time.monotonic()
         key = peer if isinstance(peer, bytes) else id(peer)
         if now - self._drop_logged.get(key, -1e9) >= 60:
+            if len(self._drop_logged) > 10_000:
+                self._drop_logged.clear()  # many distinct peers sending garbage must not grow memory
             self._drop_logged[key] = now
             logger.warning("dropped a malformed message from a peer: %s", reason)
 
