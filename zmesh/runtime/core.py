@@ -718,8 +718,8 @@ class Runtime:
 
     def _on_router(self, via: sockets.Socket, frames: list[Any]) -> None:
         identity = frames[0]
-        self._route[identity] = via
         msg = protocol.decode(frames[1:])
+        self._route[identity] = via  # only peers that speak the protocol are remembered
         if msg.type == protocol.CALL and self.on_call is not None:
             self.on_call(identity, msg)
         elif msg.type == protocol.GET_OBJECT:
