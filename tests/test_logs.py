@@ -88,3 +88,22 @@ def test_actor_output_reaches_driver_not_node(node: NodeProcess) -> None:
     result = run_driver(SCRIPT)
     assert result.returncode == 0, result.stderr
     check_output(result.stdout, result.stderr)
+
+
+def test_a_line_printed_during_a_call_is_not_lost_when_the_driver_exits_at_once() -> None:
+    code = (
+        "import zmesh\n"
+        "zmesh.init()\n"
+        "@zmesh.remote\n"
+        "class Talker:\n"
+        "    def say(self, n):\n"
+        "        print(f'last words {n}')\n"
+        "        return n\n"
+        "talker = Talker.remote()\n"
+        "print(zmesh.get([talker.say.remote(n) for n in range(3)]))\n"
+    )
+    for _ in range(3):  # the line travels ahead of the result on the same connection: never behind it
+        out = run_driver(code)
+        assert out.returncode == 0, out.stderr
+        for n in range(3):
+            assert f"last words {n}" in out.stdout

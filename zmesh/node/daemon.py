@@ -420,6 +420,7 @@ class Node:
             args_frames=args_frames,
             spec=spec,
             owner=None if spec.get("detached") else client.client_id,
+            creator=client.client_id,
             owner_address=client.address,
             name=name,
             namespace=namespace,
@@ -495,7 +496,7 @@ class Node:
         if record.pid is None:
             record.pid = client.pid
             self._by_pid[client.pid] = record.actor_id
-        spec = dict(record.spec, owner_address=record.owner_address)
+        spec = dict(record.spec, owner_address=record.owner_address, creator_id=record.creator)
         blob = self._classes[record.class_key]
         return (record.actor_id, record.incarnation, spec), [blob, record.meta_blob, *record.args_frames]
 

@@ -34,6 +34,7 @@ class ActorRecord:
     args_frames: list[Any]
     spec: dict[str, Any]
     owner: ClientId | None  # None when detached
+    creator: ClientId  # the process that created it (its print lines go there)
     owner_address: str
     name: str | None
     namespace: str

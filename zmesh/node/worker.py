@@ -17,6 +17,7 @@ import select
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,10 +41,15 @@ ASYNC_DEFAULT_CONCURRENCY = 1000  # Ray's default for async actors
 class _LogStream(io.TextIOBase):
     """Sends each line printed in the actor to the driver that owns it."""
 
-    def __init__(self, rt: Runtime, owner: str, prefix: str, stream: str) -> None:
+    def __init__(self, rt: Runtime, owner: str, prefix: str, stream: str, direct: Callable[[str, str, str], bool]) -> None:
         self._rt, self._owner, self._prefix, self._stream = rt, owner, prefix, stream
+        self._direct = direct
         self._buffer = ""
         self._lock = threading.Lock()
+
+    def _send(self, text: str) -> None:
+        if not self._direct(self._prefix, self._stream, text):
+            self._rt.send_log(self._owner, self._prefix, self._stream, text)
 
     def writable(self) -> bool:
         return True
@@ -53,13 +59,13 @@ class _LogStream(io.TextIOBase):
             self._buffer += text
             if "\n" in self._buffer:
                 lines, self._buffer = self._buffer.rsplit("\n", 1)
-                self._rt.send_log(self._owner, self._prefix, self._stream, lines + "\n")
+                self._send(lines + "\n")
         return len(text)
 
     def flush(self) -> None:
         with self._lock:
             if self._buffer:
-                self._rt.send_log(self._owner, self._prefix, self._stream, self._buffer)
+                self._send(self._buffer)
                 self._buffer = ""
 
 
@@ -90,6 +96,9 @@ class ActorWorker:
         self.limits: dict[str, int] = {DEFAULT_GROUP: default_limit, **(spec.get("concurrency_groups") or {})}
         self.sequential = not self.is_async and all(v == 1 for v in self.limits.values()) and len(self.limits) == 1
         self.inbox: queue.SimpleQueue[CallItem | None] = queue.SimpleQueue()
+        self.creator_id: bytes | None = spec.get("creator_id")
+        # The call the main thread is answering now: (socket, caller identity), for log_direct.
+        self._current: tuple[sockets.Socket, bytes] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # --- construction
@@ -158,13 +167,33 @@ class ActorWorker:
             self.rt.drop(frames[0], exc)
             return
         for identity, oids, method_name, _, args in items:
-            ok, parts = self.run(oids, method_name, args)
+            self._current = (sock, identity)
+            try:
+                ok, parts = self.run(oids, method_name, args)
+            finally:
+                self._current = None
             slot, flat = protocol.pack([f for part in parts for f in part])
             header = protocol.header_frame(protocol.RESULT, ((oids, ok, [len(p) for p in parts], slot),))
             try:
                 sockets.send(sock, [identity, header, *flat])
             except zmq.ZMQError:
                 pass  # the caller is gone
+
+    def log_direct(self, prefix: str, stream: str, text: str) -> bool:
+        """Send a line printed during a call from the actor's creator ahead of that call's result.
+
+        On the call's own connection the line cannot be overtaken by the result, so it is
+        not lost when the driver exits right after ``get``. Other lines go through the I/O thread.
+        """
+        current = self._current
+        if current is None or current[1] != self.creator_id or threading.current_thread() is not threading.main_thread():
+            return False
+        sock, identity = current
+        try:
+            sockets.send(sock, [identity, protocol.header_frame(protocol.LOG, (prefix, stream, text))])
+        except zmq.ZMQError:
+            return False
+        return True
 
     def execute(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
         ok, parts = self.run(oids, method_name, frames)
@@ -301,8 +330,8 @@ def main(node_address: str, token: str, security: Security, listen_host: str) ->
     owner = spec.get("owner_address")
     if owner:
         prefix = f"{worker.class_name} pid={os.getpid()}"
-        sys.stdout = _LogStream(rt, owner, prefix, "stdout")
-        sys.stderr = _LogStream(rt, owner, prefix, "stderr")
+        sys.stdout = _LogStream(rt, owner, prefix, "stdout", worker.log_direct)
+        sys.stderr = _LogStream(rt, owner, prefix, "stderr", worker.log_direct)
     try:
         worker.construct()
     except BaseException as exc:

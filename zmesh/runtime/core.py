@@ -752,6 +752,9 @@ class Runtime:
             self._on_result(address, msg)
         elif msg.type == protocol.OBJECT:
             self._on_object(address, msg)
+        elif msg.type == protocol.LOG:  # a line printed during one of our calls, ahead of its result
+            prefix, stream, text = msg.header
+            self.on_log(prefix, stream, text)
 
     def _on_result(self, address: str, msg: protocol.Message) -> None:
         results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
