@@ -550,7 +550,7 @@ class Node:
         sockets.remove_ipc(record.address)  # the worker's call socket; killed, it could not remove it
         record.pid = None  # never signal this pid again: the kernel may give it to another process
         if record.state == records.DEAD:
-            return  # a worker already replaced or killed on purpose
+            return  # killed on purpose
         if record.can_restart():
             logger.info("actor %s (%s) worker exited with code %s; restarting", record.class_name, record.actor_id, code)
             self._restart(record)
@@ -593,6 +593,7 @@ class Node:
 
     def _mark_dead(self, record: ActorRecord, error: str) -> None:
         record.state = records.DEAD
+        self._by_token.pop(record.token, None)  # a worker still starting for it is killed when it reports
         record.error = error
         if record.pid is not None:
             self._kill_worker(record.pid)
