@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check bench clean
+.PHONY: demo test lint check bench soak torture clean
+
+MINUTES ?= 10
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run: make PYTHON=python3 ..."; exit 1; }
@@ -30,6 +32,14 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]' || echo "Ray could not be installed: benchmarking zmesh alone"
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/security_cost.py
+
+# Not in CI: a million calls, 100,000 put/get, 10,000 creations; prints RSS, fds and threads per process.
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py
+
+# Not in CI: the workload-space test with fresh seeds for MINUTES minutes; failures print as minimal reproducers.
+torture: $(STAMP)
+	ZMESH_TORTURE_MINUTES=$(MINUTES) $(PY) -m pytest -q tests/test_torture.py -x --timeout=0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

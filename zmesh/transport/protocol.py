@@ -103,9 +103,16 @@ def decode(frames: list[Any]) -> Message:
 
     Version, type and size are checked before a byte of the header is decoded.
     """
-    if not frames or type(frames[0]) is not bytes or len(frames[0]) < 3:
-        raise ProtocolError("message is empty or has no header")
+    if not frames:
+        raise ProtocolError("message is empty")
     first = frames[0]
+    if type(first) is not bytes:
+        # A header of 64 KiB or more arrives as a zero-copy buffer (see sockets.recv).
+        if not isinstance(first, memoryview | bytearray):
+            raise ProtocolError(f"header frame is a {type(first).__name__}, not bytes")
+        first = bytes(first)
+    if len(first) < 3:
+        raise ProtocolError("message has no header")
     if first[:1] != _VERSION:
         raise ProtocolError(f"protocol version {first[0]} (this process speaks {PROTOCOL_VERSION})")
     msg_type = first[1:2]

@@ -1,0 +1,74 @@
+"""Regression tests for defects found by trying ordinary workloads; each failed before its fix."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+import zmesh
+import zmesh.testing
+
+
+@zmesh.remote
+class Echo:
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def shout(self, size: int) -> int:
+        print("y" * size)
+        return size
+
+
+# --- frames of 64 KiB or more (a batch header, a long log line) were dropped as malformed
+
+
+@pytest.mark.timeout(60)
+def test_a_thousand_pipelined_small_calls_make_a_header_over_64_kib(local: None) -> None:
+    a = Echo.remote()
+    refs = [a.echo.remote(b"x" * 100) for _ in range(1000)]
+    assert zmesh.get(refs, timeout=30) == [b"x" * 100] * 1000
+
+
+@pytest.mark.timeout(60)
+def test_calls_queued_before_the_actor_is_up(local: None) -> None:
+    a = Echo.remote()
+    text = "s" * 1000
+    assert zmesh.get([a.echo.remote(text) for _ in range(70)], timeout=30) == [text] * 70
+
+
+@pytest.mark.timeout(60)
+def test_pipelined_7_kb_arguments(local: None) -> None:
+    a = Echo.remote()
+    zmesh.get(a.echo.remote(None), timeout=30)
+    value = b"k" * 7000
+    assert zmesh.get([a.echo.remote(value) for _ in range(12)], timeout=30) == [value] * 12
+
+
+@pytest.mark.timeout(60)
+def test_sync_calls_from_16_threads_with_7_kb_arguments(local: None) -> None:
+    a = Echo.remote()
+    value = b"t" * 7000
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            for _ in range(20):
+                assert zmesh.get(a.echo.remote(value), timeout=30) == value
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
+@pytest.mark.timeout(60)
+def test_a_threaded_actor_prints_a_line_over_64_kib(local: None, capfd: pytest.CaptureFixture[str]) -> None:
+    a = Echo.options(max_concurrency=2).remote()
+    assert zmesh.get(a.shout.remote(70_000), timeout=30) == 70_000
+    zmesh.testing.wait_for(lambda: "y" * 70_000 in capfd.readouterr().out, timeout=10, what="the long line")
