@@ -72,3 +72,60 @@ def test_a_threaded_actor_prints_a_line_over_64_kib(local: None, capfd: pytest.C
     a = Echo.options(max_concurrency=2).remote()
     assert zmesh.get(a.shout.remote(70_000), timeout=30) == 70_000
     zmesh.testing.wait_for(lambda: "y" * 70_000 in capfd.readouterr().out, timeout=10, what="the long line")
+
+
+# --- large arguments, put values and returned arrays are snapshots
+
+
+@zmesh.remote
+class Holder:
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.arr = np.zeros(100_000, dtype=np.int64)
+
+    def total(self, arr: Any) -> int:
+        return int(arr.sum())
+
+    def current(self) -> Any:
+        return self.arr
+
+    def bump(self) -> None:
+        self.arr += 1
+
+
+@pytest.mark.timeout(60)
+def test_changing_an_array_after_remote_does_not_change_the_call(local: None) -> None:
+    np = pytest.importorskip("numpy")
+    h = Holder.remote()
+    arr = np.ones(100_000, dtype=np.int64)
+    refs = []
+    for _ in range(20):
+        refs.append(h.total.remote(arr))
+        arr += 1  # the caller may change its array at once
+    assert zmesh.get(refs, timeout=30) == [100_000 * (i + 1) for i in range(20)]
+
+
+@pytest.mark.timeout(60)
+def test_a_put_value_is_a_read_only_snapshot(local: None) -> None:
+    np = pytest.importorskip("numpy")
+    arr = np.arange(100_000)
+    ref = zmesh.put(arr)
+    arr[:] = 0
+    got = zmesh.get(ref)
+    assert int(got.sum()) == sum(range(100_000))
+    with pytest.raises(ValueError, match="read-only"):
+        got[0] = 42
+    assert int(zmesh.get(ref)[0]) == 0 and int(zmesh.get(ref).sum()) == sum(range(100_000))
+
+
+@pytest.mark.timeout(60)
+def test_a_returned_array_is_not_changed_by_the_next_call(local: None) -> None:
+    pytest.importorskip("numpy")
+    h = Holder.remote()
+    refs = []
+    for _ in range(10):
+        refs.append(h.current.remote())
+        h.bump.remote()
+    for i, arr in enumerate(zmesh.get(refs, timeout=30)):
+        assert int(arr.min()) == int(arr.max()) == i

@@ -90,10 +90,13 @@ def dumps_value(value: Any) -> list[Any]:
     buffers: list[Any] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
-        if buf.raw().nbytes >= _OOB_THRESHOLD:
-            buffers.append(buf)
-            return False
-        return True
+        raw = buf.raw()
+        if raw.nbytes < _OOB_THRESHOLD:
+            return True
+        # A value is a snapshot of the moment it was passed: copy what its owner could still
+        # change (a numpy array, a bytearray); immutable bytes travel without a copy.
+        buffers.append(raw if type(raw.obj) is bytes else bytes(raw))
+        return False
 
     stream = io.BytesIO()
     try:
@@ -110,7 +113,8 @@ def loads_value(frames: list[Any]) -> Any:
     if head == b"B" and len(frames) == 2:
         return bytes(frames[1])
     try:
-        return pickle.loads(head, buffers=frames[1:])
+        # Read-only views: every get of one object shares its frames, so no reader may change them (as Ray's store).
+        return pickle.loads(head, buffers=[memoryview(f).toreadonly() for f in frames[1:]])
     except Exception as exc:
         raise DeserializationError(f"cannot deserialize value: {exc!r}") from exc
 
