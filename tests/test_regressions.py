@@ -5,10 +5,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import psutil
 import pytest
 
 import zmesh
+import zmesh.runtime
 import zmesh.testing
+from zmesh.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+from zmesh.testing import NodeProcess
 
 
 @zmesh.remote
@@ -129,3 +133,44 @@ def test_a_returned_array_is_not_changed_by_the_next_call(local: None) -> None:
         h.bump.remote()
     for i, arr in enumerate(zmesh.get(refs, timeout=30)):
         assert int(arr.min()) == int(arr.max()) == i
+
+
+# --- the node and its zygote never block on each other; the node's workers follow its zygote
+
+
+@zmesh.remote(num_cpus=0.001)
+class Tiny:
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_of_600_creations_then_sigterm(driver: NodeProcess) -> None:
+    actors = [Tiny.remote() for _ in range(600)]
+    assert len(set(zmesh.get([a.pid.remote() for a in actors], timeout=90))) == 600
+    # The `driver` fixture then stops the node with SIGTERM and checks it exits 0.
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_zygote_restarts_restartable_actors_and_buries_the_rest(driver: NodeProcess) -> None:
+    keeper = Tiny.options(max_restarts=1).remote()
+    mortal = Tiny.remote()
+    old_pid = zmesh.get(keeper.pid.remote(), timeout=30)
+    zmesh.get(mortal.pid.remote(), timeout=30)
+    (zygote,) = psutil.Process(driver.pid).children()
+    zygote.kill()
+    new_pid = zmesh.testing.wait_for(lambda: _answer(keeper), timeout=20, what="the restarted actor to answer")
+    assert new_pid != old_pid
+    with pytest.raises(ActorDiedError):
+        zmesh.get(mortal.pid.remote(), timeout=20)
+    states = {a["actor_id"]: a["state"] for a in zmesh.runtime.current().request("status")["actors"]}  # type: ignore[union-attr]
+    assert states == {keeper._zmesh_actor_id: "ALIVE"}
+
+
+def _answer(actor: Any) -> int | None:
+    try:
+        return int(zmesh.get(actor.pid.remote(), timeout=5))
+    except (ActorUnavailableError, GetTimeoutError):
+        return None

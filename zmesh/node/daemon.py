@@ -7,7 +7,6 @@ pass through here.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ import zmq
 
 from zmesh.node import records
 from zmesh.node.config import NodeConfig
+from zmesh.node.lines import ChannelClosed, LineChannel
 from zmesh.node.records import ActorRecord, Client
 from zmesh.node.resources import Resources
 from zmesh.transport import protocol, rundir, serialization, sockets
@@ -90,8 +90,7 @@ class Node:
         self._dead: deque[ActorId] = deque()
         self._thread: threading.Thread | None = None
         self._zygote: subprocess.Popen[bytes] | None = None
-        self._zsock: socket.socket | None = None
-        self._zbuffer = b""
+        self._zlink: LineChannel | None = None
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
@@ -170,7 +169,7 @@ class Node:
                         self._zap.handle()
                     elif sock == self._wake_r:
                         os.read(self._wake_r, 4096)
-                    elif self._zsock is not None and sock == self._zsock.fileno():
+                    elif self._zlink is not None and sock == self._zlink.fileno():
                         self._on_zygote()
                     elif isinstance(sock, int) and sock in self._client_by_fd:
                         self._client_gone(self._client_by_fd[sock], "exited")
@@ -180,6 +179,7 @@ class Node:
                 self._reschedule = False
                 self._schedule()
             self._check_waiting()
+            self._watch_zygote_writes()
 
     def _shutdown(self) -> None:
         for pid, actor_id in list(self._by_pid.items()):
@@ -188,8 +188,8 @@ class Node:
         for client in self._clients.values():
             if client.kind == "worker":  # killed with their actors above
                 sockets.remove_ipc(client.address)
-        if self._zsock is not None:
-            self._zsock.close()
+        if self._zlink is not None:
+            self._zlink.close()
         if self._zygote is not None:
             self._zygote.terminate()
             try:
@@ -220,44 +220,64 @@ class Node:
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
-        self._zsock = ours
-        self._zbuffer = b""
+        self._zlink = LineChannel(ours)
         self._poller.register(ours.fileno(), zmq.POLLIN)
 
+    def _watch_zygote_writes(self) -> None:
+        """Poll for writability only while spawn requests wait to be written (never block on the zygote)."""
+        link = self._zlink
+        if link is not None:
+            if link.wants_write:
+                link.flush()
+            self._poller.register(link.fileno(), zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0))
+
     def _on_zygote(self) -> None:
-        assert self._zsock is not None
-        data = self._zsock.recv(65536)
-        if not data:
-            logger.error("zmesh node: the worker zygote exited; starting a new one")
-            self._poller.unregister(self._zsock.fileno())
-            self._zsock.close()
-            self._zsock = None
-            if self._zygote is not None:
-                self._zygote.wait()
-            self._start_zygote()
-            for record in self._actors.values():
-                if record.state in (records.STARTING, records.RESTARTING) and record.pid is None:
-                    self._spawn(record)
+        link = self._zlink
+        assert link is not None
+        try:
+            link.flush()
+            events = link.receive()
+        except ChannelClosed:
+            self._zygote_died()
             return
-        self._zbuffer += data
-        while b"\n" in self._zbuffer:
-            line, self._zbuffer = self._zbuffer.split(b"\n", 1)
-            event = json.loads(line)
-            if event["ev"] == "spawned":
-                token_owner = self._by_token.get(event["token"])
-                spawned = self._actors.get(token_owner) if token_owner else None
-                if spawned is not None and spawned.token == event["token"]:
-                    spawned.pid = event["pid"]
-                    self._by_pid[event["pid"]] = spawned.actor_id
-                elif event["pid"] not in self._by_pid:  # not already known from the worker's own init
-                    _kill(event["pid"])  # its actor was killed before it even started
-            elif event["ev"] == "exited":
-                actor_id = self._by_pid.pop(event["pid"], None)
-                if actor_id is not None:
-                    self._worker_exited(self._actors[actor_id], event["pid"], event["code"])
+        for event in events:
+            self._on_zygote_event(event)
+
+    def _zygote_died(self) -> None:
+        """Its workers died with it (PDEATHSIG): restart or bury their actors, then start a new zygote."""
+        logger.error("zmesh node: the worker zygote exited; starting a new one")
+        assert self._zlink is not None
+        self._poller.unregister(self._zlink.fileno())
+        self._zlink.close()
+        self._zlink = None
+        if self._zygote is not None:
+            self._zygote.wait()
+        self._start_zygote()
+        for pid, actor_id in list(self._by_pid.items()):
+            del self._by_pid[pid]
+            record = self._actors.get(actor_id)
+            if record is not None:
+                self._worker_exited(record, pid, -signal.SIGKILL)
+        for record in self._actors.values():
+            if record.state in (records.STARTING, records.RESTARTING) and record.pid is None:
+                self._spawn(record)
+
+    def _on_zygote_event(self, event: dict[str, Any]) -> None:
+        if event.get("ev") == "spawned":
+            token_owner = self._by_token.get(event["token"])
+            spawned = self._actors.get(token_owner) if token_owner else None
+            if spawned is not None and spawned.token == event["token"]:
+                spawned.pid = event["pid"]
+                self._by_pid[event["pid"]] = spawned.actor_id
+            elif event["pid"] not in self._by_pid:  # not already known from the worker's own init
+                _kill(event["pid"])  # its actor was killed before it even started
+        elif event.get("ev") == "exited":
+            actor_id = self._by_pid.pop(event["pid"], None)
+            if actor_id is not None and actor_id in self._actors:
+                self._worker_exited(self._actors[actor_id], event["pid"], event["code"])
 
     def _spawn(self, record: ActorRecord) -> None:
-        assert self._zsock is not None
+        assert self._zlink is not None
         record.pid = None
         self._by_token[record.token] = record.actor_id
         env = {}
@@ -271,7 +291,7 @@ class Node:
             "env": env,
             "security": self.security.spawn_env(),
         }
-        self._zsock.sendall(json.dumps(request).encode() + b"\n")
+        self._zlink.send(request)
 
     # ------------------------------------------------------------------ messages
 

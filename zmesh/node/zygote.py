@@ -11,13 +11,14 @@ zygote -> node ``{"ev": "ready"}``, ``{"ev": "spawned", "token", "pid"}``,
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import select
 import signal
 import socket
 import sys
 from typing import Any
+
+from zmesh.node.lines import ChannelClosed, LineChannel
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,14 +35,7 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def _send(sock: socket.socket, event: dict[str, Any]) -> None:
-    try:
-        sock.sendall(json.dumps(event).encode() + b"\n")
-    except OSError:
-        os._exit(0)  # the node is gone
-
-
-def _spawn(request: dict[str, Any], control: socket.socket, wake_r: int, wake_w: int) -> int:
+def _spawn(request: dict[str, Any], channel: LineChannel, wake_r: int, wake_w: int) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -49,9 +43,11 @@ def _spawn(request: dict[str, Any], control: socket.socket, wake_r: int, wake_w:
     code = 1
     try:
         signal.set_wakeup_fd(-1)
+        # Default dispositions, so Ctrl-C reaches the worker and the programs it starts (SIG_IGN survives exec).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
-        control.close()
+        channel.close()
         os.close(wake_r)
         os.close(wake_w)
         die_with_parent()
@@ -70,6 +66,17 @@ def _spawn(request: dict[str, Any], control: socket.socket, wake_r: int, wake_w:
     return 0  # unreachable
 
 
+def _reap(channel: LineChannel) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        channel.send({"ev": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
 def main(fd: int) -> int:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
@@ -77,42 +84,32 @@ def main(fd: int) -> int:
     # Import what every worker needs now, once, so each fork starts warm.
     from zmesh.node import worker  # noqa: F401
 
-    control = socket.socket(fileno=fd)
+    channel = LineChannel(socket.socket(fileno=fd))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    _send(control, {"ev": "ready"})
-    buffer = b""
-    while True:
-        try:
-            readable, _, _ = select.select([control.fileno(), wake_r], [], [])
-        except InterruptedError:
-            continue
-        if wake_r in readable:
-            os.read(wake_r, 4096)
-        if control.fileno() in readable:
-            try:
-                data = control.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                return 0  # the node is gone; our workers die with us
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                request = json.loads(line)
-                if request.get("op") == "spawn":
-                    pid = _spawn(request, control, wake_r, wake_w)
-                    _send(control, {"ev": "spawned", "token": request["token"], "pid": pid})
+    try:
+        channel.send({"ev": "ready"})
         while True:
+            # Never block on a write: the node may be busy writing to us at the same moment.
+            writers = [channel.fileno()] if channel.wants_write else []
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            _send(control, {"ev": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+                readable, writable, _ = select.select([channel.fileno(), wake_r], writers, [])
+            except InterruptedError:
+                continue
+            if wake_r in readable:
+                os.read(wake_r, 4096)
+            if writable:
+                channel.flush()
+            if channel.fileno() in readable:
+                for request in channel.receive():
+                    if request.get("op") == "spawn":
+                        pid = _spawn(request, channel, wake_r, wake_w)
+                        channel.send({"ev": "spawned", "token": request.get("token"), "pid": pid})
+            _reap(channel)
+    except ChannelClosed:
+        return 0  # the node is gone; our workers die with us
 
 
 if __name__ == "__main__":
