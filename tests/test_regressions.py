@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -11,7 +12,7 @@ import pytest
 import zmesh
 import zmesh.runtime
 import zmesh.testing
-from zmesh.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+from zmesh.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, NodeUnavailableError
 from zmesh.testing import NodeProcess
 
 
@@ -174,3 +175,33 @@ def _answer(actor: Any) -> int | None:
         return int(zmesh.get(actor.pid.remote(), timeout=5))
     except (ActorUnavailableError, GetTimeoutError):
         return None
+
+
+# --- a driver always notices that its node died (its monitor used to miss the connect event)
+
+
+@zmesh.remote
+class Sleeper:
+    def block(self) -> None:
+        import time
+
+        time.sleep(60)
+
+
+@pytest.mark.timeout(120)
+def test_a_driver_notices_its_node_died_every_time(isolated_run_dir: Path) -> None:
+    for _ in range(6):
+        node = NodeProcess(str(isolated_run_dir), "--num-cpus", "2")
+        try:
+            zmesh.init(address="auto")
+            a = Sleeper.remote()
+            ref = a.block.remote()
+            zmesh.get(Tiny.remote().pid.remote(), timeout=30)  # the node has answered and started workers
+            node.proc.kill()
+            with pytest.raises((ActorDiedError, NodeUnavailableError)):
+                zmesh.get(ref, timeout=20)
+            with pytest.raises(NodeUnavailableError):
+                zmesh.get_actor("anything")
+        finally:
+            zmesh.shutdown()
+            node.stop()

@@ -134,7 +134,12 @@ class Runtime:
         self._router = self._servers[0]
         # Which of our ROUTERs each peer reached us on: its answers must leave by the same one.
         self._route: dict[bytes, sockets.Socket] = {}
-        self._node = sockets.dealer(self._ctx, self.security, node_address, self.client_id)
+        # The kernel tells us at once when a same-host node dies; we learn it from the monitor.
+        self._node, node_monitor = sockets.dealer(
+            self._ctx, self.security, node_address, self.client_id, monitor=zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
+        assert node_monitor is not None
+        self._node_monitor = node_monitor
         self._peers: dict[str, sockets.Socket] = {}
         self._peer_by_socket: dict[sockets.Socket, str] = {}
         self._owners_checked = 0.0
@@ -147,8 +152,6 @@ class Runtime:
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._by_fd: dict[int, sockets.Socket] = {}
         self._touched: set[sockets.Socket] = set()
-        # The kernel tells us at once when a same-host node dies; we learn it from the monitor.
-        self._node_monitor = self._node.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         for sock in (*self._servers, self._node, self._node_monitor):
             self._watch(sock)
         if self._zap is not None:

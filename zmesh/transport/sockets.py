@@ -73,8 +73,8 @@ def connect(ctx: Context, security: Security, address: str, identity: bytes) -> 
     tcp, ipc = endpoints(address)
     # ZMESH_LOCAL_IPC=0 sends same-host traffic over TCP too: for measuring what CURVE costs.
     if ipc is not None and os.environ.get("ZMESH_LOCAL_IPC") != "0" and _is_ours(ipc.removeprefix("ipc://")):
-        return dealer(ctx, Security(None, security.max_message_bytes), ipc, identity)
-    return dealer(ctx, security, tcp, identity)
+        return dealer(ctx, Security(None, security.max_message_bytes), ipc, identity)[0]
+    return dealer(ctx, security, tcp, identity)[0]
 
 
 def remove_ipc(address: str | None) -> None:
@@ -92,14 +92,20 @@ def _is_ours(path: str) -> bool:
     return stat.S_ISSOCK(info.st_mode) and info.st_uid == os.getuid() and os.path.dirname(path) == str(rundir.socket_dir())
 
 
-def dealer(ctx: Context, security: Security, address: str, identity: bytes) -> Socket:
+def dealer(ctx: Context, security: Security, address: str, identity: bytes, *, monitor: int = 0) -> tuple[Socket, Socket | None]:
+    """A DEALER connected to ``address``, and a monitor of ``monitor`` events made before it connects.
+
+    A monitor made after ``connect`` can miss the first events (the connection is set up on
+    ZeroMQ's thread), and with them the fact that the peer was ever there.
+    """
     sock = _common(ctx.socket(zmq.DEALER), security)
     security.client(sock)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    watcher = sock.get_monitor_socket(monitor) if monitor else None
     sock.connect(address)
-    return sock
+    return sock, watcher
 
 
 _SNDMORE = int(zmq.SNDMORE)
