@@ -68,7 +68,7 @@ class Node:
         self.node_id = new_node_id()
         self.resources = Resources(self.config.total_resources())
         self.security = node_security(self.config)
-        self._ctx = zmq.Context()
+        self._ctx = sockets.new_context()
         # Bound before the ROUTER: no handshake is ever left unchecked.
         self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
         self._router, self.address = sockets.router(self._ctx, self.security, self.config.host, self.config.port)

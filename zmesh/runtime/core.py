@@ -7,6 +7,7 @@ thread-local inproc PUSH, which keeps each thread's submissions in order.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -62,6 +63,10 @@ _NODE_ERRORS: dict[str, type[Exception]] = {
 CallHandler = Callable[[bytes, protocol.Message], None]
 
 
+class ConnectFailed(ZmeshError):
+    """No socket to a peer could be opened (out of file descriptors, most likely)."""
+
+
 class _Reply:
     __slots__ = ("event", "ok", "payload", "value")
 
@@ -104,7 +109,7 @@ class Runtime:
         self.namespace = namespace
         self.node_address = node_address
         self.request_timeout = 30.0
-        self._ctx = zmq.Context()
+        self._ctx = sockets.new_context()
         self._lock = threading.Lock()
         self.objects = objects.ObjectStore(self._lock)
         self._actors: dict[ActorId, ActorConn] = {}
@@ -410,7 +415,10 @@ class Runtime:
         try:
             if self._outbox or dest in self._dead_addresses or self.closed:
                 return False
-            sock = self._peer(dest)
+            try:
+                sock = self._peer(dest)
+            except ConnectFailed:
+                return False  # the I/O thread fails the call with the reason
             sockets.send(sock, [protocol.header_frame(_CALL, (call.header,)), *call.frames])
             # Sending may have consumed the signal of an answer already waiting on this socket.
             if sockets.readable(sock):
@@ -624,7 +632,7 @@ class Runtime:
             batch_kind, headers, payload = None, [], []
             if command is _TO_PEER:
                 if dest not in self._dead_addresses:
-                    self._send(self._peer(dest), body)
+                    self._send_to_peer(dest, body)
             elif command is _VIA_ROUTER:
                 self._send_router([dest, *body])
             elif command is _TO_NODE:
@@ -634,14 +642,36 @@ class Runtime:
         self._send_batch(batch_kind, batch_dest, headers, payload)
         return True
 
+    def _send_to_peer(self, address: str, frames: list[Any]) -> None:
+        try:
+            sock = self._peer(address)
+        except ConnectFailed as exc:
+            logger.error("%s", exc)
+            msg = protocol.decode(frames)
+            if msg.type == protocol.GET_OBJECT:  # the fetch can never be answered
+                with self._lock:
+                    self._fetching.get(address, set()).discard(msg.header[0])
+                self._fail(msg.header[:1], exc)
+            return
+        self._send(sock, frames)
+
     def _send(self, sock: sockets.Socket, frames: list[Any]) -> None:
         sockets.send(sock, frames)
         self._touched.add(sock)
 
     def _peer(self, address: str) -> sockets.Socket:
+        """The DEALER to ``address``; ConnectFailed (naming why) when no socket can be opened."""
         sock = self._peers.get(address)
         if sock is None:
-            sock = sockets.connect(self._ctx, self.security, address, self.client_id)
+            try:
+                if not sockets.room_for_peer(len(self._peers)):
+                    raise OSError(errno.EMFILE, "Too many open files")
+                sock = sockets.connect(self._ctx, self.security, address, self.client_id)
+            except (zmq.ZMQError, OSError) as exc:
+                raise ConnectFailed(
+                    f"cannot open a connection to {address}: {exc} (this process may have {sockets.open_file_limit()} files open; "
+                    "raise the limit with `ulimit -n`, or use fewer actors per process)"
+                ) from None
             self._peers[address] = sock
             self._peer_by_socket[sock] = address
             self._watch(sock)
@@ -711,7 +741,22 @@ class Runtime:
         if kind is _RESULT:
             self._send_router([dest, *frames])
         elif dest not in self._dead_addresses:
-            self._send(self._peer(dest), frames)
+            try:
+                sock = self._peer(dest)
+            except ConnectFailed as exc:
+                self._fail_unsent(dest, headers, exc)
+                return
+            self._send(sock, frames)
+
+    def _fail_unsent(self, address: str, headers: list[tuple[Any, ...]], error: BaseException) -> None:
+        """Calls that could not be sent fail with the reason; they leave the in-flight table."""
+        with self._lock:
+            conn = self._actor_at.get(address)
+            if conn is not None:
+                for header in headers:
+                    conn.inflight.pop(header[0][0], None)
+        for header in headers:
+            self._fail(header[0], error)
 
     def _send_router(self, frames: list[Any]) -> None:
         try:
@@ -799,6 +844,7 @@ class Runtime:
 
     def _on_actor_state(self, actor_id: ActorId, state: str, incarnation: int, address: str | None, error: str | None) -> None:
         """Apply the node's news about an actor: flush, fail or retry calls accordingly."""
+        on_io_thread = threading.current_thread() is self._thread
         with self._lock:
             conn = self._actors.get(actor_id)
             step = apply_state(conn, state, incarnation, address, error) if conn is not None else None
@@ -809,15 +855,15 @@ class Runtime:
                 self._actor_at.pop(step.gone, None)
             if conn is not None and conn.state is ALIVE and conn.address is not None:
                 self._actor_at[conn.address] = conn
-            if step.send and address is not None:
-                # Sent while holding the lock, so calls submitted later cannot overtake these.
-                if threading.current_thread() is self._thread:
-                    for i in range(0, len(step.send), _MAX_BATCH):
-                        chunk = step.send[i : i + _MAX_BATCH]
-                        self._send_batch(_CALL, address, [c.header for c in chunk], [f for c in chunk for f in c.frames])
-                else:
-                    for call in step.send:
-                        self._push(_CALL, address, call)
+            if step.send and address is not None and not on_io_thread:
+                # Queued under the lock, so calls submitted later cannot overtake these.
+                for call in step.send:
+                    self._push(_CALL, address, call)
+        if step.send and address is not None and on_io_thread:
+            # The I/O thread holds _io_lock: later calls can only queue behind these, never overtake them.
+            for i in range(0, len(step.send), _MAX_BATCH):
+                chunk = step.send[i : i + _MAX_BATCH]
+                self._send_batch(_CALL, address, [c.header for c in chunk], [f for c in chunk for f in c.frames])
         for oids, err in step.fail:
             self._fail(oids, err)
         if step.gone is not None and threading.current_thread() is self._thread:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pickle
+import resource
 import socket
 import stat
 from typing import Any, TypeAlias
@@ -16,6 +17,59 @@ from zmesh.transport.security import Security
 
 Socket: TypeAlias = "zmq.Socket[Any]"
 Context: TypeAlias = "zmq.Context[Any]"
+
+
+def new_context() -> Context:
+    """A ZeroMQ context sized for a process that talks to thousands of peers.
+
+    Each peer costs two or three descriptors and one socket: the usual soft limit of
+    1,024 open files and ZeroMQ's default of 1,023 sockets a context stop a driver
+    at a few hundred actors, so both are raised as far as the system allows (Ray
+    raises the file limit too).
+    """
+    raise_open_file_limit()
+    ctx: Context = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, ctx.get(zmq.SOCKET_LIMIT))
+    return ctx
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def open_file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# A new peer costs a ZeroMQ mailbox, a connection and, while reconnecting, one more.
+_FDS_PER_PEER = 3
+
+
+def room_for_peer(peers: int) -> bool:
+    """Whether a new peer connection can get its descriptors.
+
+    Past the limit ZeroMQ still makes the socket but retries the connection silently
+    for ever, so messages to it would wait without an error: ask before, not after.
+    Counting open descriptors costs a directory listing, so it is done only when the
+    limit is near.
+    """
+    limit = open_file_limit()
+    if limit >= 4 * (peers * _FDS_PER_PEER + 256):
+        return True
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return False  # even the listing could not get a descriptor
+    return used + 2 * _FDS_PER_PEER < limit
 
 
 def _common(sock: Socket, security: Security) -> Socket:
