@@ -247,3 +247,41 @@ def test_calls_past_the_hard_file_limit_fail_with_a_clear_error(driver: NodeProc
     assert line is not None, out.stdout + out.stderr
     _, ok, failed, _ = line.split()
     assert int(ok) + int(failed) == 150 and int(failed) > 0
+
+
+# --- a detached actor whose creator exited does not keep the lines it prints
+
+
+_MAKE_PRINTER = """
+import zmesh
+zmesh.init(address="auto")
+
+@zmesh.remote
+class Printer:
+    def pid(self):
+        import os
+        return os.getpid()
+
+    def spew(self, lines, size):
+        for i in range(lines):
+            print(str(i) * size)
+        return lines
+
+p = Printer.options(name="printer", lifetime="detached").remote()
+print("PID", zmesh.get(p.pid.remote(), timeout=30))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_lines_of_a_detached_actor_whose_creator_exited_are_not_kept(driver: NodeProcess) -> None:
+    out = run_driver(_MAKE_PRINTER)
+    assert "PID" in out.stdout, out.stderr
+    worker = psutil.Process(int(out.stdout.split("PID")[1].split()[0]))
+    printer = zmesh.get_actor("printer")
+    start = worker.memory_info().rss
+    for _ in range(5):
+        assert zmesh.get(printer.spew.remote(20, 1_000_000), timeout=60) == 20
+    assert worker.memory_info().rss - start < 60 * 2**20
+    # Nobody can read them where they were meant to go: they land in the node's log.
+    zmesh.testing.wait_for(lambda: "1" * 1000 in driver.output_so_far(), timeout=30, what="lines in the node's log")
+    zmesh.kill(printer)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -52,6 +53,14 @@ class NodeProcess:
             self.stop()
             raise RuntimeError(f"zmesh node did not start: {getattr(self, 'output', '')!r}")
         self.address = line.rsplit(" ", 1)[1].strip()
+        # Read the node's output as it comes: a full pipe would block the node and its workers' prints.
+        self._reader = threading.Thread(target=self._read_output, name="zmesh-node-output", daemon=True)
+        self._reader.start()
+
+    def _read_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._early.append(line)
 
     @property
     def pid(self) -> int:
@@ -75,10 +84,19 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(timeout)
+        elif self.proc.stdout:
+            self._early.append(self.proc.stdout.read())
         if self.proc.stdout:
-            self.output = "".join(self._early) + self.proc.stdout.read()
             self.proc.stdout.close()
+        self.output = "".join(self._early)
         return self.proc.returncode
+
+    def output_so_far(self) -> str:
+        """What the node has printed until now (its log, and lines its workers could not deliver)."""
+        return "".join(self._early)
 
 
 def zmesh_processes(run_dir: str | None = None) -> list[psutil.Process]:

@@ -399,10 +399,21 @@ class Node:
         self._forget_pidfd(client)
         if why == "exited":
             sockets.remove_ipc(client.address)
+        self._tell_creations(client)
         for record in list(self._actors.values()):
             record.subscribers.discard(client_id)
             if record.owner == client_id and record.state != records.DEAD:
                 self._kill(record, f"its owner ({client.kind} pid {client.pid}) {why}", no_restart=True)
+
+    def _tell_creations(self, client: Client) -> None:
+        """The workers of actors ``client`` created (detached ones outlive it) stop sending it their prints."""
+        pids = {r.pid for r in self._actors.values() if r.creator == client.client_id and r.state != records.DEAD and r.pid}
+        if not pids:
+            return
+        frames = protocol.encode(protocol.PEER_GONE, (client.address,))
+        for other in self._clients.values():
+            if other.kind == "worker" and other.pid in pids:
+                self._send(other.client_id, frames)
 
     # ------------------------------------------------------------------ requests
 

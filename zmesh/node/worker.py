@@ -48,8 +48,16 @@ class _LogStream(io.TextIOBase):
         self._lock = threading.Lock()
 
     def _send(self, text: str) -> None:
-        if not self._direct(self._prefix, self._stream, text):
-            self._rt.send_log(self._owner, self._prefix, self._stream, text)
+        if self._direct(self._prefix, self._stream, text) or self._rt.send_log(self._owner, self._prefix, self._stream, text):
+            return
+        # The owner is gone (a detached actor outlives its creator): the line goes to the node's log instead.
+        fallback = sys.__stderr__ if self._stream == "stderr" else sys.__stdout__
+        if fallback is not None:
+            try:
+                fallback.write(f"({self._prefix}) {text}")
+                fallback.flush()
+            except (OSError, ValueError):
+                pass
 
     def writable(self) -> bool:
         return True

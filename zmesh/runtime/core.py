@@ -464,8 +464,12 @@ class Runtime:
         else:
             self._push(_VIA_ROUTER, frames[0], frames[1:])
 
-    def send_log(self, owner: str, prefix: str, stream: str, text: str) -> None:
+    def send_log(self, owner: str, prefix: str, stream: str, text: str) -> bool:
+        """Send a printed line to ``owner``; False once it is known to be gone (nobody would read it)."""
+        if owner in self._dead_addresses:
+            return False
         self._push(_TO_PEER, owner, protocol.encode(protocol.LOG, (prefix, stream, text)))
+        return True
 
     def send_result(self, identity: bytes, header: tuple[Any, ...], frames: list[Any]) -> None:
         """Queue one call's result for its caller; ``header`` is ``(oids, ok, counts, packed frames)``."""
@@ -695,16 +699,19 @@ class Runtime:
             return
 
         def on_reply(ok: bool, value: Any, payload: list[Any]) -> None:
-            if not ok:
-                return
-            for owner in value:
-                with self._lock:
-                    lost = self._fetching.pop(owner, set())
-                self._complete(
-                    [(oid, None, False, ObjectLostError(f"object {oid.hex()} is lost: its owner at {owner} is gone")) for oid in lost]
-                )
+            if ok:
+                for owner in value:
+                    self._peer_gone(owner)
 
         self.request_nowait("gone", (owners,), [], on_reply)
+
+    def _peer_gone(self, address: str) -> None:
+        """A process we fetch from or print to has exited: fail what it owed us and free what was queued for it."""
+        with self._lock:
+            lost = self._fetching.pop(address, set())
+            self._dead_addresses.add(address)
+        self._drop_peer(address)
+        self._complete([(oid, None, False, ObjectLostError(f"object {oid.hex()} is lost: its owner at {address} is gone")) for oid in lost])
 
     def _drain_released(self) -> None:
         with self._lock:
@@ -793,6 +800,8 @@ class Runtime:
                 callback(ok, value, msg.payload)
         elif msg.type == protocol.ACTOR_STATE:
             self._on_actor_state(*msg.header)
+        elif msg.type == protocol.PEER_GONE:
+            self._peer_gone(str(msg.header[0]))
 
     def _on_peer(self, address: str, frames: list[Any]) -> None:
         msg = protocol.decode(frames)

@@ -33,6 +33,7 @@ REQUEST = b"Q"  # (req_id, op, args) + payload frames
 # node -> client
 REPLY = b"R"  # (req_id, ok, value); value is (error kind, message) when not ok
 ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
+PEER_GONE = b"g"  # (address,): a process this client may talk to has exited
 # caller -> worker and back; each header is a batch of entries
 CALL = b"C"  # ((oids, method, group, packed arg frames), ...) + arg frames
 RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
@@ -48,6 +49,7 @@ KNOWN_TYPES = frozenset(
         REQUEST,
         REPLY,
         ACTOR_STATE,
+        PEER_GONE,
         CALL,
         RESULT,
         GET_OBJECT,
