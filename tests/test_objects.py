@@ -155,8 +155,9 @@ def test_wait_timeout_zero_returns_at_once(local: None) -> None:
     ready, not_ready = zmesh.wait([blocked], num_returns=1, timeout=0)
     assert time.monotonic() - start < 1
     assert (ready, not_ready) == ([], [blocked])
-    # num_returns=0 also returns at once.
-    assert zmesh.wait([blocked], num_returns=0, timeout=None) == ([], [blocked])
+    # num_returns=0 is refused, as in Ray (it would return at once with nothing).
+    with pytest.raises(ValueError, match="num_returns"):
+        zmesh.wait([blocked], num_returns=0, timeout=None)
     zmesh.get(store.release.remote(), timeout=10)
     assert zmesh.wait([blocked], num_returns=1, timeout=10) == ([blocked], [])
     assert zmesh.get(blocked) == "released"

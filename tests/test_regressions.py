@@ -285,3 +285,58 @@ def test_lines_of_a_detached_actor_whose_creator_exited_are_not_kept(driver: Nod
     # Nobody can read them where they were meant to go: they land in the node's log.
     zmesh.testing.wait_for(lambda: "1" * 1000 in driver.output_so_far(), timeout=30, what="lines in the node's log")
     zmesh.kill(printer)
+
+
+# --- actor code runs in its creator's namespace
+
+
+@zmesh.remote
+class Finder:
+    def find(self, name: str) -> Any:
+        return zmesh.get(zmesh.get_actor(name).echo.remote("found"), timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_runs_in_its_creators_namespace() -> None:
+    zmesh.init(num_cpus=4, namespace="x")
+    Echo.options(name="target").remote()
+    assert zmesh.get(Finder.remote().find.remote("target"), timeout=30) == "found"
+    # Also when the actor itself is named in another namespace: its code still runs in the job's.
+    assert zmesh.get(Finder.options(name="f", namespace="y").remote().find.remote("target"), timeout=30) == "found"
+
+
+# --- wait: Ray's answers at the edges, and a drain that stays linear
+
+
+def test_wait_on_no_refs_returns_two_empty_lists(local: None) -> None:
+    assert zmesh.wait([]) == ([], [])
+
+
+@pytest.mark.parametrize("num_returns", [0, -1, 3, True, 1.0])
+def test_wait_with_a_bad_num_returns_raises(local: None, num_returns: Any) -> None:
+    refs = [zmesh.put(1), zmesh.put(2)]
+    with pytest.raises(ValueError, match="num_returns"):
+        zmesh.wait(refs, num_returns=num_returns)
+
+
+@pytest.mark.timeout(60)
+def test_draining_with_wait_returns_every_ref_once_in_order(local: None) -> None:
+    a = Echo.remote()
+    refs = [a.echo.remote(i) for i in range(5_000)]
+    pending: list[Any] = refs
+    drained = []
+    while pending:
+        ready, pending = zmesh.wait(pending, num_returns=min(3, len(pending)), timeout=30)
+        drained += ready
+    assert drained == refs  # a sequential actor finishes in order, and ready keeps the order of refs
+
+
+def test_wait_checks_a_returned_list_again_once_it_changed(local: None) -> None:
+    refs = [zmesh.put(i) for i in range(3)]
+    ready, rest = zmesh.wait(refs)
+    rest.append(rest[0])
+    with pytest.raises(ValueError, match="more than once"):
+        zmesh.wait(rest)
+    rest[-1] = "not a ref"
+    with pytest.raises(TypeError, match="item 2"):
+        zmesh.wait(rest)

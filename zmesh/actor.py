@@ -124,6 +124,8 @@ class ActorClass:
             "class_name": self.__name__,
             "name": opts.name,
             "namespace": opts.namespace or rt.namespace,
+            # The actor's own code runs in its creator's namespace, as a Ray actor runs in its job's.
+            "job_namespace": rt.namespace,
             "detached": opts.lifetime == "detached",
             "get_if_exists": opts.get_if_exists,
             "resources": opts.resource_demand(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import logging
+import operator
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -221,25 +222,60 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
     return values[0] if single else values
 
 
+_ref_id = operator.attrgetter("id")
+
+
+class _Refs(list[ObjectRef]):
+    """The not-ready list ``wait`` returns: it remembers that its refs were checked.
+
+    Draining with ``while refs: done, refs = wait(refs)`` passes this list straight
+    back, so its items need no second check: without this, every call re-checks the
+    whole list and draining n refs costs O(n^2) Python steps. A list changed in
+    place since is checked again (its length no longer matches).
+    """
+
+    __slots__ = ("checked",)
+    checked: int
+
+
 def wait(
     refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True
 ) -> tuple[list[ObjectRef], list[ObjectRef]]:
-    """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready or ``timeout`` passes."""
+    """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready or ``timeout`` passes.
+
+    ``ready`` keeps the order of ``refs``. Draining with ``while refs: done, refs = wait(refs)``
+    stays fast: checks over the whole list run at C speed, and the scan for ready refs stops
+    at the ``num_returns``-th one.
+    """
     if isinstance(refs, ObjectRef):
         raise TypeError("zmesh.wait() expects a list of ObjectRefs, not a single ObjectRef")
-    items, _ = _check_refs(refs, "zmesh.wait()")
+    if not isinstance(refs, list | tuple):
+        raise TypeError(f"zmesh.wait() expects a list of ObjectRefs, got {type(refs).__name__} {refs!r:.60}")
+    items: Sequence[ObjectRef] = refs
     _check_timeout(timeout)
-    if len(set(items)) != len(items):
-        raise ValueError("zmesh.wait() got the same ObjectRef more than once")
-    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 0 <= num_returns <= len(items):
-        raise ValueError(f"num_returns must be an int between 0 and len(refs)={len(items)}, got {num_returns!r}")
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 1 <= num_returns <= max(len(items), 1):
+        raise ValueError(f"num_returns must be an int between 1 and len(refs)={len(items)}, got {num_returns!r}")
+    if type(items) is not _Refs or items.checked != len(items):
+        if not set(map(type, items)) <= {ObjectRef}:
+            _check_refs(list(items), "zmesh.wait()")  # raises, naming the first item that is not a ref
+        if len(set(map(_ref_id, items))) != len(items):
+            raise ValueError("zmesh.wait() got the same ObjectRef more than once")
+    if not items:
+        return [], []
     rt = _require()
-    entries = rt.entries_for([(r.id, r.owner) for r in items])
-    rt.objects.wait_done(entries, num_returns, timeout)
-    ready: list[ObjectRef] = []
-    not_ready: list[ObjectRef] = []
-    for ref, entry in zip(items, entries, strict=True):
-        (ready if entry.done and len(ready) < max(num_returns, 1) else not_ready).append(ref)
+    ready_at = rt.objects.first_done(map(_ref_id, items), num_returns)
+    if len(ready_at) < num_returns:
+        entries = rt.entries_for([(r.id, r.owner) for r in items])
+        rt.objects.wait_done(entries, num_returns, timeout)
+        ready_at = [i for i, entry in enumerate(entries) if entry.done][:num_returns]
+    ready = [items[i] for i in ready_at]
+    not_ready = _Refs()
+    start = 0
+    for i in ready_at:
+        not_ready += items[start:i]
+        start = i + 1
+    not_ready += items[start:]
+    not_ready.checked = len(not_ready)
     return ready, not_ready
 
 

@@ -333,6 +333,7 @@ def main(node_address: str, token: str, security: Security, listen_host: str) ->
     except ActorDiedError:
         rt.close()
         return 0  # the actor was killed before this worker got to it
+    rt.namespace = str(spec.get("job_namespace") or rt.namespace)
     worker = ActorWorker(rt, actor_id, incarnation, spec, payload)
     rt.on_call = worker.on_call
     owner = spec.get("owner_address")

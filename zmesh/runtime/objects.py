@@ -164,6 +164,19 @@ class ObjectStore:
                 entry.waiters.remove(event)
             return done or entry.done
 
+    def first_done(self, oids: Iterable[ObjectId], count: int) -> list[int]:
+        """Positions of the first ``count`` objects already done, without waiting or fetching."""
+        found: list[int] = []
+        entries = self._entries
+        with self._lock:
+            for index, oid in enumerate(oids):
+                entry = entries.get(oid)
+                if entry is not None and entry.done:
+                    found.append(index)
+                    if len(found) == count:
+                        break
+        return found
+
     def add_callback(self, entry: Entry, callback: Callable[[], None]) -> None:
         with self._lock:
             if not entry.done:
