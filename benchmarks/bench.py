@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -70,6 +71,8 @@ class Sizes:
     pipelined_calls: int
     put_gets: int
     big_arg_reps: int
+    # The payload sweep's calls per size are PAYLOAD_SWEEP's counts divided by this.
+    sweep_divisor: int
     workload_timeout_s: int
     child_timeout_s: int
 
@@ -81,6 +84,7 @@ FULL = Sizes(
     pipelined_calls=10_000,
     put_gets=5000,
     big_arg_reps=5,
+    sweep_divisor=1,
     workload_timeout_s=60,
     child_timeout_s=300,
 )
@@ -91,9 +95,42 @@ QUICK = Sizes(
     pipelined_calls=1000,
     put_gets=500,
     big_arg_reps=1,
+    sweep_divisor=10,
     workload_timeout_s=30,
     child_timeout_s=180,
 )
+
+
+@dataclass(frozen=True)
+class PayloadSize:
+    """One step of the payload sweep: a bytes argument of ``nbytes``, passed ``calls`` times."""
+
+    label: str
+    nbytes: int
+    calls: int
+
+    @property
+    def calls_metric(self) -> str:
+        return f"1:1 pipelined {self.label} arg [calls/s]"
+
+    @property
+    def mbps_metric(self) -> str:
+        return f"1:1 pipelined {self.label} arg [MB/s]"
+
+
+# Fewer calls for bigger sizes, so that each size takes about 1-2 s on zmesh (Ray's small sizes take longer).
+PAYLOAD_SWEEP = (
+    PayloadSize("100 B", 100, 20_000),
+    PayloadSize("10 KiB", 10 * 2**10, 10_000),
+    PayloadSize("100 KiB", 100 * 2**10, 4000),
+    PayloadSize("1 MiB", 2**20, 600),
+    PayloadSize("10 MiB", 10 * 2**20, 60),
+)
+# Calls in flight at once are capped at this many argument bytes, so that a big size
+# does not queue gigabytes in the caller; 64 MiB still keeps several 10 MiB calls in flight.
+SWEEP_WINDOW_BYTES = 64 * 2**20
+# A size's MB/s may fall to this fraction of the next smaller size's before it counts as a cliff (noise).
+CLIFF_TOLERANCE = 0.8
 
 
 @dataclass(frozen=True)
@@ -116,6 +153,7 @@ METRICS = (
     Metric("async actor pipelined [calls/s]", higher_is_better=True),
     Metric("put/get small [ops/s]", higher_is_better=True),
     Metric("100 MB argument [GB/s]", higher_is_better=True),
+    *(Metric(name, higher_is_better=True) for size in PAYLOAD_SWEEP for name in (size.calls_metric, size.mbps_metric)),
     Metric("node daemon RSS [MB]", higher_is_better=False),
 )
 
@@ -279,6 +317,35 @@ def bench_big_argument(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
     return {"100 MB argument [GB/s]": BIG_ARG_BYTES * sizes.big_arg_reps / elapsed / 1e9}
 
 
+def _sweep_rate(mod: ModuleType, actor: Any, payload: bytes, calls: int) -> float:
+    """Pass ``payload`` ``calls`` times, at most SWEEP_WINDOW_BYTES in flight; calls per second."""
+    window = max(1, SWEEP_WINDOW_BYTES // len(payload))
+    start = time.perf_counter()
+    done = 0
+    while done < calls:
+        batch = min(window, calls - done)
+        sizes = mod.get([actor.size.remote(payload) for _ in range(batch)])
+        _expect(sizes == [len(payload)] * batch, "bad size")
+        done += batch
+    return calls / (time.perf_counter() - start)
+
+
+def bench_payload_sweep(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    """1:1 pipelined calls with a bytes argument of each PAYLOAD_SWEEP size; the method returns only ``len``."""
+    (actor,) = _ready_actors(mod, Pinger, 1)
+    metrics = {}
+    for size in PAYLOAD_SWEEP:
+        payload = b"\x01" * size.nbytes
+        calls = max(1, size.calls // sizes.sweep_divisor)
+        # Warm-up: the first calls of a size pay for buffers (and Ray's object store) growing.
+        _sweep_rate(mod, actor, payload, max(1, calls // 20))
+        rate = _sweep_rate(mod, actor, payload, calls)
+        metrics[size.calls_metric] = rate
+        metrics[size.mbps_metric] = rate * size.nbytes / 1e6
+    _kill_all(mod, [actor])
+    return metrics
+
+
 Workload = Callable[[ModuleType, Sizes], dict[str, float]]
 # Actor creation runs last: the teardown of its many actors would otherwise
 # compete for CPU with the workloads after it.
@@ -289,6 +356,7 @@ WORKLOADS: tuple[Workload, ...] = (
     bench_async_actor,
     bench_put_get,
     bench_big_argument,
+    bench_payload_sweep,
     bench_actor_creation,
 )
 
@@ -598,6 +666,32 @@ def _print_table(rows: list[list[str]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def _cliff_warnings(result: BackendResult) -> list[str]:
+    """The sweep sizes whose MB/s falls below CLIFF_TOLERANCE of the next smaller size's."""
+    warnings = []
+    for smaller, bigger in itertools.pairwise(PAYLOAD_SWEEP):
+        low, high = result.metrics.get(smaller.mbps_metric), result.metrics.get(bigger.mbps_metric)
+        if low is not None and high is not None and high < CLIFF_TOLERANCE * low:
+            warnings.append(
+                f"WARNING [{result.backend}] payload sweep: {bigger.label} gives {_format_value(high)} MB/s, "
+                f"{high / low:.2f}x the {_format_value(low)} MB/s of {smaller.label} (a cliff: below {CLIFF_TOLERANCE}x)"
+            )
+    return warnings
+
+
+def _print_cliff_check(results: list[BackendResult]) -> None:
+    """Under the table: MB/s should hold or rise with the argument size; name each size where it drops."""
+    print()
+    for result in results:
+        if not all(size.mbps_metric in result.metrics for size in PAYLOAD_SWEEP):
+            continue
+        warnings = _cliff_warnings(result)
+        for line in warnings:
+            print(line)
+        if not warnings:
+            print(f"[{result.backend}] payload sweep: no cliff (each size's MB/s >= {CLIFF_TOLERANCE}x the next smaller size's)")
+
+
 def _print_footnote(results: list[BackendResult]) -> None:
     ran = [r for r in results if r.metrics]
     machine = f"{os.cpu_count()} cores, Python {platform.python_version()}"
@@ -607,6 +701,8 @@ def _print_footnote(results: list[BackendResult]) -> None:
         print("Versions: " + ", ".join(f"{r.backend} {r.version}" for r in ran) + ".")
         payloads = ", ".join(f"{r.backend} {r.payload}" for r in ran)
         print(f"100 MB argument: passed directly, not via put; payload type: {payloads}.")
+        window = SWEEP_WINDOW_BYTES // 2**20
+        print(f"Payload sweep: bytes arguments passed directly, at most {window} MiB of them in flight; MB = 10^6 bytes.")
     for r in ran:
         print(f"{r.backend} daemon RSS: {RSS_NOTES[r.backend]}, {RSS_ACTORS} live actors.")
     print("Ratio > 1 means zmesh is better. All figures are from one run.")
@@ -639,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [_bench_backend(backend, args.quick) for backend in args.backends]
     print()
     _print_table(_table_rows(results))
+    _print_cliff_check(results)
     _print_footnote(results)
     return 0
 

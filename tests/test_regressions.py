@@ -333,7 +333,7 @@ def test_draining_with_wait_returns_every_ref_once_in_order(local: None) -> None
 
 def test_wait_checks_a_returned_list_again_once_it_changed(local: None) -> None:
     refs = [zmesh.put(i) for i in range(3)]
-    ready, rest = zmesh.wait(refs)
+    _, rest = zmesh.wait(refs)
     rest.append(rest[0])
     with pytest.raises(ValueError, match="more than once"):
         zmesh.wait(rest)
