@@ -340,3 +340,52 @@ def test_wait_checks_a_returned_list_again_once_it_changed(local: None) -> None:
     rest[-1] = "not a ref"
     with pytest.raises(TypeError, match="item 2"):
         zmesh.wait(rest)
+
+
+# --- smaller ones: every request answered, bounded error reports, size cap on put
+
+
+@zmesh.remote
+class AsyncEcho:
+    async def echo(self, value: Any) -> Any:
+        return value
+
+
+@pytest.mark.timeout(90)
+def test_calls_sent_while_an_async_actors_loop_starts_are_not_lost(local: None) -> None:
+    actors = [AsyncEcho.remote() for _ in range(30)]
+    refs = [a.echo.remote(i) for i, a in enumerate(actors)]
+    assert zmesh.get(refs, timeout=60) == list(range(30))
+
+
+@pytest.mark.timeout(30)
+def test_a_request_the_node_cannot_handle_is_answered(local: None) -> None:
+    rt = zmesh.runtime.current()
+    assert rt is not None
+    with pytest.raises(ValueError, match="malformed 'kill' request"):
+        rt.request("kill", ("only-one-field",), timeout=5)
+    assert rt.request("status", timeout=5)["dropped_by_node"] == 0  # an answered request is not a dropped message
+
+
+@zmesh.remote
+class Exploding:
+    def __init__(self, size: int) -> None:
+        raise ValueError("x" * size)
+
+    def ping(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_init_error_still_kills_the_actor_with_its_message(local: None) -> None:
+    a = Exploding.remote(20 * 2**20)
+    with pytest.raises(ActorDiedError, match="ValueError: xxxx"):
+        zmesh.get(a.ping.remote(), timeout=30)
+
+
+def test_put_refuses_a_value_over_the_message_size_cap(isolated_run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZMESH_MAX_MESSAGE_BYTES", str(2**20))
+    zmesh.init()
+    with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
+        zmesh.put(b"x" * (2 * 2**20))
+    assert zmesh.get(zmesh.put(b"x" * 1000)) == b"x" * 1000

@@ -308,9 +308,17 @@ class Node:
                     self._on_hello(identity, hello)
                     continue
                 msg = protocol.decode(frames[1:])
-                self._dispatch(identity, msg)
+                if msg.type == protocol.REQUEST and (len(msg.header) != 3 or not isinstance(msg.header[1], str)):
+                    raise protocol.ProtocolError("a request is not (id, op, args)")
             except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, KeyError, IndexError) as exc:
+                self._drop(identity, exc)  # only what fails to decode counts as a bad peer's message
+                continue
+            try:
+                self._dispatch(identity, msg)
+            except protocol.ProtocolError as exc:
                 self._drop(identity, exc)
+            except Exception:
+                logger.exception("zmesh node: internal error while handling a %r message; continuing", msg.type)
 
     def _drop(self, identity: bytes, reason: BaseException) -> None:
         self._dropped += 1
@@ -344,6 +352,15 @@ class Node:
                     value, payload = handler(client, tuple(args), msg.payload)
                 except ReplyError as exc:
                     self._reply_error(identity, req_id, exc)
+                except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                    # The request's fields are not what the op needs: the caller's mistake, told to the caller.
+                    self._reply_error(identity, req_id, ReplyError("ValueError", f"malformed {op!r} request: {type(exc).__name__}: {exc}"))
+                except Exception as exc:
+                    # Our bug, not the peer's: answer anyway, so the caller never waits for ever, and log it loudly.
+                    logger.exception("zmesh node: internal error while handling %r", op)
+                    self._reply_error(
+                        identity, req_id, ReplyError("ZmeshError", f"internal error in the node while handling {op!r}: {exc!r}")
+                    )
                 else:
                     self._send(identity, protocol.encode(protocol.REPLY, (req_id, True, value), payload))
         else:

@@ -36,6 +36,7 @@ DEFAULT_GROUP = "_default"
 # (caller identity, result object ids, method name, concurrency group, argument frames)
 CallItem = tuple[bytes, tuple[Any, ...], str, "str | None", list[Any]]
 ASYNC_DEFAULT_CONCURRENCY = 1000  # Ray's default for async actors
+_MAX_ERROR_CHARS = 64 * 1024
 
 
 class _LogStream(io.TextIOBase):
@@ -108,6 +109,7 @@ class ActorWorker:
         # The call the main thread is answering now: (socket, caller identity), for log_direct.
         self._current: tuple[sockets.Socket, bytes] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._handoff = threading.Lock()  # orders "loop is set" against calls arriving on the I/O thread
 
     # --- construction
 
@@ -121,9 +123,11 @@ class ActorWorker:
     def on_call(self, identity: bytes, msg: protocol.Message) -> None:
         """A batch of calls from one caller, split into items in their order."""
         items = split_calls(identity, msg)
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._dispatch_batch, items)
-        else:
+        # Under the hand-off lock: a call must not land in the inbox after the loop drained it for good.
+        with self._handoff:
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._dispatch_batch, items)
+                return
             for item in items:
                 self.inbox.put(item)
 
@@ -221,14 +225,15 @@ class ActorWorker:
             return False, self._error_frames(oids, method_name, exc)
 
     async def _serve_async(self) -> None:
-        self.loop = asyncio.get_running_loop()
         self._semaphores = {g: asyncio.Semaphore(n) for g, n in self.limits.items()}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Calls that arrived before the loop existed.
-        while not self.inbox.empty():
-            item = self.inbox.get()
-            if item is not None:
-                self._dispatch_batch([item])
+        with self._handoff:
+            self.loop = asyncio.get_running_loop()
+            # Calls that arrived before the loop existed; later ones go straight to the loop.
+            while not self.inbox.empty():
+                item = self.inbox.get()
+                if item is not None:
+                    self._dispatch_batch([item])
         self._stopped = asyncio.Event()
         await self._stopped.wait()
 
@@ -345,6 +350,8 @@ def main(node_address: str, token: str, security: Security, listen_host: str) ->
         worker.construct()
     except BaseException as exc:
         text = f"{worker.class_name}.__init__ raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        if len(text) > _MAX_ERROR_CHARS:  # the report must fit in one node request, whatever the message
+            text = text[: _MAX_ERROR_CHARS // 2] + "\n[... cut ...]\n" + text[-_MAX_ERROR_CHARS // 2 :]
         rt.request("started", (actor_id, incarnation, False, text, None))
         sys.stderr.flush()
         rt.close()

@@ -267,6 +267,7 @@ class Runtime:
 
     def put(self, value: Any) -> ObjectId:
         frames = serialization.dumps_value(value)
+        self.check_size(frames, "zmesh.put() values")  # no other process could ever fetch it
         oid = self.new_object_id()
         with self._lock:
             entry = self.objects.new_owned_locked(oid)
