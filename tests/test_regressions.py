@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -389,3 +391,125 @@ def test_put_refuses_a_value_over_the_message_size_cap(isolated_run_dir: Path, m
     with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
         zmesh.put(b"x" * (2 * 2**20))
     assert zmesh.get(zmesh.put(b"x" * 1000)) == b"x" * 1000
+
+
+@pytest.mark.timeout(60)
+def test_many_actors_dying_at_once_while_the_node_forgets_the_dead(isolated_run_dir: Path) -> None:
+    node = NodeProcess(str(isolated_run_dir), "--num-cpus", "4", env={"ZMESH_KEEP_DEAD_ACTORS": "5"})
+    try:
+        code = "import zmesh\nzmesh.init(address='auto')\n" + _TINY_SOURCE + "\nactors = [Tiny.remote() for _ in range(40)]\n"
+        code += "print('PIDS', len(set(zmesh.get([a.pid.remote() for a in actors], timeout=60))))\n"
+        out = run_driver(code)  # exits: its 40 actors die at once
+        assert "PIDS 40" in out.stdout, out.stderr
+        zmesh.init(address="auto")
+        zmesh.testing.wait_for(lambda: not node.descendants()[1:], timeout=30, what="the workers to exit")
+        status = zmesh.runtime.current().request("status", timeout=5)  # type: ignore[union-attr]
+        assert status["actors"] == [] and len(status["dead_actors"]) == 5
+        assert zmesh.get(Tiny.remote().pid.remote(), timeout=30) > 0
+    finally:
+        zmesh.shutdown()
+        output = node.stop()
+    assert "Traceback" not in node.output and output == 0, node.output
+
+
+_TINY_SOURCE = """
+@zmesh.remote(num_cpus=0.001)
+class Tiny:
+    def pid(self):
+        import os
+        return os.getpid()
+"""
+
+
+def test_a_driver_forgets_dead_actors_but_still_fails_late_calls(local: None) -> None:
+    rt = zmesh.runtime.current()
+    assert rt is not None
+    actors = [Tiny.remote() for _ in range(20)]
+    zmesh.get([a.pid.remote() for a in actors], timeout=30)
+    for a in actors:
+        zmesh.kill(a)
+    zmesh.testing.wait_for(lambda: not rt._actors, timeout=10, what="the driver to forget its dead actors")
+    with pytest.raises(ActorDiedError, match="killed"):
+        zmesh.get(actors[0].pid.remote(), timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_of_a_driver_gets_a_clear_error_then_can_init(driver: NodeProcess) -> None:
+    import os
+
+    ref = zmesh.put(41)
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            try:
+                zmesh.get(ref, timeout=5)
+            except RuntimeError as exc:
+                if "zmesh.init()" in str(exc):
+                    zmesh.init(address="auto")
+                    code = 0 if zmesh.get(ref, timeout=10) == 41 else 3
+                    zmesh.shutdown()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_undefined_concurrency_group_is_refused(local: None) -> None:
+    @zmesh.remote
+    class Grouped:
+        @zmesh.method(concurrency_group="io")
+        def read(self) -> int:
+            return 1
+
+        def other(self) -> int:
+            return 2
+
+    plain = Grouped.remote()
+    assert zmesh.get(plain.other.remote(), timeout=30) == 2
+    with pytest.raises(ValueError, match=r"concurrency group 'io'.*does not define"):
+        plain.read.remote()
+    g = Grouped.options(concurrency_groups={"io": 2}).remote()
+    assert zmesh.get(g.read.remote(), timeout=30) == 1
+    with pytest.raises(ValueError, match="concurrency group 'compute'"):
+        g.other.options(concurrency_group="compute").remote()
+
+
+# --- the command line
+
+
+def _zmesh_cmd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zmesh", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_a_bad_log_level_is_named_without_a_traceback() -> None:
+    out = _zmesh_cmd("node", "--port", "0", "--log-level", "bogus")
+    assert out.returncode == 2 and "--log-level" in out.stderr and "bogus" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_keygen_does_not_make_missing_directories(tmp_path: Path) -> None:
+    target = tmp_path / "no-such-dir" / "cluster.key"
+    out = _zmesh_cmd("keygen", str(target))
+    assert out.returncode == 1 and "directory does not exist" in out.stderr
+    assert not target.parent.exists()
+
+
+def test_a_second_node_with_the_same_run_directory_is_refused(node: NodeProcess) -> None:
+    before = Path(node.run_dir, "node.json").read_text()
+    out = _zmesh_cmd("node", "--port", "0")
+    assert out.returncode == 2 and "already runs for run directory" in out.stderr and str(node.pid) in out.stderr
+    assert Path(node.run_dir, "node.json").read_text() == before
+
+
+@zmesh.remote
+class Signals:
+    def sigint(self) -> tuple[bool, bool]:
+        import signal
+
+        line = subprocess.run(["grep", "SigIgn", "/proc/self/status"], capture_output=True, text=True).stdout
+        child_ignores = bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+        return signal.getsignal(signal.SIGINT) is signal.default_int_handler, child_ignores
+
+
+def test_workers_and_their_programs_take_sigint_by_default(local: None) -> None:
+    assert zmesh.get(Signals.remote().sigint.remote(), timeout=30) == (True, False)

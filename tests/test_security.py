@@ -189,7 +189,7 @@ def test_insecure_node_says_so_loudly_and_serves_loopback(isolated_run_dir: Path
 
 
 def test_keygen_writes_a_private_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
-    path = tmp_path / "k" / "cluster.key"
+    path = tmp_path / "cluster.key"
     zmesh_cli = [sys.executable, "-m", "zmesh", "keygen", str(path)]
     out = subprocess.run(zmesh_cli, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr

@@ -112,9 +112,10 @@ class ActorClass:
                 init_sig.bind(*args, **kwargs)
             except TypeError as exc:
                 raise TypeError(f"{self.__name__}.remote(): {exc}") from None
+        groups = sorted(opts.concurrency_groups)
         args_frames = serialization.dumps_args(args, kwargs)
-        meta = {"methods": methods, "max_task_retries": opts.max_task_retries}
-        meta_key = f"meta-{opts.max_task_retries}"
+        meta = {"methods": methods, "max_task_retries": opts.max_task_retries, "groups": groups}
+        meta_key = f"meta-{opts.max_task_retries}-{groups}"
         meta_blob = self._shared.get(meta_key)
         if meta_blob is None:
             meta_blob = self._shared[meta_key] = serialization.dumps_code(meta)
@@ -185,6 +186,10 @@ class ActorMethod:
         self._num_returns = num_returns
         self._group = group
         self._sig = sig
+        # A group the actor does not define fails each call, naming it (it used to run in the default group).
+        groups = handle._zmesh_meta.get("groups")
+        undefined = group is not None and groups is not None and group not in groups
+        self._group_error = _unknown_group(handle._zmesh_class_name, name, group, groups or []) if undefined else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Actor methods cannot be called directly. Instead of '{self._name}()', use '{self._name}.remote()'.")
@@ -194,6 +199,8 @@ class ActorMethod:
         return ActorMethod(self._handle, self._name, opts.num_returns, opts.concurrency_group, self._sig)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
+        if self._group_error is not None:
+            raise ValueError(self._group_error)
         if self._sig is not None:
             try:
                 self._sig.bind(*args, **kwargs)
@@ -209,3 +216,11 @@ class ActorMethod:
         if self._num_returns == 1:
             return ObjectRef(oids[0], address, rt)
         return [ObjectRef(oid, address, rt) for oid in oids]
+
+
+def _unknown_group(class_name: str, method_name: str, group: Any, groups: list[str]) -> str:
+    defined = ", ".join(repr(g) for g in groups) or "none"
+    return (
+        f"{class_name}.{method_name} uses concurrency group {group!r}, which the actor does not define "
+        f"(defined: {defined}; declare it with .options(concurrency_groups={{{group!r}: N}}))"
+    )

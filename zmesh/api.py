@@ -29,6 +29,16 @@ _embedded: Any = None  # the in-process node started by init(), if any
 _atexit_registered = False
 
 
+def _reset_after_fork() -> None:
+    # The parent's embedded node is not ours, and another thread may have held the lock at the fork.
+    global _lock, _embedded
+    _lock = threading.RLock()
+    _embedded = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _parse_address(address: str) -> str:
     text = address.strip()
     if text.startswith("tcp://"):

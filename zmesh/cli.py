@@ -33,6 +33,15 @@ def _amount_arg(text: str) -> float:
     return value
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_LOG_LEVELS)}, got {text!r}")
+    return text.upper()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zmesh", description="A peer-to-peer actor mesh with Ray's actor API.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--num-cpus", type=_amount_arg, default=None, help="CPUs to advertise (default: all)")
     node.add_argument("--num-gpus", type=_amount_arg, default=0, help="GPUs to advertise (default 0)")
     node.add_argument("--resources", type=_resources, default=None, help="custom resources as JSON, e.g. '{\"special\": 1}'")
-    node.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    node.add_argument("--log-level", type=_log_level, default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     keygen = sub.add_parser("keygen", help="write a new cluster key file (mode 0600)")
     keygen.add_argument("path", nargs="?", help="where to write it (default: your per-user key file)")
     for name, text in (("status", "show the node, its resources and its actors"), ("stop", "stop the node running on this host")):
@@ -72,9 +81,12 @@ def _keygen(path: str | None) -> int:
 
     target = path or str(default_key_path())
     try:
-        written = ClusterKey.generate().save(target)
+        written = ClusterKey.generate().save(target, make_parents=path is None)
     except FileExistsError:
         print(f"zmesh keygen: {target} already exists; remove it first to replace the key", file=sys.stderr)
+        return 1
+    except FileNotFoundError:
+        print(f"zmesh keygen: cannot write {target}: its directory does not exist", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"zmesh keygen: cannot write {target}: {exc.strerror}", file=sys.stderr)

@@ -29,6 +29,8 @@ class NodeConfig:
     cluster_key: str | None = None
     # No CURVE at all: loopback only, for measuring what encryption costs.
     insecure: bool = False
+    # Dead actors remembered for status and late callers; the oldest are forgotten first.
+    keep_dead_actors: int = 1000
 
     @classmethod
     def from_env(cls, **overrides: Any) -> NodeConfig:
@@ -39,6 +41,8 @@ class NodeConfig:
             env["num_gpus"] = float(os.environ["ZMESH_NUM_GPUS"])
         if "ZMESH_RESOURCES" in os.environ:
             env["resources"] = json.loads(os.environ["ZMESH_RESOURCES"])
+        if "ZMESH_KEEP_DEAD_ACTORS" in os.environ:
+            env["keep_dead_actors"] = int(os.environ["ZMESH_KEEP_DEAD_ACTORS"])
         env.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**env)
         config.validate()
@@ -50,6 +54,8 @@ class NodeConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         validate_resources(self.resources)
+        if self.keep_dead_actors < 0:
+            raise ValueError(f"keep_dead_actors must be >= 0, got {self.keep_dead_actors}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         try:

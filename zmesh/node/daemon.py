@@ -33,8 +33,6 @@ from zmesh.transport.security import Security, ZapHandler, resolve_key
 
 logger = logging.getLogger(__name__)
 
-_KEEP_DEAD = 1000  # dead actors remembered for status and for late callers
-
 
 def node_security(config: NodeConfig) -> Security:
     """The node's security from its config; refuses what would expose it."""
@@ -68,6 +66,7 @@ class Node:
         self.node_id = new_node_id()
         self.resources = Resources(self.config.total_resources())
         self.security = node_security(self.config)
+        self._slot = rundir.claim_node_slot() if self.config.advertise else None
         self._ctx = sockets.new_context()
         # Bound before the ROUTER: no handshake is ever left unchecked.
         self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
@@ -202,6 +201,8 @@ class Node:
                 os.close(client.pidfd)
         if self.config.advertise:
             rundir.remove_node_info(os.getpid())
+        if self._slot is not None:
+            os.close(self._slot)
         self._router.close(linger=0)
         if self._zap is not None:
             self._zap.close()
@@ -653,7 +654,7 @@ class Node:
         self._notify(record)
         record.args_frames = []
         self._dead.append(record.actor_id)
-        while len(self._dead) > _KEEP_DEAD:
+        while len(self._dead) > self.config.keep_dead_actors:
             # Forget the oldest dead actors; a stale handle to one is told it is unknown, hence dead.
             self._actors.pop(self._dead.popleft(), None)
         self._reschedule = True  # freed resources may let a waiting creation start

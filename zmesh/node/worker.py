@@ -146,12 +146,25 @@ class ActorWorker:
         else:
             pools = {g: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"zmesh-{g}") for g, n in self.limits.items()}
             while (item := self.inbox.get()) is not None:
-                pools[self._group_of(item[2], item[3])].submit(self.execute, *item)
+                group = self._group_of(item[2], item[3])
+                if group is None:
+                    self.execute(*item)  # answers with the error at once
+                else:
+                    pools[group].submit(self.execute, *item)
 
-    def _group_of(self, method_name: str, group: str | None) -> str:
+    def _group_of(self, method_name: str, group: str | None) -> str | None:
+        """The group a call runs in; None for one the actor does not define (the call then fails, naming it)."""
         if group is None:
             group = method_options(self.cls, method_name)[1]
-        return group if group in self.limits else DEFAULT_GROUP
+        if group is None:
+            return DEFAULT_GROUP
+        return group if group in self.limits else None
+
+    def _check_group(self, method_name: str, group: str | None) -> None:
+        if self._group_of(method_name, group) is None:
+            defined = ", ".join(repr(g) for g in self.limits if g != DEFAULT_GROUP) or "none"
+            where = f"{self.class_name}.{method_name}"
+            raise ValueError(f"{where} was called in concurrency group {group!r}, which the actor does not define (defined: {defined})")
 
     def _serve_inline(self) -> None:
         """Receive, run and answer each call on the main thread, in arrival order."""
@@ -178,10 +191,10 @@ class ActorWorker:
         except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError) as exc:
             self.rt.drop(frames[0], exc)
             return
-        for identity, oids, method_name, _, args in items:
+        for identity, oids, method_name, group, args in items:
             self._current = (sock, identity)
             try:
-                ok, parts = self.run(oids, method_name, args)
+                ok, parts = self.run(oids, method_name, args, group)
             finally:
                 self._current = None
             slot, flat = protocol.pack([f for part in parts for f in part])
@@ -208,12 +221,13 @@ class ActorWorker:
         return True
 
     def execute(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
-        ok, parts = self.run(oids, method_name, frames)
+        ok, parts = self.run(oids, method_name, frames, group)
         self._send_result(identity, oids, ok, parts)
 
-    def run(self, oids: tuple[Any, ...], method_name: str, frames: list[Any]) -> tuple[bool, list[list[Any]]]:
+    def run(self, oids: tuple[Any, ...], method_name: str, frames: list[Any], group: str | None = None) -> tuple[bool, list[list[Any]]]:
         """Run one call; returns (ok, frames of each return value or of the error)."""
         try:
+            self._check_group(method_name, group)
             method = self._method(method_name)
             args, kwargs = serialization.loads_args(frames)
             args, kwargs = resolve_refs(args, kwargs)
@@ -244,8 +258,9 @@ class ActorWorker:
             task.add_done_callback(self._tasks.discard)
 
     async def _execute_async(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
-        async with self._semaphores[self._group_of(method_name, group)]:
+        async with self._semaphores[self._group_of(method_name, group) or DEFAULT_GROUP]:
             try:
+                self._check_group(method_name, group)
                 method = self._method(method_name)
                 args, kwargs = serialization.loads_args(frames)
                 args = [await a if isinstance(a, ObjectRef) else a for a in args]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
-from typing import Any
+from collections import OrderedDict, deque
+from typing import Any, Generic, TypeVar
 
 from zmesh.exceptions import ActorDiedError, ActorUnavailableError
 from zmesh.transport.ids import ActorId, ObjectId
@@ -12,6 +12,35 @@ from zmesh.transport.ids import ActorId, ObjectId
 PENDING = "PENDING"  # address not known yet, or restarting: calls queue here
 ALIVE = "ALIVE"
 DEAD = "DEAD"
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """The last ``limit`` keys remembered, oldest forgotten first: state about the dead must not grow for ever."""
+
+    __slots__ = ("_items", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._limit = limit
+
+    def add(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._limit:
+            self._items.popitem(last=False)
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class Call:

@@ -32,7 +32,7 @@ from zmesh.exceptions import (
     ZmeshError,
 )
 from zmesh.runtime import objects
-from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, apply_state
+from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_state
 from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, ObjectId, new_client_id
 from zmesh.transport.security import Security, ZapHandler
@@ -50,6 +50,7 @@ _MAX_BATCH = 512
 # What decoding a peer's bad message can raise; the message is dropped, the process goes on.
 _MALFORMED = (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError, AttributeError)
 _STOP = b"X"
+_REMEMBER_DEAD = 10_000
 
 _NODE_ERRORS: dict[str, type[Exception]] = {
     "NodeUnavailableError": NodeUnavailableError,
@@ -114,7 +115,9 @@ class Runtime:
         self.objects = objects.ObjectStore(self._lock)
         self._actors: dict[ActorId, ActorConn] = {}
         self._actor_at: dict[str, ActorConn] = {}
-        self._dead_addresses: set[str] = set()
+        # Dead actors and gone peers, remembered for late calls; bounded, so a long-lived driver stays small.
+        self._dead_addresses: Recent[str, None] = Recent(_REMEMBER_DEAD)
+        self._dead_actors: Recent[ActorId, BaseException] = Recent(_REMEMBER_DEAD)
         self._requests: dict[int, Callable[[bool, Any, list[Any]], None]] = {}
         self._req_ids = itertools.count(1)
         self._oid_counter = itertools.count(1)
@@ -387,6 +390,9 @@ class Runtime:
             conn = self._actors.get(actor_id)
             if conn is None:
                 conn = self._actors[actor_id] = ActorConn(actor_id)
+                dead = self._dead_actors.get(actor_id)
+                if dead is not None:
+                    conn.state, conn.error = DEAD, dead
             if conn.state is ALIVE and not conn.queue:
                 alone = not conn.inflight
                 conn.inflight[oids[0]] = call
@@ -477,6 +483,11 @@ class Runtime:
         self._push(_RESULT, identity, (header, frames))
 
     # --- shutdown
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: this runtime's thread and sockets belong to the parent; never touch them."""
+        self.closed = True
+        self.node_lost = "this process was forked from the one that called zmesh.init(); call zmesh.init() here"
 
     def close(self, goodbye: bool = True) -> None:
         if self.closed:
@@ -710,7 +721,7 @@ class Runtime:
         """A process we fetch from or print to has exited: fail what it owed us and free what was queued for it."""
         with self._lock:
             lost = self._fetching.pop(address, set())
-            self._dead_addresses.add(address)
+            self._dead_addresses.add(address, None)
         self._drop_peer(address)
         self._complete([(oid, None, False, ObjectLostError(f"object {oid.hex()} is lost: its owner at {address} is gone")) for oid in lost])
 
@@ -861,10 +872,14 @@ class Runtime:
             if step is None:
                 return
             if step.gone is not None:
-                self._dead_addresses.add(step.gone)
+                self._dead_addresses.add(step.gone, None)
                 self._actor_at.pop(step.gone, None)
             if conn is not None and conn.state is ALIVE and conn.address is not None:
                 self._actor_at[conn.address] = conn
+            elif conn is not None and conn.state is DEAD and conn.error is not None:
+                # Nothing is queued or in flight any more: keep only the error, for late calls.
+                del self._actors[actor_id]
+                self._dead_actors.add(actor_id, conn.error)
             if step.send and address is not None and not on_io_thread:
                 # Queued under the lock, so calls submitted later cannot overtake these.
                 for call in step.send:

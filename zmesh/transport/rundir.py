@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -50,6 +51,28 @@ def remove_stale_sockets() -> None:
 
 def _node_file() -> Path:
     return run_dir() / "node.json"
+
+
+def claim_node_slot() -> int:
+    """Become the one node of this run directory: an exclusive lock held for the node's life.
+
+    Returns the lock's descriptor (closing it gives the slot up). A second node started
+    with the same run directory would take over ``node.json`` and strand the first one's
+    drivers, so it is refused, naming the node that holds the slot.
+    """
+    path = run_dir() / "node.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        info = read_node_info() or {}
+        where = f" (pid {info.get('pid')}, at {str(info.get('address', '?')).removeprefix('tcp://')})" if info else ""
+        raise RunDirError(
+            f"a zmesh node already runs for run directory {run_dir()}{where}; stop it with `zmesh stop`, "
+            "or give this node another ZMESH_RUN_DIR"
+        ) from None
+    return fd
 
 
 def write_node_info(info: dict[str, Any]) -> None:

@@ -55,10 +55,15 @@ class ClusterKey:
         public, secret = zmq.curve_keypair()
         return cls(public, secret)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the key to a new file of mode 0600; refuses to overwrite one."""
+    def save(self, path: str | os.PathLike[str], *, make_parents: bool = False) -> Path:
+        """Write the key to a new file of mode 0600; refuses to overwrite one.
+
+        Missing directories are made only for the per-user key: a typo in a path given
+        by hand should fail, not scatter key files in new folders.
+        """
         target = Path(path).expanduser()
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if make_parents:
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(_HEADER)
@@ -112,7 +117,7 @@ def resolve_key(path: str | os.PathLike[str] | None = None) -> tuple[ClusterKey,
         if target.exists():
             raise
     try:
-        ClusterKey.generate().save(target)
+        ClusterKey.generate().save(target, make_parents=True)
     except FileExistsError:
         pass  # another process made it first
     return ClusterKey.load(target), False
