@@ -26,15 +26,14 @@ import zmq
 from zmesh import runtime as runtime_mod
 from zmesh.exceptions import ActorDiedError, TaskError
 from zmesh.object_ref import ObjectRef
-from zmesh.runtime import Runtime
+from zmesh.runtime import Runtime, calls
 from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.security import Security
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "_default"
-# (caller identity, result object ids, method name, concurrency group, argument frames)
-CallItem = tuple[bytes, tuple[Any, ...], str, "str | None", list[Any]]
+CallItem = calls.CallItem
 ASYNC_DEFAULT_CONCURRENCY = 1000  # Ray's default for async actors
 _MAX_ERROR_CHARS = 64 * 1024
 
@@ -122,7 +121,7 @@ class ActorWorker:
 
     def on_call(self, identity: bytes, msg: protocol.Message) -> None:
         """A batch of calls from one caller, split into items in their order."""
-        items = split_calls(identity, msg)
+        items = calls.split_calls(identity, msg)
         # Under the hand-off lock: a call must not land in the inbox after the loop drained it for good.
         with self._handoff:
             if self.loop is not None:
@@ -187,7 +186,7 @@ class ActorWorker:
             msg = protocol.decode(frames[1:])
             if msg.type != protocol.CALL:
                 raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
-            items = split_calls(frames[0], msg)
+            items = calls.split_calls(frames[0], msg)
         except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError) as exc:
             self.rt.drop(frames[0], exc)
             return
@@ -197,10 +196,9 @@ class ActorWorker:
                 ok, parts = self.run(oids, method_name, args, group)
             finally:
                 self._current = None
-            slot, flat = protocol.pack([f for part in parts for f in part])
-            header = protocol.header_frame(protocol.RESULT, ((oids, ok, [len(p) for p in parts], slot),))
+            entry, flat = calls.result_entry(oids, ok, parts)
             try:
-                sockets.send(sock, [identity, header, *flat])
+                sockets.send(sock, [identity, *calls.message(calls.RESULT, [entry], flat)])
             except zmq.ZMQError:
                 pass  # the caller is gone
 
@@ -300,35 +298,14 @@ class ActorWorker:
             frames = serialization.dumps_value(TaskError(message, None, traceback.format_exc(), where))
         return [frames for _ in oids]
 
-    def _send_result(self, identity: bytes, oids: tuple[Any, ...], ok: bool, frames: list[list[Any]]) -> None:
-        flat = [f for part in frames for f in part]
-        counts = [len(part) for part in frames]
-        slot, frames = protocol.pack(flat)
-        self.rt.send_result(identity, (oids, ok, counts, slot), frames)
+    def _send_result(self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]]) -> None:
+        self.rt.send_result(identity, *calls.result_entry(oids, ok, parts))
 
 
 def adopt_code_path(paths: list[str]) -> None:
     """Put the creator's import path first, so modules it imports by name import here too."""
     missing = [p for p in paths if isinstance(p, str) and p not in sys.path and os.path.isdir(p)]
     sys.path[:0] = missing
-
-
-def split_calls(identity: bytes, msg: protocol.Message) -> list[CallItem]:
-    """The calls of one CALL batch, in their order; ProtocolError if any entry is malformed."""
-    items: list[CallItem] = []
-    payload = msg.payload
-    pos = 0
-    for entry in msg.header:
-        if not isinstance(entry, tuple) or len(entry) != 4:
-            raise protocol.ProtocolError("a call entry is not (oids, method, group, frame count)")
-        oids, method, group, slot = entry
-        if not isinstance(oids, tuple) or not oids or not all(isinstance(o, bytes) for o in oids):
-            raise protocol.ProtocolError("a call's result ids are not a non-empty tuple of bytes")
-        if not isinstance(method, str) or not (group is None or isinstance(group, str)):
-            raise protocol.ProtocolError("a call's method or group is not a string")
-        frames, pos = protocol.unpack(slot, payload, pos)
-        items.append((identity, oids, method, group, frames))
-    return items
 
 
 def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:

@@ -1,0 +1,120 @@
+"""The call pipeline's framing: calls and results batched per peer on the way out, split on the way in.
+
+Both sides live here so that one module decides where one call's frames end and
+the next one's begin. A batch is one message: a header frame holding one entry
+per call (or result), then the payload frames the entries point into. Small
+frames travel inside their entry (``protocol.pack``), large ones as frames of
+their own, which ZeroMQ sends without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zmesh.transport import protocol
+
+# Entries per message: a batch header stays far below protocol.MAX_HEADER_BYTES
+# (512 entries with 8 KiB inline each make 4 MiB), and a long stream still flows.
+MAX_BATCH = 512
+
+CALL = protocol.CALL
+RESULT = protocol.RESULT
+
+# (caller identity, result object ids, method name, concurrency group, argument frames)
+CallItem = tuple[bytes, tuple[bytes, ...], str, "str | None", list[Any]]
+# (result object ids, ok, the frames of each return value)
+ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]]]
+
+# send(kind, destination, entries, payload frames)
+SendBatch = Callable[[bytes, Any, list[tuple[Any, ...]], list[Any]], None]
+
+
+def call_entry(oids: tuple[bytes, ...], method: str, group: str | None, args: list[Any]) -> tuple[tuple[Any, ...], list[Any]]:
+    """One call's batch entry and the payload frames it points to."""
+    slot, frames = protocol.pack(args)
+    return (oids, method, group, slot), frames
+
+
+def result_entry(oids: tuple[bytes, ...], ok: bool, parts: list[list[Any]]) -> tuple[tuple[Any, ...], list[Any]]:
+    """One result's batch entry (``parts``: the frames of each return value, or of the error per id)."""
+    slot, frames = protocol.pack([f for part in parts for f in part])
+    return (oids, ok, [len(part) for part in parts], slot), frames
+
+
+def message(kind: bytes, entries: list[tuple[Any, ...]], payload: list[Any]) -> list[Any]:
+    """The frames of one batch."""
+    return [protocol.header_frame(kind, tuple(entries)), *payload]
+
+
+class Batcher:
+    """Consecutive entries of one kind for one destination leave as one message of at most MAX_BATCH entries."""
+
+    __slots__ = ("_dest", "_entries", "_kind", "_payload", "_send")
+
+    def __init__(self, send: SendBatch) -> None:
+        self._send = send
+        self._kind: bytes | None = None
+        self._dest: Any = None
+        self._entries: list[tuple[Any, ...]] = []
+        self._payload: list[Any] = []
+
+    def add(self, kind: bytes, dest: Any, entry: tuple[Any, ...], frames: list[Any]) -> None:
+        if kind is not self._kind or dest != self._dest or len(self._entries) >= MAX_BATCH:
+            self.flush()
+            self._kind, self._dest = kind, dest
+        self._entries.append(entry)
+        self._payload.extend(frames)
+
+    def flush(self) -> None:
+        if self._entries:
+            kind, dest, entries, payload = self._kind, self._dest, self._entries, self._payload
+            self._entries, self._payload = [], []
+            assert kind is not None
+            self._send(kind, dest, entries, payload)
+        self._kind = self._dest = None
+
+
+def split_calls(identity: bytes, msg: protocol.Message) -> list[CallItem]:
+    """The calls of one CALL batch, in their order; ProtocolError if any entry is malformed."""
+    items: list[CallItem] = []
+    payload = msg.payload
+    pos = 0
+    for entry in msg.header:
+        if not isinstance(entry, tuple) or len(entry) != 4:
+            raise protocol.ProtocolError("a call entry is not (oids, method, group, frame count)")
+        oids, method, group, slot = entry
+        if not isinstance(oids, tuple) or not oids or not all(isinstance(o, bytes) for o in oids):
+            raise protocol.ProtocolError("a call's result ids are not a non-empty tuple of bytes")
+        if not isinstance(method, str) or not (group is None or isinstance(group, str)):
+            raise protocol.ProtocolError("a call's method or group is not a string")
+        frames, pos = protocol.unpack(slot, payload, pos)
+        items.append((identity, oids, method, group, frames))
+    if pos != len(payload):
+        raise protocol.ProtocolError("a call batch has frames no entry accounts for")
+    return items
+
+
+def split_results(msg: protocol.Message) -> list[ResultItem]:
+    """The results of one RESULT batch, each value's frames apart; ProtocolError if malformed."""
+    items: list[ResultItem] = []
+    payload = msg.payload
+    pos = 0
+    for entry in msg.header:
+        if not isinstance(entry, tuple) or len(entry) != 4:
+            raise protocol.ProtocolError("a result entry is not (oids, ok, frame counts, frames)")
+        oids, ok, counts, slot = entry
+        if not isinstance(oids, tuple) or not oids or not isinstance(counts, list | tuple) or len(counts) != len(oids):
+            raise protocol.ProtocolError("a result's ids and frame counts do not match")
+        frames, pos = protocol.unpack(slot, payload, pos)
+        if not all(type(c) is int and c >= 0 for c in counts) or sum(counts) != len(frames):
+            raise protocol.ProtocolError("a result's frame counts do not match its frames")
+        parts = []
+        start = 0
+        for count in counts:
+            parts.append(frames[start : start + count])
+            start += count
+        items.append((oids, bool(ok), parts))
+    if pos != len(payload):
+        raise protocol.ProtocolError("a result batch has frames no entry accounts for")
+    return items
