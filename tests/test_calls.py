@@ -35,7 +35,7 @@ def test_calls_batched_and_split_come_back_whole_and_in_order(items: list[Any]) 
     batcher.flush()
     got = []
     for dest, wire in sent:
-        for identity, ids, method, group, args in calls.split_calls(b"caller", protocol.decode(wire)):
+        for _, ids, method, group, args in calls.split_calls(b"caller", protocol.decode(wire)):
             got.append((dest, ids, method, group, [bytes(f) for f in args]))
     assert got == [(d, i, m, g, a) for d, i, m, g, a in items]
     # Consecutive calls to one peer share a message: a new message starts only where the peer changes.
