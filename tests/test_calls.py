@@ -65,7 +65,7 @@ def test_results_batched_and_split_come_back_whole(items: list[Any]) -> None:
     if not entries:
         return
     got = calls.split_results(protocol.decode(_wire(calls.RESULT, None, entries, payload)))
-    assert [(i, ok, [[bytes(f) for f in p] for p in parts]) for i, ok, parts in got] == expected
+    assert [(i, ok, [[bytes(f) for f in p] for p in parts]) for i, ok, parts, _ in got] == expected
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from zmesh import runtime as runtime_mod
 from zmesh.object_ref import ObjectRef
 from zmesh.options import ActorOptions, MethodOptions
-from zmesh.runtime import Runtime
+from zmesh.runtime import Runtime, ownership
 from zmesh.transport import serialization
 from zmesh.transport.ids import ActorId, new_actor_id
 
@@ -113,7 +113,8 @@ class ActorClass:
             except TypeError as exc:
                 raise TypeError(f"{self.__name__}.remote(): {exc}") from None
         groups = sorted(opts.concurrency_groups)
-        args_frames = serialization.dumps_args(args, kwargs)
+        with ownership.collect() as refs:
+            args_frames = serialization.dumps_args(args, kwargs)
         meta = {"methods": methods, "max_task_retries": opts.max_task_retries, "groups": groups}
         meta_key = f"meta-{opts.max_task_retries}-{groups}"
         meta_blob = self._shared.get(meta_key)
@@ -136,7 +137,7 @@ class ActorClass:
             # Modules the class refers to by name must import in the worker as they do here.
             "sys_path": _code_path(),
         }
-        reply = rt.create_actor(actor_id, spec, key, blob, meta_blob, args_frames, wait=opts.name is not None)
+        reply = rt.create_actor(actor_id, spec, key, blob, meta_blob, args_frames, wait=opts.name is not None, keep=refs)
         if reply is not None:
             actor_id, created, existing_meta = reply
             if not created:  # get_if_exists found a live actor: describe it, not our class
@@ -207,10 +208,11 @@ class ActorMethod:
             except TypeError as exc:
                 raise TypeError(f"{self._handle._zmesh_class_name}.{self._name}.remote(): {exc}") from None
         rt = current_runtime()
-        args_frames = serialization.dumps_args(args, kwargs)
+        with ownership.collect() as refs:
+            args_frames = serialization.dumps_args(args, kwargs)
         handle = self._handle
         oids = rt.submit_call(
-            handle._zmesh_actor_id, self._name, args_frames, self._num_returns, self._group, handle._zmesh_meta["max_task_retries"]
+            handle._zmesh_actor_id, self._name, args_frames, self._num_returns, self._group, handle._zmesh_meta["max_task_retries"], refs
         )
         address = rt.address
         if self._num_returns == 1:

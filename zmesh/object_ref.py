@@ -11,7 +11,7 @@ from collections.abc import Generator
 from typing import Any
 
 from zmesh import runtime as runtime_mod
-from zmesh.runtime import Runtime
+from zmesh.runtime import Runtime, ownership
 from zmesh.transport.ids import ObjectId
 
 
@@ -43,10 +43,8 @@ class ObjectRef:
         return isinstance(other, ObjectRef) and other.id == self.id
 
     def __reduce__(self) -> tuple[Any, ...]:
-        rt = self._rt
-        if rt is not None and not rt.closed and self.owner == rt.address:
-            # Another process may now ask for this value at any time: keep it.
-            rt.pin(self.id)
+        # Whoever serializes this (a call, a result, a put) keeps the ref alive until the receiver counts it.
+        ownership.pickled(self)
         return (_rebuild, (self.id, self.owner))
 
     def __del__(self) -> None:
@@ -99,5 +97,5 @@ class ObjectRef:
 def _rebuild(oid: ObjectId, owner: str) -> ObjectRef:
     rt = runtime_mod.current()
     if rt is not None:
-        rt.add_ref(oid)
+        rt.add_ref(oid, owner)
     return ObjectRef(oid, owner, rt)

@@ -518,10 +518,10 @@ class Node:
         return None, []
 
     def _op_gone(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
-        """Which of these client addresses belong to no live client of this node."""
-        (addresses,) = args
-        live = {c.address for c in self._clients.values()}
-        return [a for a in addresses if isinstance(a, str) and a not in live], []
+        """Which of these clients (by address, or by client id in hex) are not live clients of this node."""
+        (peers,) = args
+        live = {c.address for c in self._clients.values()} | {c.client_id.hex() for c in self._clients.values()}
+        return [p for p in peers if isinstance(p, str) and p not in live], []
 
     def _op_dropped(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         (count,) = args

@@ -26,7 +26,7 @@ import zmq
 from zmesh import runtime as runtime_mod
 from zmesh.exceptions import ActorDiedError, TaskError
 from zmesh.object_ref import ObjectRef
-from zmesh.runtime import Runtime, calls
+from zmesh.runtime import Runtime, calls, ownership
 from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.security import Security
 
@@ -190,13 +190,13 @@ class ActorWorker:
         except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError) as exc:
             self.rt.drop(frames[0], exc)
             return
-        for identity, oids, method_name, group, args in items:
+        for item in items:
+            identity = item[0]
             self._current = (sock, identity)
             try:
-                ok, parts = self.run(oids, method_name, args, group)
+                entry, flat = self.run(item)
             finally:
                 self._current = None
-            entry, flat = calls.result_entry(oids, ok, parts)
             try:
                 sockets.send(sock, [identity, *calls.message(calls.RESULT, [entry], flat)])
             except zmq.ZMQError:
@@ -218,23 +218,46 @@ class ActorWorker:
             return False
         return True
 
-    def execute(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
-        ok, parts = self.run(oids, method_name, frames, group)
-        self._send_result(identity, oids, ok, parts)
+    # --- one call, the same for every executor: decode, invoke, frame the result
 
-    def run(self, oids: tuple[Any, ...], method_name: str, frames: list[Any], group: str | None = None) -> tuple[bool, list[list[Any]]]:
-        """Run one call; returns (ok, frames of each return value or of the error)."""
+    def execute(self, *item: Any) -> None:
+        """Run a call on this thread and queue its result (the threaded executor's unit of work)."""
+        self.rt.send_result(item[0], *self.run(item))
+
+    def run(self, item: CallItem) -> tuple[tuple[Any, ...], list[Any]]:
+        """Run one call on this thread; returns its result's batch entry and frames."""
+        identity, oids, method_name, group, frames = item
         try:
-            self._check_group(method_name, group)
-            method = self._method(method_name)
-            args, kwargs = serialization.loads_args(frames)
+            method, args, kwargs = self._prepare(method_name, group, frames)
             args, kwargs = resolve_refs(args, kwargs)
-            parts = self._result_frames(oids, method(*args, **kwargs))
-            for part in parts:
-                self.rt.check_size(part, f"the result of {self.class_name}.{method_name}()")
-            return True, parts
+            ok, parts, refs = self._frame_value(oids, method_name, method(*args, **kwargs))
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
-            return False, self._error_frames(oids, method_name, exc)
+            ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
+        return self._reply(identity, oids, ok, parts, refs)
+
+    def _prepare(self, method_name: str, group: str | None, frames: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:
+        """The bound method and its decoded arguments (top-level refs still refs: each executor resolves them its way)."""
+        self._check_group(method_name, group)
+        method = self._method(method_name)
+        args, kwargs = serialization.loads_args(frames)
+        return method, args, kwargs
+
+    def _frame_value(self, oids: tuple[Any, ...], method_name: str, value: Any) -> tuple[bool, list[list[Any]], list[Any]]:
+        """(ok, frames of each return value, refs pickled into them)."""
+        with ownership.collect() as refs:
+            parts = self._result_frames(oids, value)
+        for part in parts:
+            self.rt.check_size(part, f"the result of {self.class_name}.{method_name}()")
+        return True, parts, refs
+
+    def _reply(
+        self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any]
+    ) -> tuple[tuple[Any, ...], list[Any]]:
+        """The result's entry; refs inside it are lent to the caller, and what we borrowed is registered first."""
+        if refs:
+            self.rt.lend(identity, oids[0], refs)
+        self.rt.settle_borrows()
+        return calls.result_entry(oids, ok, parts, lent=bool(refs))
 
     async def _serve_async(self) -> None:
         self._semaphores = {g: asyncio.Semaphore(n) for g, n in self.limits.items()}
@@ -258,21 +281,20 @@ class ActorWorker:
     async def _execute_async(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
         async with self._semaphores[self._group_of(method_name, group) or DEFAULT_GROUP]:
             try:
-                self._check_group(method_name, group)
-                method = self._method(method_name)
-                args, kwargs = serialization.loads_args(frames)
+                method, args, kwargs = self._prepare(method_name, group, frames)
                 args = [await a if isinstance(a, ObjectRef) else a for a in args]
                 kwargs = {k: (await v if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()}
                 result = method(*args, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
-                frames = self._result_frames(oids, result)
-                ok = True
+                ok, parts, refs = self._frame_value(oids, method_name, result)
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-                frames, ok = self._error_frames(oids, method_name, exc), False
-        self._send_result(identity, oids, ok, frames)
+                ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
+        if not self.rt.borrows.settled:
+            await asyncio.to_thread(self.rt.settle_borrows)  # owners answer over the network: never block the loop
+        self.rt.send_result(identity, *self._reply(identity, oids, ok, parts, refs))
 
     def _method(self, name: str) -> Any:
         method = getattr(self.instance, name, None)
@@ -297,9 +319,6 @@ class ActorWorker:
         except serialization.SerializationError:
             frames = serialization.dumps_value(TaskError(message, None, traceback.format_exc(), where))
         return [frames for _ in oids]
-
-    def _send_result(self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]]) -> None:
-        self.rt.send_result(identity, *calls.result_entry(oids, ok, parts))
 
 
 def adopt_code_path(paths: list[str]) -> None:

@@ -46,17 +46,20 @@ class Recent(Generic[K, V]):
 class Call:
     """One submitted method call, kept until its result arrives so it can be failed or retried."""
 
-    __slots__ = ("frames", "header", "oids", "retries_left")
+    __slots__ = ("frames", "header", "keep", "oids", "retries_left")
 
-    def __init__(self, oids: tuple[ObjectId, ...], header: tuple[Any, ...], frames: list[Any], retries_left: int) -> None:
+    def __init__(
+        self, oids: tuple[ObjectId, ...], header: tuple[Any, ...], frames: list[Any], retries_left: int, keep: list[Any] | None = None
+    ) -> None:
         self.oids = oids
         self.header = header  # (oids, method, group, frame count): one entry of a CALL batch
         self.frames = frames
         self.retries_left = retries_left
+        self.keep = keep  # the refs pickled into the arguments, alive until the result (see ownership)
 
 
 class ActorConn:
-    __slots__ = ("actor_id", "address", "error", "incarnation", "inflight", "queue", "resolving", "state")
+    __slots__ = ("actor_id", "address", "error", "incarnation", "inflight", "keep_args", "queue", "resolving", "state")
 
     def __init__(self, actor_id: ActorId) -> None:
         self.actor_id = actor_id
@@ -67,6 +70,7 @@ class ActorConn:
         self.inflight: dict[ObjectId, Call] = {}
         self.error: BaseException | None = None
         self.resolving = False
+        self.keep_args: list[Any] | None = None  # refs in the constructor's arguments: a restart needs them
 
     def take_inflight(self) -> list[Call]:
         """In-flight calls in submission order (dicts keep insertion order)."""
@@ -123,6 +127,7 @@ def apply_state(conn: ActorConn, state: str, incarnation: int, address: str | No
             step.send.append(call)
     elif state == DEAD:
         conn.state = DEAD
+        conn.keep_args = None
         conn.error = ActorDiedError(error or f"actor {conn.actor_id} is dead")
         step.fail.extend((call.oids, conn.error) for call in conn.queue)
         step.fail.extend((call.oids, conn.error) for call in conn.take_inflight())

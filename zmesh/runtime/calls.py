@@ -23,8 +23,8 @@ RESULT = protocol.RESULT
 
 # (caller identity, result object ids, method name, concurrency group, argument frames)
 CallItem = tuple[bytes, tuple[bytes, ...], str, "str | None", list[Any]]
-# (result object ids, ok, the frames of each return value)
-ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]]]
+# (result object ids, ok, the frames of each return value, whether the worker lent refs inside it)
+ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]], bool]
 
 # send(kind, destination, entries, payload frames)
 SendBatch = Callable[[bytes, Any, list[tuple[Any, ...]], list[Any]], None]
@@ -36,10 +36,14 @@ def call_entry(oids: tuple[bytes, ...], method: str, group: str | None, args: li
     return (oids, method, group, slot), frames
 
 
-def result_entry(oids: tuple[bytes, ...], ok: bool, parts: list[list[Any]]) -> tuple[tuple[Any, ...], list[Any]]:
-    """One result's batch entry (``parts``: the frames of each return value, or of the error per id)."""
+def result_entry(oids: tuple[bytes, ...], ok: bool, parts: list[list[Any]], lent: bool = False) -> tuple[tuple[Any, ...], list[Any]]:
+    """One result's batch entry (``parts``: the frames of each return value, or of the error per id).
+
+    ``lent``: the value holds refs the worker keeps alive for the caller until it sends RELEASE_LENT.
+    """
     slot, frames = protocol.pack([f for part in parts for f in part])
-    return (oids, ok, [len(part) for part in parts], slot), frames
+    entry = (oids, ok, [len(part) for part in parts], slot)
+    return ((*entry, True) if lent else entry), frames
 
 
 def message(kind: bytes, entries: list[tuple[Any, ...]], payload: list[Any]) -> list[Any]:
@@ -101,9 +105,9 @@ def split_results(msg: protocol.Message) -> list[ResultItem]:
     payload = msg.payload
     pos = 0
     for entry in msg.header:
-        if not isinstance(entry, tuple) or len(entry) != 4:
-            raise protocol.ProtocolError("a result entry is not (oids, ok, frame counts, frames)")
-        oids, ok, counts, slot = entry
+        if not isinstance(entry, tuple) or len(entry) not in (4, 5):
+            raise protocol.ProtocolError("a result entry is not (oids, ok, frame counts, frames[, lent])")
+        oids, ok, counts, slot = entry[:4]
         if not isinstance(oids, tuple) or not oids or not isinstance(counts, list | tuple) or len(counts) != len(oids):
             raise protocol.ProtocolError("a result's ids and frame counts do not match")
         frames, pos = protocol.unpack(slot, payload, pos)
@@ -114,7 +118,7 @@ def split_results(msg: protocol.Message) -> list[ResultItem]:
         for count in counts:
             parts.append(frames[start : start + count])
             start += count
-        items.append((oids, bool(ok), parts))
+        items.append((oids, bool(ok), parts, len(entry) == 5 and entry[4] is True))
     if pos != len(payload):
         raise protocol.ProtocolError("a result batch has frames no entry accounts for")
     return items

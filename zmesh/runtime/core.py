@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 
 from zmesh.exceptions import NodeUnavailableError, ObjectLostError, TaskError, ZmeshError
-from zmesh.runtime import calls, objects
+from zmesh.runtime import calls, objects, ownership
 from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_state
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.node_client import TO_NODE, NodeClient, node_error
@@ -44,7 +44,8 @@ _RESULT = calls.RESULT
 # What decoding a peer's bad message raises: the message is dropped and counted, the process goes on.
 _MALFORMED = (protocol.ProtocolError, serialization.DeserializationError)
 _REMEMBER_DEAD = 10_000
-_OWNER_CHECK_S = 1.0
+_COUNTING = (protocol.BORROW, protocol.UNBORROW)
+_PEER_CHECK_S = 1.0
 
 CallHandler = Callable[[bytes, protocol.Message], None]
 
@@ -80,7 +81,11 @@ class Runtime:
         self._released: deque[ObjectId] = deque()
         self._sent_classes: set[str] = set()
         self._fetching: dict[str, set[ObjectId]] = {}  # owner address -> objects asked of it
-        self._owners_checked = 0.0
+        self._peers_checked = 0.0
+        # Reference counting across processes (see ownership.py), guarded by _lock.
+        self.borrows = ownership.Borrows("")  # told our address once the servers are bound
+        self._settled = threading.Condition(self._lock)
+        self._lent: dict[bytes, dict[ObjectId, list[Any]]] = {}  # caller -> result -> refs kept for it
         self.dropped = 0  # malformed messages received, reported to the node by workers
         self._dropped_reported = 0
         self._drop_logged: dict[Any, float] = {}
@@ -97,6 +102,7 @@ class Runtime:
             self._loop.watch_ready(self._zap.socket, self._zap.handle)
         self.listen_host = listen_host or sockets.local_address_towards(node_address)
         self._servers, self.address = sockets.servers(self._ctx, self.security, self.listen_host)
+        self.borrows.me = self.address
         # Which of our ROUTERs each peer reached us on: its answers must leave by the same one.
         self._route: dict[bytes, sockets.Socket] = {}
         for server in self._servers:
@@ -169,26 +175,47 @@ class Runtime:
     # ------------------------------------------------------------------ objects
 
     def put(self, value: Any) -> ObjectId:
-        frames = serialization.dumps_value(value)
+        with ownership.collect() as refs:
+            frames = serialization.dumps_value(value)
         self.check_size(frames, "zmesh.put() values")  # no other process could ever fetch it
         oid = self.new_object_id()
         with self._lock:
             entry = self.objects.new_owned_locked(oid)
             entry.frames, entry.done = frames, True
+            entry.contained = refs or None
             self.objects.add_ref_locked(oid)
         return oid
 
-    def add_ref(self, oid: ObjectId) -> None:
+    def add_ref(self, oid: ObjectId, owner: str) -> None:
         with self._lock:
-            self.objects.add_ref_locked(oid)
+            if self.objects.add_ref_locked(oid) == 1 and owner != self.address:
+                self.borrows.held(oid, owner)
 
     def release(self, oid: ObjectId) -> None:
         # Called from __del__, possibly while this thread holds the lock: the I/O thread does the rest.
         self._released.append(oid)
 
-    def pin(self, oid: ObjectId) -> None:
+    def settle_borrows(self, timeout: float = 30.0) -> None:
+        """Register with their owners the foreign refs this process holds, and wait for their answers.
+
+        A worker calls this before it sends a result: once the caller has the result it may
+        drop the refs it kept for the call, and our own must be counted by then.
+        """
+        borrows = self.borrows
+        if borrows.settled:
+            return
         with self._lock:
-            self.objects.pin_locked(oid)
+            out = borrows.register()
+        for message in out:
+            self._loop.push((_TO_PEER, message.address, message.frames))
+        with self._settled:
+            if not self._settled.wait_for(lambda: borrows.settled or self.closed, timeout):
+                logger.warning("owners did not acknowledge %d borrowed reference(s) within %g s", len(borrows.awaiting), timeout)
+
+    def lend(self, caller: bytes, oid: ObjectId, refs: list[Any]) -> None:
+        """Keep ``refs`` (pickled into the result ``oid`` for ``caller``) until the caller releases that result."""
+        with self._lock:
+            self._lent.setdefault(caller, {})[oid] = refs
 
     def entries_for(self, refs: list[tuple[ObjectId, str]]) -> list[objects.Entry]:
         """The entries behind ``(oid, owner address)`` pairs, fetching foreign ones from their owners."""
@@ -202,7 +229,7 @@ class Runtime:
                     entry.done, entry.ok = True, False
                     entry.error = ObjectLostError(f"object {oid.hex()} was freed: no reference to it was kept")
                 elif entry is None or not entry.owned:
-                    entry, need_fetch = self.objects.borrow_locked(oid)
+                    entry, need_fetch = self.objects.fetch_locked(oid)
                     if need_fetch:
                         fetch.append((oid, owner))
                         self._fetching.setdefault(owner, set()).add(oid)
@@ -243,14 +270,19 @@ class Runtime:
         args_frames: list[Any],
         *,
         wait: bool,
+        keep: list[Any] | None = None,
     ) -> Any:
-        """Ask the node to create an actor; the conn queues calls until it is alive."""
+        """Ask the node to create an actor; the conn queues calls until it is alive.
+
+        ``keep``: refs pickled into the constructor's arguments, kept while the actor may (re)start.
+        """
         self.check_size(args_frames, f"the arguments of {spec['class_name']}()")
         with self._lock:
             conn = self._actors.get(actor_id)
             if conn is None:
                 conn = self._actors[actor_id] = ActorConn(actor_id)
             conn.resolving = True
+            conn.keep_args = keep or None
             send_class = class_key not in self._sent_classes
             self._sent_classes.add(class_key)
         payload = [class_blob if send_class else b"", meta_blob, *args_frames]
@@ -273,12 +305,20 @@ class Runtime:
         return None
 
     def submit_call(
-        self, actor_id: ActorId, method: str, args_frames: list[Any], num_returns: int, group: str | None, retries: int
+        self,
+        actor_id: ActorId,
+        method: str,
+        args_frames: list[Any],
+        num_returns: int,
+        group: str | None,
+        retries: int,
+        keep: list[Any] | None = None,
     ) -> list[ObjectId]:
+        """Send a call; ``keep``: the refs pickled into its arguments, kept alive until its result arrives."""
         oids = tuple(self.new_object_id() for _ in range(num_returns))
         self.check_size(args_frames, f"the arguments of {method}()")
         header, frames = calls.call_entry(oids, method, group, args_frames)
-        call = Call(oids, header, frames, retries)
+        call = Call(oids, header, frames, retries, keep or None)
         dest = None
         resolve = False
         alone = False
@@ -443,15 +483,32 @@ class Runtime:
         return True
 
     def _after_round(self) -> None:
-        if self._released:
-            with self._lock:
-                while self._released:
-                    self.objects.release_locked(self._released.popleft())
+        if self._released or self.objects.freed_lent:
+            self._release_refs()
         if self.kind == "worker" and self.dropped != self._dropped_reported and self.node.lost is None:
             self._dropped_reported = self.dropped
             self.node.send_now(protocol.encode(protocol.REQUEST, (0, "dropped", (self.dropped,))))
-        if self._fetching:
-            self._check_owners()
+        if self._fetching or self._lent or self.objects.borrowers():
+            self._check_peers()
+
+    def _release_refs(self) -> None:
+        """Count the dropped ObjectRefs; tell owners and lenders what we no longer hold."""
+        out: list[ownership.Outgoing] = []
+        borrows = self.borrows
+        with self._lock:
+            while self._released:
+                oid = self._released.popleft()
+                if self.objects.release_locked(oid) == 0:
+                    out.extend(borrows.dropped(oid))
+            while self.objects.freed_lent:
+                oid, lender = self.objects.freed_lent.pop()
+                out.extend(borrows.letting_go(ownership.Outgoing(lender, protocol.encode(protocol.RELEASE_LENT, (oid,)))))
+        self._send_all(out)
+
+    def _send_all(self, messages: list[ownership.Outgoing]) -> None:
+        for message in messages:
+            if message.address not in self.peers.gone:
+                self._send_to_peer(message.address, message.frames)
 
     def _send_batch(self, kind: bytes, dest: Any, entries: list[tuple[Any, ...]], payload: list[Any]) -> None:
         frames = calls.message(kind, entries, payload)
@@ -515,27 +572,40 @@ class Runtime:
             self._drop_logged[key] = now
             logger.warning("dropped a malformed message from a peer: %s", reason)
 
-    def _check_owners(self) -> None:
-        """Ask the node, once a second, whether the owners we are fetching from still live.
+    def _check_peers(self) -> None:
+        """Ask the node, once a second, which of the processes we depend on have exited.
 
-        (Per-peer socket monitors would tell at once, but wedged sockets under load; once a
-        second is enough for a fetch that can never complete.)"""
+        Owners we fetch from (their fetches fail), borrowers of our objects (their references
+        no longer count) and callers we lent refs to (we keep them no longer). Per-peer socket
+        monitors would tell at once, but wedged sockets under load; once a second is enough.
+        """
         now = time.monotonic()
-        if now - self._owners_checked < _OWNER_CHECK_S or self.node.lost is not None:
+        if now - self._peers_checked < _PEER_CHECK_S or self.node.lost is not None:
             return
-        self._owners_checked = now
+        self._peers_checked = now
+        with self._lock:
+            ask = sorted({*self._fetching, *self.objects.borrowers()}) + [caller.hex() for caller in self._lent]
 
         def on_reply(ok: bool, value: Any, payload: list[Any]) -> None:
             if ok:
-                for owner in value:
-                    self._peer_gone(owner)
+                for peer in value:
+                    if isinstance(peer, str) and "://" in peer:
+                        self._peer_gone(peer)
+                    elif isinstance(peer, str):
+                        with self._lock:
+                            self._lent.pop(bytes.fromhex(peer), None)
 
-        self.node.request_nowait("gone", (list(self._fetching),), [], on_reply)
+        self.node.request_nowait("gone", (ask,), [], on_reply)
 
     def _peer_gone(self, address: str) -> None:
-        """A process we fetch from or print to has exited: fail what it owed us and free what was queued for it."""
+        """A process we fetch from, print to or lend to has exited: fail what it owed us, free what we kept for it."""
         with self._lock:
             lost = self._fetching.pop(address, set())
+            self.objects.borrower_gone_locked(address)
+            out = self.borrows.owner_gone(address)
+            if self.borrows.settled:
+                self._settled.notify_all()
+        self._send_all(out)
         self.peers.mark_gone(address)
         self.peers.drop(address)
         self._complete([(oid, None, False, ObjectLostError(f"object {oid.hex()} is lost: its owner at {address} is gone")) for oid in lost])
@@ -551,6 +621,21 @@ class Runtime:
         elif msg.type == protocol.LOG and len(msg.header) == 3:
             prefix, stream, text = msg.header
             self.on_log(str(prefix), str(stream), str(text))
+        elif msg.type in _COUNTING and len(msg.header) == 2 and isinstance(msg.header[1], str):
+            oid, borrower = ObjectId(msg.header[0]), msg.header[1]
+            with self._lock:
+                if msg.type == protocol.UNBORROW:
+                    self.objects.unborrow_locked(oid, borrower)
+                    return
+                ok = self.objects.borrow_locked(oid, borrower)
+            self._send_router([identity, *protocol.encode(protocol.BORROWED, (oid, ok))])
+        elif msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
+            with self._lock:
+                lent = self._lent.get(identity)
+                refs = lent.pop(msg.header[0], None) if lent is not None else None
+                if lent is not None and not lent:
+                    del self._lent[identity]
+            del refs  # dropped outside the lock: their release is counted on the next round
         else:
             raise protocol.ProtocolError(f"unexpected {msg.type!r} message")
 
@@ -574,18 +659,33 @@ class Runtime:
         elif msg.type == protocol.LOG and len(msg.header) == 3:  # printed during one of our calls, ahead of its result
             prefix, stream, text = msg.header
             self.on_log(str(prefix), str(stream), str(text))
+        elif msg.type == protocol.BORROWED and len(msg.header) == 2:
+            with self._lock:
+                out = self.borrows.answered(ObjectId(msg.header[0]), bool(msg.header[1]))
+                if self.borrows.settled:
+                    self._settled.notify_all()
+            self._send_all(out)
         else:
             raise protocol.ProtocolError(f"unexpected {msg.type!r} message from a peer")
 
     def _on_results(self, address: str, items: list[calls.ResultItem]) -> None:
         results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
+        finished = []  # dropped after the lock: the refs they kept are released then
         with self._lock:
             conn = self._actor_at.get(address)
-            for oids, ok, parts in items:
-                if conn is None or conn.inflight.pop(ObjectId(oids[0]), None) is None:
+            for oids, ok, parts, lent in items:
+                call = conn.inflight.pop(ObjectId(oids[0]), None) if conn is not None else None
+                if call is None:
                     continue  # a late answer from a worker already declared dead
+                finished.append(call)
+                if lent:
+                    for oid in oids:
+                        entry = self.objects.get_locked(ObjectId(oid))
+                        if entry is not None:
+                            entry.lender = address
                 results.extend((ObjectId(oid), part, ok, None) for oid, part in zip(oids, parts, strict=True))
         self._complete(results)
+        del finished
 
     def _serve_object(self, identity: bytes, oid: ObjectId) -> None:
         with self._lock:

@@ -39,7 +39,20 @@ class Waiter:
 
 
 class Entry:
-    __slots__ = ("callbacks", "done", "error", "fetching", "frames", "ok", "owned", "pinned", "remote_waiters", "waiters")
+    __slots__ = (
+        "borrowers",
+        "callbacks",
+        "contained",
+        "done",
+        "error",
+        "fetching",
+        "frames",
+        "lender",
+        "ok",
+        "owned",
+        "remote_waiters",
+        "waiters",
+    )
 
     def __init__(self, owned: bool) -> None:
         self.frames: list[Any] | None = None
@@ -50,8 +63,13 @@ class Entry:
         self.callbacks: list[Callable[[], None]] = []
         self.remote_waiters: list[bytes] = []
         self.owned = owned
-        self.pinned = False
         self.fetching = False
+        # Owned: processes that told us they hold references to it (address -> how many times).
+        self.borrowers: dict[str, int] | None = None
+        # The refs pickled inside the value, kept alive as long as the value is (see ownership).
+        self.contained: list[Any] | None = None
+        # The worker that lent us the refs inside this result: told when we let go of it.
+        self.lender: str | None = None
 
 
 class ObjectStore:
@@ -59,26 +77,75 @@ class ObjectStore:
         self._lock = lock
         self._entries: dict[ObjectId, Entry] = {}
         self._refcounts: dict[ObjectId, int] = {}
+        self._by_borrower: dict[str, set[ObjectId]] = {}
+        # Entries freed whose lender must be told; the runtime sends and clears this.
+        self.freed_lent: list[tuple[ObjectId, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     # --- reference counting (the runtime's lock must be held) ---
 
-    def add_ref_locked(self, oid: ObjectId) -> None:
-        self._refcounts[oid] = self._refcounts.get(oid, 0) + 1
+    def add_ref_locked(self, oid: ObjectId) -> int:
+        """Count one more local reference; returns the count."""
+        count = self._refcounts.get(oid, 0) + 1
+        self._refcounts[oid] = count
+        return count
 
-    def release_locked(self, oid: ObjectId) -> None:
+    def release_locked(self, oid: ObjectId) -> int:
+        """Count one local reference less; returns the count (0: the last one here is gone)."""
         count = self._refcounts.get(oid, 0) - 1
         if count > 0:
             self._refcounts[oid] = count
-            return
+            return count
         self._refcounts.pop(oid, None)
-        entry = self._entries.get(oid)
-        if entry is not None and not entry.pinned and not entry.waiters and not entry.remote_waiters:
-            del self._entries[oid]
+        self._maybe_free(oid)
+        return 0
 
-    def pin_locked(self, oid: ObjectId) -> None:
+    def _maybe_free(self, oid: ObjectId) -> None:
+        """Forget ``oid`` once no reference to it is left here or anywhere, and nobody waits for it."""
         entry = self._entries.get(oid)
-        if entry is not None and entry.owned:
-            entry.pinned = True
+        if entry is None or oid in self._refcounts or entry.borrowers or entry.waiters or entry.remote_waiters:
+            return
+        if not entry.done and entry.owned:
+            return  # a result still to come: it completes, then goes (a fire-and-forget call)
+        del self._entries[oid]
+        if entry.lender is not None:
+            self.freed_lent.append((oid, entry.lender))
+
+    def borrow_locked(self, oid: ObjectId, borrower: str) -> bool:
+        """``borrower`` holds a reference to our ``oid``; False when it is no longer here to keep."""
+        entry = self._entries.get(oid)
+        if entry is None or not entry.owned:
+            return False
+        if entry.borrowers is None:
+            entry.borrowers = {}
+        entry.borrowers[borrower] = entry.borrowers.get(borrower, 0) + 1
+        self._by_borrower.setdefault(borrower, set()).add(oid)
+        return True
+
+    def unborrow_locked(self, oid: ObjectId, borrower: str, all_of_them: bool = False) -> None:
+        entry = self._entries.get(oid)
+        if entry is None or not entry.borrowers or borrower not in entry.borrowers:
+            return
+        left = 0 if all_of_them else entry.borrowers[borrower] - 1
+        if left > 0:
+            entry.borrowers[borrower] = left
+            return
+        del entry.borrowers[borrower]
+        oids = self._by_borrower.get(borrower)
+        if oids is not None:
+            oids.discard(oid)
+            if not oids:
+                del self._by_borrower[borrower]
+        self._maybe_free(oid)
+
+    def borrower_gone_locked(self, borrower: str) -> None:
+        for oid in list(self._by_borrower.get(borrower, ())):
+            self.unborrow_locked(oid, borrower, all_of_them=True)
+
+    def borrowers(self) -> list[str]:
+        return list(self._by_borrower)
 
     # --- creation and completion (lock held) ---
 
@@ -90,7 +157,7 @@ class ObjectStore:
     def get_locked(self, oid: ObjectId) -> Entry | None:
         return self._entries.get(oid)
 
-    def borrow_locked(self, oid: ObjectId) -> tuple[Entry, bool]:
+    def fetch_locked(self, oid: ObjectId) -> tuple[Entry, bool]:
         """The entry for a foreign object, and whether a fetch must be sent now."""
         entry = self._entries.get(oid)
         if entry is None:
@@ -114,9 +181,7 @@ class ObjectStore:
         entry.done = True
         waiters, entry.waiters = entry.waiters, []
         callbacks, entry.callbacks = entry.callbacks, []
-        if oid not in self._refcounts and not entry.pinned and not entry.remote_waiters:
-            # Nobody holds a reference any more: a fire-and-forget call.
-            del self._entries[oid]
+        self._maybe_free(oid)  # nobody holds a reference any more: a fire-and-forget call
         return entry, waiters, callbacks
 
     # --- waiting (called without the lock) ---

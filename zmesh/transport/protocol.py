@@ -42,6 +42,11 @@ GET_OBJECT = b"G"  # (object_id,)
 OBJECT = b"O"  # (object_id, ok) + value frames
 # worker -> owner of the actor
 LOG = b"L"  # (prefix, stream, text)
+# reference counting (see runtime/ownership.py)
+BORROW = b"b"  # (object_id, borrower address): borrower -> owner
+BORROWED = b"d"  # (object_id, ok): owner -> borrower
+UNBORROW = b"u"  # (object_id, borrower address): borrower -> owner
+RELEASE_LENT = b"l"  # (object_id,): caller -> the worker that lent it the refs inside that result
 
 KNOWN_TYPES = frozenset(
     {
@@ -55,6 +60,10 @@ KNOWN_TYPES = frozenset(
         GET_OBJECT,
         OBJECT,
         LOG,
+        BORROW,
+        BORROWED,
+        UNBORROW,
+        RELEASE_LENT,
     }
 )
 
