@@ -184,6 +184,9 @@ class ActorWorker:
     def _answer(self, sock: sockets.Socket, frames: list[Any]) -> None:
         try:
             msg = protocol.decode(frames[1:])
+            if msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
+                self.rt.release_lent(frames[0], msg.header[0])
+                return
             if msg.type != protocol.CALL:
                 raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
             items = calls.split_calls(frames[0], msg)

@@ -212,6 +212,15 @@ class Runtime:
             if not self._settled.wait_for(lambda: borrows.settled or self.closed, timeout):
                 logger.warning("owners did not acknowledge %d borrowed reference(s) within %g s", len(borrows.awaiting), timeout)
 
+    def release_lent(self, caller: bytes, oid: ObjectId) -> None:
+        """``caller`` is done with result ``oid``: the refs lent with it are ours to drop."""
+        with self._lock:
+            lent = self._lent.get(caller)
+            refs = lent.pop(oid, None) if lent is not None else None
+            if lent is not None and not lent:
+                del self._lent[caller]
+        del refs  # dropped outside the lock: their release is counted on the I/O thread's next round
+
     def lend(self, caller: bytes, oid: ObjectId, refs: list[Any]) -> None:
         """Keep ``refs`` (pickled into the result ``oid`` for ``caller``) until the caller releases that result."""
         with self._lock:
@@ -630,12 +639,7 @@ class Runtime:
                 ok = self.objects.borrow_locked(oid, borrower)
             self._send_router([identity, *protocol.encode(protocol.BORROWED, (oid, ok))])
         elif msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
-            with self._lock:
-                lent = self._lent.get(identity)
-                refs = lent.pop(msg.header[0], None) if lent is not None else None
-                if lent is not None and not lent:
-                    del self._lent[identity]
-            del refs  # dropped outside the lock: their release is counted on the next round
+            self.release_lent(identity, msg.header[0])
         else:
             raise protocol.ProtocolError(f"unexpected {msg.type!r} message")
 
