@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+from zmq.utils import garbage as zmq_garbage
 
 import zmesh
 from zmesh.testing import NodeProcess, wait_for, zmesh_processes
+from zmesh.transport import sockets
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# pyzmq starts one garbage-collector thread (with its own context, socket and descriptors)
+# per process, on the first zero-copy send; start it now so no test is blamed for it.
+zmq_garbage.gc.start()
+zmq_garbage.gc._push_socket  # noqa: B018 (made on first use, kept for the process's life)
 
 
 @pytest.fixture(autouse=True)
@@ -29,20 +39,86 @@ def isolated_run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     yield path
 
 
+@dataclasses.dataclass
+class _Resources:
+    """What this test process holds that a test could leak."""
+
+    children: set[int]
+    threads: set[int]
+    fds: set[int]
+    sockets: set[str]
+    contexts: int
+
+    @classmethod
+    def now(cls, run_dir: Path) -> _Resources:
+        me = psutil.Process()
+        try:
+            children = {p.pid for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+        except psutil.Error:
+            children = set()
+        return cls(
+            children=children,
+            threads={t.ident or 0 for t in threading.enumerate()},
+            fds={int(fd) for fd in os.listdir("/proc/self/fd")},
+            sockets={p.name for p in (run_dir / "s").glob("*.sock")} if (run_dir / "s").is_dir() else set(),
+            contexts=sum(1 for ctx in sockets.live_contexts if not ctx.closed),
+        )
+
+    def leaked_since(self, before: _Resources) -> dict[str, Any]:
+        leaks: dict[str, Any] = {}
+        if self.children - before.children:
+            leaks["child processes"] = sorted(self.children - before.children)
+        new_threads = self.threads - before.threads
+        if new_threads:
+            leaks["threads"] = sorted(t.name for t in threading.enumerate() if t.ident in new_threads)
+        if len(self.fds) > len(before.fds):
+            leaks["open fds"] = {fd: _fd_target(fd) for fd in sorted(self.fds - before.fds)}
+        if self.sockets - before.sockets:
+            leaks["IPC socket files"] = sorted(self.sockets - before.sockets)
+        if self.contexts > before.contexts:
+            leaks["ZeroMQ contexts"] = self.contexts - before.contexts
+        return leaks
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(isolated_run_dir: Path) -> Iterator[None]:
-    """Every test ends with zmesh shut down and no zmesh process it started still running."""
+    """Every test ends with zmesh shut down and nothing it started still there.
+
+    Child processes of any kind, threads, open descriptors, IPC socket files and ZeroMQ
+    contexts are compared with what the process had before the test; a test that leaks
+    fails, naming what leaked (and its leaked processes are killed).
+    """
+    before = _Resources.now(isolated_run_dir)
     yield
     if zmesh.is_initialized():
         zmesh.shutdown()
     run_dir = str(isolated_run_dir)
+    leaks: dict[str, Any] = {}
+
+    def clean() -> bool:
+        nonlocal leaks
+        leaks = _Resources.now(isolated_run_dir).leaked_since(before)
+        stray = zmesh_processes(run_dir)
+        if stray:
+            leaks["zmesh processes"] = [(p.pid, " ".join(p.cmdline())) for p in stray]
+        return not leaks
+
     try:
-        wait_for(lambda: not zmesh_processes(run_dir), timeout=10, what="zmesh processes of this test to exit")
+        wait_for(clean, timeout=10, what="the test's processes, threads, descriptors and sockets to be gone")
     except TimeoutError:
-        leaked = zmesh_processes(run_dir)
-        for proc in leaked:
-            proc.kill()
-        pytest.fail(f"leaked zmesh processes: {[(p.pid, p.cmdline()) for p in leaked]}")
+        for pid in leaks.get("child processes", []) + [pid for pid, _ in leaks.get("zmesh processes", [])]:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        pytest.fail(f"the test leaked: {leaks}")
 
 
 @pytest.fixture

@@ -192,8 +192,21 @@ class Runtime:
                 self.borrows.held(oid, owner)
 
     def release(self, oid: ObjectId) -> None:
-        # Called from __del__, possibly while this thread holds the lock: the I/O thread does the rest.
+        """An ObjectRef was dropped (called from ``__del__``, in any thread, at any moment).
+
+        Counted at once when the lock is free, so a loop of ``get(put(v))`` holds one value,
+        not a second's worth; a thread that holds the lock already (a collection inside a
+        locked section) leaves it to the I/O thread's next round. Messages it causes are
+        always sent by the I/O thread: ``__del__`` may run in the middle of another send.
+        """
         self._released.append(oid)
+        if self._lock.acquire(blocking=False):
+            try:
+                out = self._release_locked()
+            finally:
+                self._lock.release()
+            for message in out:
+                self._loop.push((_TO_PEER, message.address, message.frames))
 
     def settle_borrows(self, timeout: float = 30.0) -> None:
         """Register with their owners the foreign refs this process holds, and wait for their answers.
@@ -501,18 +514,26 @@ class Runtime:
             self._check_peers()
 
     def _release_refs(self) -> None:
-        """Count the dropped ObjectRefs; tell owners and lenders what we no longer hold."""
+        with self._lock:
+            out = self._release_locked()
+        self._send_all(out)
+
+    def _release_locked(self) -> list[ownership.Outgoing]:
+        """Count the dropped ObjectRefs; what to tell owners and lenders about what we no longer hold."""
         out: list[ownership.Outgoing] = []
         borrows = self.borrows
-        with self._lock:
-            while self._released:
-                oid = self._released.popleft()
-                if self.objects.release_locked(oid) == 0:
-                    out.extend(borrows.dropped(oid))
-            while self.objects.freed_lent:
-                oid, lender = self.objects.freed_lent.pop()
-                out.extend(borrows.letting_go(ownership.Outgoing(lender, protocol.encode(protocol.RELEASE_LENT, (oid,)))))
-        self._send_all(out)
+        released = self._released
+        while released:
+            try:
+                oid = released.popleft()
+            except IndexError:
+                break  # another thread took the last one
+            if self.objects.release_locked(oid) == 0:
+                out.extend(borrows.dropped(oid))
+        while self.objects.freed_lent:
+            oid, lender = self.objects.freed_lent.pop()
+            out.extend(borrows.letting_go(ownership.Outgoing(lender, protocol.encode(protocol.RELEASE_LENT, (oid,)))))
+        return out
 
     def _send_all(self, messages: list[ownership.Outgoing]) -> None:
         for message in messages:

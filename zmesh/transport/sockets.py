@@ -8,6 +8,7 @@ import pickle
 import resource
 import socket
 import stat
+import weakref
 from typing import Any, TypeAlias
 
 import zmq
@@ -17,6 +18,10 @@ from zmesh.transport.security import Security
 
 Socket: TypeAlias = "zmq.Socket[Any]"
 Context: TypeAlias = "zmq.Context[Any]"
+
+
+# Every context zmesh made in this process, so a test can prove each one was terminated.
+live_contexts: weakref.WeakSet[Context] = weakref.WeakSet()
 
 
 def new_context() -> Context:
@@ -30,6 +35,7 @@ def new_context() -> Context:
     raise_open_file_limit()
     ctx: Context = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, ctx.get(zmq.SOCKET_LIMIT))
+    live_contexts.add(ctx)
     return ctx
 
 
