@@ -118,13 +118,14 @@ class PayloadSize:
         return f"1:1 pipelined {self.label} arg [MB/s]"
 
 
-# Fewer calls for bigger sizes, so that each size takes about 1-2 s on zmesh (Ray's small sizes take longer).
+# Fewer calls for bigger sizes, so that each size takes about 1 s on zmesh; Ray's three small sizes take 5-10 s
+# each on 2 cores, the whole sweep about 30 s, well inside the workload deadline.
 PAYLOAD_SWEEP = (
-    PayloadSize("100 B", 100, 20_000),
-    PayloadSize("10 KiB", 10 * 2**10, 10_000),
-    PayloadSize("100 KiB", 100 * 2**10, 4000),
-    PayloadSize("1 MiB", 2**20, 600),
-    PayloadSize("10 MiB", 10 * 2**20, 60),
+    PayloadSize("100 B", 100, 25_000),
+    PayloadSize("10 KiB", 10 * 2**10, 15_000),
+    PayloadSize("100 KiB", 100 * 2**10, 8000),
+    PayloadSize("1 MiB", 2**20, 1200),
+    PayloadSize("10 MiB", 10 * 2**20, 120),
 )
 # Calls in flight at once are capped at this many argument bytes, so that a big size
 # does not queue gigabytes in the caller; 64 MiB still keeps several 10 MiB calls in flight.
