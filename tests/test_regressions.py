@@ -520,3 +520,12 @@ class Signals:
 
 def test_workers_and_their_programs_take_sigint_by_default(local: None) -> None:
     assert zmesh.get(Signals.remote().sigint.remote(), timeout=30) == (True, False)
+
+
+@pytest.mark.timeout(30)
+def test_kill_and_get_actor_are_bounded_by_a_timeout(local: None) -> None:
+    a = Echo.options(name="bounded").remote()
+    assert zmesh.get_actor("bounded", timeout=5) == a
+    with pytest.raises(ValueError, match="timeout"):
+        zmesh.get_actor("bounded", timeout=-1)
+    zmesh.kill(a, timeout=5)

@@ -297,19 +297,31 @@ def put(value: Any) -> ObjectRef:
     return ObjectRef(rt.put(value), rt.address, rt)
 
 
-def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
-    """Kill the actor's worker now. With ``no_restart=False`` it restarts if it has restarts left."""
+# How long kill and get_actor wait for the node (they only ask it; a live node answers in microseconds).
+NODE_TIMEOUT_S = 30.0
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True, timeout: float = NODE_TIMEOUT_S) -> None:
+    """Kill the actor's worker now. With ``no_restart=False`` it restarts if it has restarts left.
+
+    NodeUnavailableError if the node does not answer within ``timeout`` seconds.
+    """
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"zmesh.kill() expects an actor handle, got {type(actor).__name__}")
-    _require().request("kill", (actor._zmesh_actor_id, bool(no_restart)))
+    _check_timeout(timeout)
+    _require().request("kill", (actor._zmesh_actor_id, bool(no_restart)), timeout=timeout)
 
 
-def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
-    """A handle to the live actor with this name; ValueError if there is none."""
+def get_actor(name: str, namespace: str | None = None, *, timeout: float = NODE_TIMEOUT_S) -> ActorHandle:
+    """A handle to the live actor with this name; ValueError if there is none.
+
+    NodeUnavailableError if the node does not answer within ``timeout`` seconds.
+    """
     validate_name(name, "actor name")
+    _check_timeout(timeout)
     rt = _require()
     ns = validate_name(namespace, "namespace") if namespace is not None else rt.namespace
-    actor_id, class_name, meta_blob = rt.request("lookup", (ns, name))
+    actor_id, class_name, meta_blob = rt.request("lookup", (ns, name), timeout=timeout)
     return ActorHandle(actor_id, class_name, meta_blob)
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from zmesh.transport import protocol
@@ -138,18 +136,22 @@ class Borrows:
 _collecting = threading.local()
 
 
-@contextmanager
-def collect() -> Iterator[list[Any]]:
+# Lower-case: used as ``with ownership.collect() as refs:``; a class is cheaper than a generator on the call path.
+class collect:
     """Collect the ObjectRefs pickled in this thread while the block runs (see ``ObjectRef.__reduce__``)."""
-    outer = getattr(_collecting, "refs", None)
-    refs: list[Any] = []
-    _collecting.refs = refs
-    try:
-        yield refs
-    finally:
-        _collecting.refs = outer
-        if outer is not None:
-            outer.extend(refs)
+
+    __slots__ = ("_outer", "refs")
+
+    def __enter__(self) -> list[Any]:
+        self._outer = getattr(_collecting, "refs", None)
+        self.refs: list[Any] = []
+        _collecting.refs = self.refs
+        return self.refs
+
+    def __exit__(self, *exc: object) -> None:
+        _collecting.refs = self._outer
+        if self._outer is not None:
+            self._outer.extend(self.refs)
 
 
 def pickled(ref: Any) -> None:
