@@ -1,8 +1,8 @@
 """A worker process's main loop: build one actor, then run the calls sent to it.
 
-Executors: sequential (one call at a time, in arrival order), threaded
-(``max_concurrency`` threads), asyncio (any ``async def`` method), each with
-optional concurrency groups that have a limit of their own.
+How calls run is the executor's (``executors.py``: sequential, threaded, asyncio,
+each with optional concurrency groups); what runs, and how a call is decoded
+and its result framed, is ``ActorWorker``'s.
 """
 
 from __future__ import annotations
@@ -12,22 +12,18 @@ import inspect
 import io
 import logging
 import os
-import queue
-import select
 import sys
 import threading
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import zmq
 
 from zmesh import runtime as runtime_mod
 from zmesh.exceptions import ActorDiedError, TaskError
+from zmesh.node import executors
 from zmesh.object_ref import ObjectRef
 from zmesh.runtime import Runtime, calls, ownership
-from zmesh.transport import protocol, serialization, sockets
+from zmesh.transport import protocol, serialization
 from zmesh.transport.security import Security
 
 logger = logging.getLogger(__name__)
@@ -90,6 +86,8 @@ def is_async_class(cls: type) -> bool:
 
 
 class ActorWorker:
+    """The target of a worker's executor: one actor's methods, and how a call to one is decoded and answered."""
+
     def __init__(self, rt: Runtime, actor_id: str, incarnation: int, spec: dict[str, Any], payload: list[Any]) -> None:
         self.rt = rt
         self.actor_id = actor_id
@@ -103,12 +101,9 @@ class ActorWorker:
         default_limit = spec.get("max_concurrency") or (ASYNC_DEFAULT_CONCURRENCY if self.is_async else 1)
         self.limits: dict[str, int] = {DEFAULT_GROUP: default_limit, **(spec.get("concurrency_groups") or {})}
         self.sequential = not self.is_async and all(v == 1 for v in self.limits.values()) and len(self.limits) == 1
-        self.inbox: queue.SimpleQueue[CallItem | None] = queue.SimpleQueue()
         self.creator_id: bytes | None = spec.get("creator_id")
-        # The call the main thread is answering now: (socket, caller identity), for log_direct.
-        self._current: tuple[sockets.Socket, bytes] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._handoff = threading.Lock()  # orders "loop is set" against calls arriving on the I/O thread
+        # Calls can arrive (on the I/O thread) while the constructor runs: the executor queues them.
+        self.executor: executors.Executor = executors.AsyncLoop(self) if self.is_async else executors.Threaded(self)
 
     # --- construction
 
@@ -117,93 +112,18 @@ class ActorWorker:
         args, kwargs = resolve_refs(args, kwargs)
         self.instance = self.cls(*args, **kwargs)
 
+    def serve(self) -> str | None:
+        """Pick how calls run once the actor is built; returns the address of its own call sockets, if any."""
+        if self.sequential:
+            self.executor = executors.Inline(self)
+            return self.executor.address
+        return None
+
     # --- receiving (I/O thread)
 
     def on_call(self, identity: bytes, msg: protocol.Message) -> None:
         """A batch of calls from one caller, split into items in their order."""
-        items = calls.split_calls(identity, msg)
-        # Under the hand-off lock: a call must not land in the inbox after the loop drained it for good.
-        with self._handoff:
-            if self.loop is not None:
-                self.loop.call_soon_threadsafe(self._dispatch_batch, items)
-                return
-            for item in items:
-                self.inbox.put(item)
-
-    # --- running (main thread)
-
-    def bind_calls(self) -> str:
-        """A sequential actor takes calls on a socket of the main thread's own: no hand-off per call."""
-        self.calls, address = sockets.servers(self.rt.context, self.rt.security, self.rt.listen_host)
-        return address
-
-    def serve(self) -> None:
-        if self.is_async:
-            asyncio.run(self._serve_async())
-        elif self.sequential:
-            self._serve_inline()
-        else:
-            pools = {g: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"zmesh-{g}") for g, n in self.limits.items()}
-            while (item := self.inbox.get()) is not None:
-                group = self._group_of(item[2], item[3])
-                if group is None:
-                    self.execute(*item)  # answers with the error at once
-                else:
-                    pools[group].submit(self.execute, *item)
-
-    def _group_of(self, method_name: str, group: str | None) -> str | None:
-        """The group a call runs in; None for one the actor does not define (the call then fails, naming it)."""
-        if group is None:
-            group = method_options(self.cls, method_name)[1]
-        if group is None:
-            return DEFAULT_GROUP
-        return group if group in self.limits else None
-
-    def _check_group(self, method_name: str, group: str | None) -> None:
-        if self._group_of(method_name, group) is None:
-            defined = ", ".join(repr(g) for g in self.limits if g != DEFAULT_GROUP) or "none"
-            where = f"{self.class_name}.{method_name}"
-            raise ValueError(f"{where} was called in concurrency group {group!r}, which the actor does not define (defined: {defined})")
-
-    def _serve_inline(self) -> None:
-        """Receive, run and answer each call on the main thread, in arrival order."""
-        # epoll on the sockets' descriptors, then ask each socket: cheaper than zmq_poll per call.
-        waiter = select.epoll()
-        by_fd = {}
-        for server in self.calls:
-            by_fd[sockets.fileno(server)] = server
-            waiter.register(sockets.fileno(server), select.EPOLLIN)
-        ready = list(self.calls)
-        while True:
-            for sock in ready:
-                # Answering sends on ``sock``, which may swallow its fd's next signal: ask it again each time.
-                while sockets.readable(sock):
-                    self._answer(sock, sockets.recv(sock))
-            ready = [by_fd[fd] for fd, _ in waiter.poll()]
-
-    def _answer(self, sock: sockets.Socket, frames: list[Any]) -> None:
-        try:
-            msg = protocol.decode(frames[1:])
-            if msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
-                self.rt.release_lent(frames[0], msg.header[0])
-                return
-            if msg.type != protocol.CALL:
-                raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
-            items = calls.split_calls(frames[0], msg)
-        except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, LookupError) as exc:
-            self.rt.drop(frames[0], exc)
-            return
-        for item in items:
-            identity = item[0]
-            self._current = (sock, identity)
-            try:
-                entry, flat = self.run(item)
-            finally:
-                self._current = None
-            try:
-                sockets.send(sock, [identity, *calls.message(calls.RESULT, [entry], flat)])
-            except zmq.ZMQError:
-                pass  # the caller is gone
+        self.executor.submit(calls.split_calls(identity, msg))
 
     def log_direct(self, prefix: str, stream: str, text: str) -> bool:
         """Send a line printed during a call from the actor's creator ahead of that call's result.
@@ -211,23 +131,22 @@ class ActorWorker:
         On the call's own connection the line cannot be overtaken by the result, so it is
         not lost when the driver exits right after ``get``. Other lines go through the I/O thread.
         """
-        current = self._current
-        if current is None or current[1] != self.creator_id or threading.current_thread() is not threading.main_thread():
+        executor = self.executor
+        if not isinstance(executor, executors.Inline):
             return False
-        sock, identity = current
-        try:
-            sockets.send(sock, [identity, protocol.header_frame(protocol.LOG, (prefix, stream, text))])
-        except zmq.ZMQError:
-            return False
-        return True
+        return executor.send_ahead([protocol.header_frame(protocol.LOG, (prefix, stream, text))], self.creator_id)
 
-    # --- one call, the same for every executor: decode, invoke, frame the result
+    # --- one call: decode, invoke, frame the result (the Target the executors run)
 
-    def execute(self, *item: Any) -> None:
-        """Run a call on this thread and queue its result (the threaded executor's unit of work)."""
-        self.rt.send_result(item[0], *self.run(item))
+    def group_of(self, method_name: str, group: str | None) -> str | None:
+        """The group a call runs in; None for one the actor does not define (the call then fails, naming it)."""
+        if group is None:
+            group = method_options(self.cls, method_name)[1]
+        if group is None:
+            return DEFAULT_GROUP
+        return group if group in self.limits else None
 
-    def run(self, item: CallItem) -> tuple[tuple[Any, ...], list[Any]]:
+    def run(self, item: CallItem) -> executors.Reply:
         """Run one call on this thread; returns its result's batch entry and frames."""
         identity, oids, method_name, group, frames = item
         try:
@@ -238,80 +157,49 @@ class ActorWorker:
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
         return self._reply(identity, oids, ok, parts, refs)
 
+    async def run_async(self, item: CallItem) -> executors.Reply:
+        identity, oids, method_name, group, frames = item
+        try:
+            method, args, kwargs = self._prepare(method_name, group, frames)
+            args = [await a if isinstance(a, ObjectRef) else a for a in args]
+            kwargs = {k: (await v if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()}
+            result = method(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            ok, parts, refs = self._frame_value(oids, method_name, result)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
+        if not self.rt.borrows.settled:
+            await asyncio.to_thread(self.rt.settle_borrows)  # owners answer over the network: never block the loop
+        return self._reply(identity, oids, ok, parts, refs)
+
     def _prepare(self, method_name: str, group: str | None, frames: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:
         """The bound method and its decoded arguments (top-level refs still refs: each executor resolves them its way)."""
-        self._check_group(method_name, group)
-        method = self._method(method_name)
+        if self.group_of(method_name, group) is None:
+            defined = ", ".join(repr(g) for g in self.limits if g != DEFAULT_GROUP) or "none"
+            where = f"{self.class_name}.{method_name}"
+            raise ValueError(f"{where} was called in concurrency group {group!r}, which the actor does not define (defined: {defined})")
+        method = getattr(self.instance, method_name, None)
+        if method is None or not callable(method):
+            raise AttributeError(f"'{self.class_name}' actor has no method {method_name!r}")
         args, kwargs = serialization.loads_args(frames)
         return method, args, kwargs
 
     def _frame_value(self, oids: tuple[Any, ...], method_name: str, value: Any) -> tuple[bool, list[list[Any]], list[Any]]:
         """(ok, frames of each return value, refs pickled into them)."""
         with ownership.collect() as refs:
-            parts = self._result_frames(oids, value)
+            if len(oids) == 1:
+                parts = [serialization.dumps_value(value)]
+            else:
+                values = tuple(value)
+                if len(values) != len(oids):
+                    raise ValueError(f"method declared num_returns={len(oids)} but returned {len(values)} value(s)")
+                parts = [serialization.dumps_value(v) for v in values]
         for part in parts:
             self.rt.check_size(part, f"the result of {self.class_name}.{method_name}()")
         return True, parts, refs
-
-    def _reply(
-        self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any]
-    ) -> tuple[tuple[Any, ...], list[Any]]:
-        """The result's entry; refs inside it are lent to the caller, and what we borrowed is registered first."""
-        if refs:
-            self.rt.lend(identity, oids[0], refs)
-        self.rt.settle_borrows()
-        return calls.result_entry(oids, ok, parts, lent=bool(refs))
-
-    async def _serve_async(self) -> None:
-        self._semaphores = {g: asyncio.Semaphore(n) for g, n in self.limits.items()}
-        self._tasks: set[asyncio.Task[None]] = set()
-        with self._handoff:
-            self.loop = asyncio.get_running_loop()
-            # Calls that arrived before the loop existed; later ones go straight to the loop.
-            while not self.inbox.empty():
-                item = self.inbox.get()
-                if item is not None:
-                    self._dispatch_batch([item])
-        self._stopped = asyncio.Event()
-        await self._stopped.wait()
-
-    def _dispatch_batch(self, items: list[CallItem]) -> None:
-        for item in items:
-            task = asyncio.ensure_future(self._execute_async(*item))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _execute_async(self, identity: bytes, oids: tuple[Any, ...], method_name: str, group: str | None, frames: list[Any]) -> None:
-        async with self._semaphores[self._group_of(method_name, group) or DEFAULT_GROUP]:
-            try:
-                method, args, kwargs = self._prepare(method_name, group, frames)
-                args = [await a if isinstance(a, ObjectRef) else a for a in args]
-                kwargs = {k: (await v if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()}
-                result = method(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
-                ok, parts, refs = self._frame_value(oids, method_name, result)
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
-        if not self.rt.borrows.settled:
-            await asyncio.to_thread(self.rt.settle_borrows)  # owners answer over the network: never block the loop
-        self.rt.send_result(identity, *self._reply(identity, oids, ok, parts, refs))
-
-    def _method(self, name: str) -> Any:
-        method = getattr(self.instance, name, None)
-        if method is None or not callable(method):
-            raise AttributeError(f"'{self.class_name}' actor has no method {name!r}")
-        return method
-
-    def _result_frames(self, oids: tuple[Any, ...], result: Any) -> list[list[Any]]:
-        if len(oids) == 1:
-            return [serialization.dumps_value(result)]
-        values = tuple(result)
-        if len(values) != len(oids):
-            raise ValueError(f"method declared num_returns={len(oids)} but returned {len(values)} value(s)")
-        return [serialization.dumps_value(v) for v in values]
 
     def _error_frames(self, oids: tuple[Any, ...], method_name: str, exc: BaseException) -> list[list[Any]]:
         where = f"{self.class_name}.{method_name}"
@@ -322,6 +210,13 @@ class ActorWorker:
         except serialization.SerializationError:
             frames = serialization.dumps_value(TaskError(message, None, traceback.format_exc(), where))
         return [frames for _ in oids]
+
+    def _reply(self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any]) -> executors.Reply:
+        """The result's entry; refs inside it are lent to the caller, and what we borrowed is registered first."""
+        if refs:
+            self.rt.lend(identity, oids[0], refs)
+        self.rt.settle_borrows()
+        return calls.result_entry(oids, ok, parts, lent=bool(refs))
 
 
 def adopt_code_path(paths: list[str]) -> None:
@@ -370,7 +265,7 @@ def main(node_address: str, token: str, security: Security, listen_host: str) ->
         sys.stderr.flush()
         rt.close()
         return 1
-    address = worker.bind_calls() if worker.sequential else None
+    address = worker.serve()
     rt.request("started", (actor_id, incarnation, True, None, address))
-    worker.serve()
+    worker.executor.serve()
     return 0

@@ -1,0 +1,186 @@
+"""How a worker runs the calls it receives: inline on the main thread, on threads, or on an asyncio loop.
+
+An executor decides *how* calls run (ordering, concurrency, groups); a ``Target``
+decides *what* runs and how a call is decoded and its result framed — an actor's
+methods today (``worker.ActorWorker``). Remote functions and generators plug in as
+other targets, or as executors that answer one call with several messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import select
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import zmq
+
+from zmesh.runtime import Runtime, calls
+from zmesh.transport import protocol, serialization, sockets
+
+CallItem = calls.CallItem
+Reply = tuple[tuple[Any, ...], list[Any]]  # a result's batch entry and its frames
+
+
+class Target(Protocol):
+    """What an executor runs."""
+
+    rt: Runtime
+    limits: dict[str, int]  # concurrency group -> how many of its calls may run at once
+
+    def group_of(self, method_name: str, group: str | None) -> str | None:
+        """The group a call runs in; None for a group the target does not define."""
+
+    def run(self, item: CallItem) -> Reply:
+        """Run one call on this thread: decode, invoke, frame the result (errors included)."""
+
+    async def run_async(self, item: CallItem) -> Reply:
+        """The same on an asyncio loop: coroutines are awaited, refs in the arguments too."""
+
+
+class Executor(Protocol):
+    def submit(self, items: list[CallItem]) -> None:
+        """Calls the I/O thread received, in order (not used by ``Inline``, whose calls come on its own sockets)."""
+
+    def serve(self) -> None:
+        """Run calls on the main thread until the process ends."""
+
+
+class Inline:
+    """One call at a time on the main thread, in arrival order, on call sockets of its own.
+
+    The main thread receives, runs and answers each call itself: two thread hand-offs
+    fewer per call than going through the I/O thread.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        rt = target.rt
+        self.sockets, self.address = sockets.servers(rt.context, rt.security, rt.listen_host)
+        # The call being answered now, (socket, caller identity): prints of the creator's calls travel ahead of the result.
+        self.current: tuple[sockets.Socket, bytes] | None = None
+
+    def submit(self, items: list[CallItem]) -> None:
+        raise protocol.ProtocolError("a sequential actor takes calls on its own sockets only")
+
+    def serve(self) -> None:
+        # epoll on the sockets' descriptors, then ask each socket: cheaper than zmq_poll per call.
+        waiter = select.epoll()
+        by_fd = {}
+        for server in self.sockets:
+            by_fd[sockets.fileno(server)] = server
+            waiter.register(sockets.fileno(server), select.EPOLLIN)
+        ready = list(self.sockets)
+        while True:
+            for sock in ready:
+                # Answering sends on ``sock``, which may swallow its fd's next signal: ask it again each time.
+                while sockets.readable(sock):
+                    self._answer(sock, sockets.recv(sock))
+            ready = [by_fd[fd] for fd, _ in waiter.poll()]
+
+    def _answer(self, sock: sockets.Socket, frames: list[Any]) -> None:
+        rt = self.target.rt
+        try:
+            msg = protocol.decode(frames[1:])
+            if msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
+                rt.release_lent(frames[0], msg.header[0])
+                return
+            if msg.type != protocol.CALL:
+                raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
+            items = calls.split_calls(frames[0], msg)
+        except (protocol.ProtocolError, serialization.DeserializationError) as exc:
+            rt.drop(frames[0], exc)
+            return
+        for item in items:
+            identity = item[0]
+            self.current = (sock, identity)
+            try:
+                entry, flat = self.target.run(item)
+            finally:
+                self.current = None
+            try:
+                sockets.send(sock, [identity, *calls.message(calls.RESULT, [entry], flat)])
+            except zmq.ZMQError:
+                pass  # the caller is gone
+
+    def send_ahead(self, frames: list[Any], only_to: bytes | None) -> bool:
+        """Send ``frames`` to the caller of the call running now, ahead of its result (main thread only)."""
+        current = self.current
+        if current is None or current[1] != only_to or threading.current_thread() is not threading.main_thread():
+            return False
+        sock, identity = current
+        try:
+            sockets.send(sock, [identity, *frames])
+        except zmq.ZMQError:
+            return False
+        return True
+
+
+class Threaded:
+    """Calls on threads: ``limit`` at a time per concurrency group (``max_concurrency`` for the default one)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.inbox: queue.SimpleQueue[CallItem | None] = queue.SimpleQueue()
+
+    def submit(self, items: list[CallItem]) -> None:
+        for item in items:
+            self.inbox.put(item)
+
+    def serve(self) -> None:
+        target = self.target
+        pools = {g: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"zmesh-{g}") for g, n in target.limits.items()}
+        while (item := self.inbox.get()) is not None:
+            group = target.group_of(item[2], item[3])
+            if group is None:
+                self._execute(item)  # answers with the error at once
+            else:
+                pools[group].submit(self._execute, item)
+
+    def _execute(self, item: CallItem) -> None:
+        self.target.rt.send_result(item[0], *self.target.run(item))
+
+
+class AsyncLoop:
+    """Calls as tasks on one asyncio loop; a semaphore per concurrency group bounds how many run at once."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._early: list[CallItem] = []  # calls that arrived before the loop ran
+        self._handoff = threading.Lock()  # orders "the loop is set" against calls arriving on the I/O thread
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, items: list[CallItem]) -> None:
+        # Under the hand-off lock: a call must not land in the early list after the loop took it for good.
+        with self._handoff:
+            if self.loop is None:
+                self._early.extend(items)
+                return
+            self.loop.call_soon_threadsafe(self._dispatch, items)
+
+    def serve(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._semaphores = {g: asyncio.Semaphore(n) for g, n in self.target.limits.items()}
+        with self._handoff:
+            self.loop = asyncio.get_running_loop()
+            early, self._early = self._early, []
+        self._dispatch(early)
+        await asyncio.Event().wait()  # the worker runs until its process ends
+
+    def _dispatch(self, items: list[CallItem]) -> None:
+        for item in items:
+            task = asyncio.ensure_future(self._execute(item))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, item: CallItem) -> None:
+        target = self.target
+        group = target.group_of(item[2], item[3]) or next(iter(self._semaphores))
+        async with self._semaphores[group]:
+            entry, frames = await target.run_async(item)
+        target.rt.send_result(item[0], entry, frames)
