@@ -529,3 +529,36 @@ def test_kill_and_get_actor_are_bounded_by_a_timeout(local: None) -> None:
     with pytest.raises(ValueError, match="timeout"):
         zmesh.get_actor("bounded", timeout=-1)
     zmesh.kill(a, timeout=5)
+
+
+# --- found by the torture test: an error raised from get kept the caller's refs alive for ever
+
+
+@zmesh.remote
+class Crasher:
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def crash(self) -> None:
+        import os
+
+        os._exit(1)
+
+
+@pytest.mark.timeout(60)
+def test_refs_of_calls_that_failed_are_freed(local: None) -> None:
+    import gc
+
+    rt = zmesh.runtime.current()
+    assert rt is not None
+    for _ in range(3):
+        a = Crasher.remote()
+        refs = [a.echo.remote(i) for i in range(3)] + [a.crash.remote()]
+        for ref in refs:
+            try:
+                zmesh.get(ref, timeout=30)
+            except ActorDiedError:
+                pass
+        del refs, ref
+        gc.collect()
+        zmesh.testing.wait_for(lambda: len(rt.objects) == 0, timeout=10, what="the driver to free every failed call's entry")

@@ -7,6 +7,7 @@ on a socket while holding ``_lock``, the lock user threads take to submit or get
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -270,7 +271,9 @@ class Runtime:
 
     def value_of(self, entry: objects.Entry) -> Any:
         if entry.error is not None:
-            raise entry.error
+            # A fresh copy each time: raising the stored one would hang this call's traceback (and
+            # through its frames the caller's ObjectRefs) on an error many entries share, for ever.
+            raise copy.copy(entry.error)
         assert entry.frames is not None
         try:
             value = serialization.loads_value(entry.frames)
