@@ -79,7 +79,6 @@ class Node:
         self._waiting: list[ActorId] = []
         self._by_token: dict[str, ActorId] = {}
         self._by_pid: dict[int, ActorId] = {}
-        self._exiting_sockets: dict[int, str] = {}  # call sockets of forgotten actors whose worker is still exiting
         self._dropped = 0
         self._dropped_by_workers: dict[ClientId, int] = {}  # kept after a worker exits: the count is history
         self._last_drop_log: dict[bytes, float] = {}
@@ -259,7 +258,7 @@ class Node:
         unanswered = [r for r in self._actors.values() if r.state in (records.STARTING, records.RESTARTING) and r.pid is None]
         for pid, actor_id in list(self._by_pid.items()):
             del self._by_pid[pid]
-            sockets.remove_ipc(self._exiting_sockets.pop(pid, None))
+            rundir.remove_sockets_of(pid)
             record = self._actors.get(actor_id)
             if record is not None:
                 self._worker_exited(record, pid, -signal.SIGKILL)
@@ -277,7 +276,7 @@ class Node:
                 _kill(event["pid"])  # its actor was killed before it even started
         elif event.get("ev") == "exited":
             actor_id = self._by_pid.pop(event["pid"], None)
-            sockets.remove_ipc(self._exiting_sockets.pop(event["pid"], None))
+            rundir.remove_sockets_of(event["pid"])
             if actor_id is not None and actor_id in self._actors:
                 self._worker_exited(self._actors[actor_id], event["pid"], event["code"])
 
@@ -660,9 +659,8 @@ class Node:
         self._dead.append(record.actor_id)
         while len(self._dead) > self.config.keep_dead_actors:
             # Forget the oldest dead actors; a stale handle to one is told it is unknown, hence dead.
-            forgotten = self._actors.pop(self._dead.popleft(), None)
-            if forgotten is not None and forgotten.pid is not None and forgotten.address is not None:
-                self._exiting_sockets[forgotten.pid] = forgotten.address  # removed when the zygote reports the exit
+            # (A worker still exiting keeps its pid in _by_pid: its socket files go when the zygote reports the exit.)
+            self._actors.pop(self._dead.popleft(), None)
         self._reschedule = True  # freed resources may let a waiting creation start
 
     def status(self) -> dict[str, Any]:

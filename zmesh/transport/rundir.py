@@ -49,6 +49,12 @@ def remove_stale_sockets() -> None:
             entry.unlink(missing_ok=True)
 
 
+def remove_sockets_of(pid: int) -> None:
+    """Delete the IPC socket files of a process that exited (killed, it could not; some it made before saying hello)."""
+    for entry in socket_dir().glob(f"{pid}-*.sock"):
+        entry.unlink(missing_ok=True)
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie (a killed worker not yet reaped by its new parent) does not."""
     try:
