@@ -562,3 +562,18 @@ def test_refs_of_calls_that_failed_are_freed(local: None) -> None:
         del refs, ref
         gc.collect()
         zmesh.testing.wait_for(lambda: len(rt.objects) == 0, timeout=10, what="the driver to free every failed call's entry")
+
+
+@zmesh.remote(max_concurrency=4)
+class Threaded:
+    def echo(self, value: Any) -> Any:
+        return value
+
+
+@pytest.mark.timeout(60)
+def test_one_put_ref_passed_to_a_threaded_actor_many_times_at_once(local: None) -> None:
+    # Found by the torture test: a thread waiting for owners' answers missed the moment nothing was left to wait for.
+    a = Threaded.remote()
+    for _ in range(20):
+        ref = zmesh.put(None)
+        assert zmesh.get([a.echo.remote(ref) for _ in range(13)], timeout=10) == [None] * 13

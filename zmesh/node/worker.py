@@ -173,7 +173,7 @@ class ActorWorker:
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
         if not self.rt.borrows.settled:
             await asyncio.to_thread(self.rt.settle_borrows)  # owners answer over the network: never block the loop
-        return self._reply(identity, oids, ok, parts, refs)
+        return self._reply(identity, oids, ok, parts, refs, settle=False)
 
     def _prepare(self, method_name: str, group: str | None, frames: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:
         """The bound method and its decoded arguments (top-level refs still refs: each executor resolves them its way)."""
@@ -211,11 +211,14 @@ class ActorWorker:
             frames = serialization.dumps_value(TaskError(message, None, traceback.format_exc(), where))
         return [frames for _ in oids]
 
-    def _reply(self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any]) -> executors.Reply:
+    def _reply(
+        self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any], settle: bool = True
+    ) -> executors.Reply:
         """The result's entry; refs inside it are lent to the caller, and what we borrowed is registered first."""
         if refs:
             self.rt.lend(identity, oids[0], refs)
-        self.rt.settle_borrows()
+        if settle:
+            self.rt.settle_borrows()
         return calls.result_entry(oids, ok, parts, lent=bool(refs))
 
 

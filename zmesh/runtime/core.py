@@ -220,11 +220,14 @@ class Runtime:
             return
         with self._lock:
             out = borrows.register()
+            # What we rely on: ours, and those another thread registered before us (we may hold them too).
+            mine = list(borrows.awaiting)
         for message in out:
             self._loop.push((_TO_PEER, message.address, message.frames))
+        awaiting = borrows.awaiting
         with self._settled:
-            if not self._settled.wait_for(lambda: borrows.settled or self.closed, timeout):
-                logger.warning("owners did not acknowledge %d borrowed reference(s) within %g s", len(borrows.awaiting), timeout)
+            if not self._settled.wait_for(lambda: self.closed or not any(oid in awaiting for oid in mine), timeout):
+                logger.warning("owners did not acknowledge %d borrowed reference(s) within %g s", len(mine), timeout)
 
     def release_lent(self, caller: bytes, oid: ObjectId) -> None:
         """``caller`` is done with result ``oid``: the refs lent with it are ours to drop."""
@@ -636,8 +639,7 @@ class Runtime:
             lost = self._fetching.pop(address, set())
             self.objects.borrower_gone_locked(address)
             out = self.borrows.owner_gone(address)
-            if self.borrows.settled:
-                self._settled.notify_all()
+            self._settled.notify_all()
         self._send_all(out)
         self.peers.mark_gone(address)
         self.peers.drop(address)
@@ -690,8 +692,7 @@ class Runtime:
         elif msg.type == protocol.BORROWED and len(msg.header) == 2:
             with self._lock:
                 out = self.borrows.answered(ObjectId(msg.header[0]), bool(msg.header[1]))
-                if self.borrows.settled:
-                    self._settled.notify_all()
+                self._settled.notify_all()
             self._send_all(out)
         else:
             raise protocol.ProtocolError(f"unexpected {msg.type!r} message from a peer")
