@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -28,6 +29,14 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         time.sleep(interval)
 
 
+def _stop_with_parent() -> None:
+    """In the child, before exec: the kernel sends SIGTERM when the process that started it dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class NodeProcess:
     """A `zmesh node` daemon running as a child process, for one test."""
 
@@ -40,6 +49,8 @@ class NodeProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # A test runner killed mid-test (a timeout, Ctrl-C twice) must not leave its nodes running.
+            preexec_fn=_stop_with_parent,
         )
         # The banner comes once drivers can find the node; log lines may come before it.
         line = ""
