@@ -131,8 +131,7 @@ def workloads(
     n_actors = draw(st.integers(1, max_actors))
     restarts = st.sampled_from((0, 1, 2, -1)) if faults else st.just(0)
     retries = st.sampled_from((0, 1, -1)) if faults else st.just(0)
-    kinds = tuple(k for k in tw.KINDS if k not in os.environ.get("TMPDEV_SKIP_KINDS", "").split(","))  # TMPDEV
-    actors = tuple(draw(st.builds(tw.ActorSpec, st.sampled_from(kinds), restarts, retries)) for _ in range(n_actors))
+    actors = tuple(draw(st.builds(tw.ActorSpec, st.sampled_from(tw.KINDS), restarts, retries)) for _ in range(n_actors))
     budget = MAX_CALLS
     callers = []
     for _ in range(draw(st.integers(1, threads))):

@@ -835,8 +835,6 @@ def residue(rt: Any) -> dict[str, int]:
 def wait_clean(rt: Any, before: dict[str, int], what: str) -> None:
     """Wait until ``rt`` holds no more per-call state than ``before`` (refs are released lazily by its I/O thread)."""
     gc.collect()
-    if os.environ.get("TMPDEV_NO_RESIDUE"):  # TMPDEV
-        return  # TMPDEV
     try:
         wait_for(lambda: all(v <= before[k] for k, v in residue(rt).items()), timeout=5, interval=0.05, what=what)
     except TimeoutError:
@@ -846,8 +844,6 @@ def wait_clean(rt: Any, before: dict[str, int], what: str) -> None:
 def check_workers(w: Workload, handles: list[Any], deadline: float) -> None:
     """Every actor still alive holds no objects once its calls are done."""
     for i, h in enumerate(handles):
-        if os.environ.get("TMPDEV_NO_RESIDUE"):  # TMPDEV
-            break  # TMPDEV
         errors = w.fault_errors(i)
         last: list[int] = []
 
@@ -911,8 +907,6 @@ def play(w: Workload, *, run_dir: str, scratch: Path, seconds: float) -> None:
         wait_for(lambda: len(zmesh_processes(run_dir)) <= processes, timeout=15, what="the workload's workers to exit")
     except TimeoutError:
         raise AssertionError(f"worker processes left after killing every actor: {zmesh_processes(run_dir)}") from None
-    if os.environ.get("TMPDEV_NO_SOCKETS"):  # TMPDEV
-        socket_files = set(Path(run_dir).glob("s/*.sock"))  # TMPDEV
     try:
         wait_for(lambda: set(Path(run_dir).glob("s/*.sock")) <= socket_files, timeout=5, what="the workers' IPC socket files to go")
     except TimeoutError:
