@@ -577,3 +577,20 @@ def test_one_put_ref_passed_to_a_threaded_actor_many_times_at_once(local: None) 
     for _ in range(20):
         ref = zmesh.put(None)
         assert zmesh.get([a.echo.remote(ref) for _ in range(13)], timeout=10) == [None] * 13
+
+
+def test_a_done_value_whose_waiter_is_still_leaving_is_freed() -> None:
+    # Found by the torture test (flaky): a get woken by the value, not yet gone from the waiters,
+    # when the last ref was dropped, kept the value for ever.
+    from zmesh.runtime.objects import ObjectStore, Waiter
+    from zmesh.transport.ids import ObjectId
+
+    store = ObjectStore(threading.Lock())
+    oid = ObjectId(b"o" * 16)
+    entry = store.new_owned_locked(oid)
+    store.add_ref_locked(oid)
+    entry.waiters.append(Waiter())
+    store.complete_locked(oid, [b"v"])
+    entry.waiters.append(Waiter())  # a waiter still on its way out
+    assert store.release_locked(oid) == 0
+    assert store.get_locked(oid) is None

@@ -105,10 +105,12 @@ class ObjectStore:
     def _maybe_free(self, oid: ObjectId) -> None:
         """Forget ``oid`` once no reference to it is left here or anywhere, and nobody waits for it."""
         entry = self._entries.get(oid)
-        if entry is None or oid in self._refcounts or entry.borrowers or entry.waiters or entry.remote_waiters:
+        if entry is None or oid in self._refcounts or entry.borrowers or entry.remote_waiters:
             return
-        if not entry.done and entry.owned:
-            return  # a result still to come: it completes, then goes (a fire-and-forget call)
+        if not entry.done and (entry.owned or entry.waiters):
+            # A result still to come (it completes, then goes: a fire-and-forget call), or a waiter that
+            # must be woken by it. Once done, a waiter still leaving does not count: it holds the entry itself.
+            return
         del self._entries[oid]
         if entry.lender is not None:
             self.freed_lent.append((oid, entry.lender))
