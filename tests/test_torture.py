@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torture_workloads as tw
 import zmq
-from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, note, seed, settings
 from hypothesis import strategies as st
+from torture_workloads import ActorSpec, Arr, Caller, Coll, Crash, Echo, Kill, Put, Relay, Workload
 
 from zmesh.testing import NodeProcess
 
@@ -148,6 +149,26 @@ def workloads(
     return tw.Workload(actors, tuple(callers))
 
 
+# Workloads that found bugs, replayed first in CI so that none comes back (shrunk as the test printed them).
+SEQ, THREADED, ASYNC = ActorSpec("sequential"), ActorSpec("threaded"), ActorSpec("async")
+FOUND_LOCAL = (
+    # get raised the error stored for a failed call, whose traceback then kept the caller's refs (driver and worker).
+    Workload((SEQ,), (Caller((Echo(0), Echo(0), Echo(0), Crash(0))),)),
+    Workload((SEQ, SEQ, SEQ), (Caller((Relay(0, 1), Echo(0), Crash(1))),)),
+    # A worker replaced while it was still starting left its IPC socket file behind.
+    Workload((ActorSpec("sequential", -1),), (Caller((Echo(0), Kill(0), Kill(0), Echo(0))),)),
+    # A threaded actor's calls with ref arguments hung (borrows settled by another thread).
+    Workload((THREADED,), (Caller(tuple(Echo(0, Put(k)) for k in range(5))),)),
+    # An async actor: a call with a nested ref, then one with a top-level ref; the first never ended.
+    Workload((ASYNC,), (Caller((Echo(0, Coll("list", (Put(None),))), Echo(0, Put(None)))),)),
+    # A threaded actor unpickling its first numpy arguments on two threads at once: _DeadlockError on numpy's import.
+    Workload((THREADED,), (Caller((Echo(0, Arr("uint8", 0)), Echo(0, Arr("uint8", 2, "strided")))),)),
+)
+# Still open (see the closing note): a driver that did not create the actors keeps a failed call's
+# result for a borrower that let go of it, now and then; `make torture` finds it.
+FOUND_DRIVERS: tuple[Workload, ...] = ()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def pyzmq_garbage_collector() -> None:
     """Make pyzmq set up its garbage collector before the per-test leak check takes its snapshot.
@@ -170,7 +191,15 @@ def pyzmq_garbage_collector() -> None:
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture]
 
 
-def explore(strategy: st.SearchStrategy[tw.Workload], run_dir: Path, scratch: Path, *, examples: int, fixed_seed: int) -> None:
+def explore(
+    strategy: st.SearchStrategy[tw.Workload],
+    run_dir: Path,
+    scratch: Path,
+    *,
+    examples: int,
+    fixed_seed: int,
+    found: tuple[tw.Workload, ...] = (),
+) -> None:
     """Play drawn workloads: ``examples`` fixed ones in CI, or fresh ones until this test's share of the torture time is spent."""
 
     def check(w: tw.Workload) -> None:
@@ -181,9 +210,10 @@ def explore(strategy: st.SearchStrategy[tw.Workload], run_dir: Path, scratch: Pa
 
     phases = (Phase.explicit, Phase.generate, Phase.shrink)  # no explain phase: it replays costly examples many times
     if not TORTURE_MINUTES:
-        prop = settings(max_examples=examples, deadline=None, database=None, phases=phases, suppress_health_check=HEALTH)(
-            given(strategy)(check)
-        )
+        prop = given(strategy)(check)
+        for w in found:
+            prop = example(w)(prop)
+        prop = settings(max_examples=examples, deadline=None, database=None, phases=phases, suppress_health_check=HEALTH)(prop)
         seed(fixed_seed)(prop)()
         return
     faulthandler.cancel_dump_traceback_later()  # pytest's faulthandler_timeout would dump stacks of a healthy long run
@@ -209,10 +239,19 @@ def test_threads_streams_and_relays(local: None, isolated_run_dir: Path, tmp_pat
 @pytest.mark.timeout(TIMEOUT)
 def test_faults(local: None, isolated_run_dir: Path, tmp_path: Path) -> None:
     """Kills, crashing and raising methods, with and without restarts and retries: every call ends with its value or the right error."""
-    explore(workloads(threads=3, faults=True, max_actors=3, max_ops=5), isolated_run_dir, tmp_path, examples=40, fixed_seed=3)
+    explore(
+        workloads(threads=3, faults=True, max_actors=3, max_ops=5), isolated_run_dir, tmp_path, examples=40, fixed_seed=3, found=FOUND_LOCAL
+    )
 
 
 @pytest.mark.timeout(TIMEOUT)
 def test_several_drivers(driver: NodeProcess, isolated_run_dir: Path, tmp_path: Path) -> None:
     """Everything at once on a `zmesh node` daemon, from up to three driver processes."""
-    explore(workloads(drivers=3, threads=8, faults=True, max_actors=3, max_ops=4), isolated_run_dir, tmp_path, examples=16, fixed_seed=4)
+    explore(
+        workloads(drivers=3, threads=8, faults=True, max_actors=3, max_ops=4),
+        isolated_run_dir,
+        tmp_path,
+        examples=16,
+        fixed_seed=4,
+        found=FOUND_DRIVERS,
+    )

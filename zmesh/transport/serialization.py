@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 from typing import Any
 
 import cloudpickle
@@ -16,6 +17,9 @@ import cloudpickle
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 # Values at least this large travel as their own frames, so zmq sends them without a copy.
 _OOB_THRESHOLD = 64 * 1024
+
+
+_unpickling = threading.RLock()
 
 
 class SerializationError(TypeError):
@@ -114,7 +118,10 @@ def loads_value(frames: list[Any]) -> Any:
         return bytes(frames[1])
     try:
         # Read-only views: every get of one object shares its frames, so no reader may change them (as Ray's store).
-        return pickle.loads(head, buffers=[memoryview(f).toreadonly() for f in frames[1:]])
+        # One thread at a time: unpickling imports modules (numpy on first use), and two threads importing a
+        # C extension at once can fail with _DeadlockError in a threaded actor.
+        with _unpickling:
+            return pickle.loads(head, buffers=[memoryview(f).toreadonly() for f in frames[1:]])
     except Exception as exc:
         raise DeserializationError(f"cannot deserialize value: {exc!r}") from exc
 
@@ -155,7 +162,8 @@ def loads_args(frames: list[Any]) -> tuple[list[Any], dict[str, Any]]:
         return [], {}
     head = bytes(frames[0])
     try:
-        decoded = pickle.loads(head[1:])
+        with _unpickling:
+            decoded = pickle.loads(head[1:])
     except Exception as exc:
         raise DeserializationError(f"undecodable arguments: {exc}") from None
     if head[:1] == b"P":
