@@ -5,8 +5,6 @@ from __future__ import annotations
 from zmesh import exceptions
 from zmesh.actor import ActorClass, ActorHandle, ActorMethod, method
 from zmesh.api import (
-    available_resources,
-    cluster_resources,
     get,
     get_actor,
     get_gpu_ids,
@@ -17,6 +15,14 @@ from zmesh.api import (
     remote,
     shutdown,
     wait,
+)
+from zmesh.cluster import (
+    available_resources,
+    cluster_resources,
+    get_runtime_context,
+    membership_events,
+    nodes,
+    on_membership,
 )
 from zmesh.object_ref import ObjectRef
 
@@ -34,10 +40,14 @@ __all__ = [
     "get",
     "get_actor",
     "get_gpu_ids",
+    "get_runtime_context",
     "init",
     "is_initialized",
     "kill",
+    "membership_events",
     "method",
+    "nodes",
+    "on_membership",
     "put",
     "remote",
     "shutdown",

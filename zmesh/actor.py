@@ -132,6 +132,7 @@ class ActorClass:
             "get_if_exists": opts.get_if_exists,
             "resources": opts.resource_demand(),
             "max_restarts": opts.max_restarts,
+            "strategy": opts.scheduling_strategy,
             "max_concurrency": opts.max_concurrency,
             "concurrency_groups": dict(opts.concurrency_groups),
             # Modules the class refers to by name must import in the worker as they do here.

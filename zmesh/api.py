@@ -329,16 +329,3 @@ def get_gpu_ids() -> list[int]:
     """The GPU ids this actor's worker was given (from CUDA_VISIBLE_DEVICES)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return [int(x) for x in visible.split(",") if x.strip().isdigit()]
-
-
-def _status() -> dict[str, Any]:
-    status: dict[str, Any] = _require().request("status")
-    return status
-
-
-def cluster_resources() -> dict[str, float]:
-    return dict(_status()["resources_total"])
-
-
-def available_resources() -> dict[str, float]:
-    return dict(_status()["resources_available"])

@@ -56,14 +56,41 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--num-gpus", type=_amount_arg, default=0, help="GPUs to advertise (default 0)")
     node.add_argument("--resources", type=_resources, default=None, help="custom resources as JSON, e.g. '{\"special\": 1}'")
     node.add_argument("--log-level", type=_log_level, default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
+    node.add_argument("--cluster", metavar="NAME", help="cluster name: nodes of this host with the same name find each other")
+    node.add_argument("--join", metavar="HOST:PORT[,HOST:PORT]", help="seed nodes to join (also $ZMESH_JOIN)")
+    node.add_argument(
+        "--mdns", choices=("auto", "on", "off"), default=None, help="mDNS discovery (default auto: on when listening off loopback)"
+    )
+    node.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any node setting, e.g. probe_interval_s=0.1 (also $ZMESH_<KEY>); see zmesh/node/config.py",
+    )
     keygen = sub.add_parser("keygen", help="write a new cluster key file (mode 0600)")
     keygen.add_argument("path", nargs="?", help="where to write it (default: your per-user key file)")
-    for name, text in (("status", "show the node, its resources and its actors"), ("stop", "stop the node running on this host")):
+    commands = (
+        ("status", "show every member of the mesh, this node's resources and actors, and waiting creations"),
+        ("stop", "stop the node running on this host"),
+        ("list", "list the actors of the whole mesh: zmesh list actors [--namespace NS]"),
+        ("kill", "kill a named actor anywhere in the mesh: zmesh kill NAME [--namespace NS]"),
+        ("drain", "move a node's restartable actors elsewhere, then stop it: zmesh drain NODE_ID"),
+    )
+    for name, text in commands:
         cmd = sub.add_parser(name, help=text)
+        if name == "list":
+            cmd.add_argument("what", choices=("actors",))
+        elif name == "kill":
+            cmd.add_argument("name", help="the actor's name")
+        elif name == "drain":
+            cmd.add_argument("node", help="the node id (a unique prefix is enough), as zmesh status lists it")
+        if name in ("list", "kill"):
+            cmd.add_argument("--namespace", default=None, help="the actor's namespace (list: all by default; kill: default)")
         cmd.add_argument("--address", default="auto", help="host:port of the node (default: the one on this host)")
         cmd.add_argument("--cluster-key", metavar="PATH", help="cluster key file (default: the node's, or your own)")
-        if name == "status":
-            cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
+        if name in ("status", "list"):
+            cmd.add_argument("--json", action="store_true", help="print the raw answer as JSON")
     return parser
 
 
@@ -96,12 +123,24 @@ def _keygen(path: str | None) -> int:
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    from zmesh.node.config import NodeConfig
+    from zmesh.node.config import NodeConfig, parse_field
     from zmesh.node.daemon import Node
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        settings: dict[str, Any] = {}
+        for item in args.config:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--config takes KEY=VALUE, got {item!r}")
+            settings[key.strip()] = parse_field(key.strip(), value)
+        if args.join is not None:
+            settings["join"] = parse_field("join", args.join)
+        if args.mdns is not None:
+            settings["mdns"] = None if args.mdns == "auto" else args.mdns == "on"
         config = NodeConfig.from_env(
+            **settings,
+            cluster=args.cluster,
             host=args.listen,
             port=args.port,
             num_cpus=args.num_cpus,
@@ -138,6 +177,26 @@ def _client_command(args: argparse.Namespace) -> int:
             rt.request("stop")
             print(f"stopped the zmesh node at {rt.node_address.removeprefix('tcp://')}")
             return 0
+        if args.command == "list":
+            actors = rt.request("list_actors", (args.namespace,))
+            print(json.dumps(actors, indent=2, sort_keys=True) if args.json else format_actors(actors))
+            return 0
+        if args.command == "kill":
+            try:
+                rt.request("kill_named", (args.namespace or "default", args.name))
+            except ValueError as exc:
+                print(f"zmesh kill: {exc}", file=sys.stderr)
+                return 1
+            print(f"killed actor {args.name!r}")
+            return 0
+        if args.command == "drain":
+            try:
+                node_id = rt.request("drain", (args.node,))
+            except ValueError as exc:
+                print(f"zmesh drain: {exc}", file=sys.stderr)
+                return 1
+            print(f"node {node_id} is draining: its restartable actors move to other nodes, then it stops")
+            return 0
         status = rt.request("status")
         print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
         return 0
@@ -149,6 +208,14 @@ def _amount(key: str, value: float) -> str:
     if key == "memory":
         return f"{value / 2**30:.1f} GiB"
     return f"{value:g}"
+
+
+def format_actors(actors: list[dict[str, Any]]) -> str:
+    lines = [f"{'ACTOR ID':<17} {'CLASS':<20} {'NAMESPACE':<12} {'NAME':<20} {'STATE':<17} NODE"]
+    for a in sorted(actors, key=lambda a: (a["namespace"], a["name"] or "", a["actor_id"])):
+        name = (a["name"] or "-") + (" (detached)" if a["detached"] else "")
+        lines.append(f"{a['actor_id']:<17} {a['class_name']:<20} {a['namespace']:<12} {name:<20} {a['state']:<17} {a['node_id']}")
+    return "\n".join(lines)
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -170,6 +237,20 @@ def format_status(status: dict[str, Any]) -> str:
     for a in waiting:
         lines.append(f"  {a['actor_id']:<17} {a['class_name']:<20} needs {a['resources']}")
     counts = f"dropped messages: {status['dropped_messages']}   refused connections: {status['refused_connections']}"
+    members = status.get("members") or []
+    lines.append(f"members ({len(members)}):")
+    lines.append(
+        f"  {'NODE ID':<13} {'ADDRESS':<22} {'STATE':<8} {'CPU used/total':<15} {'GPU used/total':<15} {'ACTORS':>6} {'WAITING':>7}"
+    )
+    for m in members:
+        total, avail = m["resources_total"], m["resources_available"]
+        cpu = f"{total.get('CPU', 0) - avail.get('CPU', 0):g}/{total.get('CPU', 0):g}"
+        gpu = f"{total.get('GPU', 0) - avail.get('GPU', 0):g}/{total.get('GPU', 0):g}"
+        state = m["state"] + (" draining" if m.get("draining") else "")
+        lines.append(
+            f"  {m['node_id']:<13} {m['address'].removeprefix('tcp://'):<22} {state:<8} {cpu:<15} {gpu:<15} "
+            f"{m['actors']:>6} {m['pending']:>7}"
+        )
     lines.append(f"clients: {status['clients']}   {counts}")
     lines.append(f"security: {'CurveZMQ, cluster ' + status['cluster'] if status['secure'] else 'NONE (--insecure)'}")
     return "\n".join(lines)

@@ -67,6 +67,8 @@ class ActorOptions:
     concurrency_groups: Mapping[str, int] = dataclasses.field(default_factory=dict)
     max_restarts: int = 0
     max_task_retries: int = 0
+    # Kept as the node reads it: "DEFAULT", "SPREAD" or [NODE_AFFINITY, node id, soft].
+    scheduling_strategy: Any = "DEFAULT"
 
     @classmethod
     def build(cls, base: ActorOptions | None = None, **options: Any) -> ActorOptions:
@@ -113,6 +115,9 @@ def _validated(o: dict[str, Any]) -> dict[str, Any]:
     }
     out["max_restarts"] = _count(o.get("max_restarts", 0), "max_restarts", minimum=-1)
     out["max_task_retries"] = _count(o.get("max_task_retries", 0), "max_task_retries", minimum=-1)
+    from zmesh.util.scheduling_strategies import to_wire
+
+    out["scheduling_strategy"] = to_wire(o.get("scheduling_strategy"))
     return out
 
 

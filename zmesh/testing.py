@@ -1,4 +1,4 @@
-"""Test harness: a real `zmesh node` daemon in a subprocess, condition waits, leak checks."""
+"""Test harnesses: a real `zmesh node` daemon in a subprocess, a multi-node LocalCluster, condition waits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
@@ -131,3 +131,198 @@ def zmesh_processes(run_dir: str | None = None) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+# Mesh timings for tests: detection within about a second, still tolerant of a busy 2-core machine.
+FAST_MESH = {
+    "probe_interval_s": "0.1",
+    "probe_timeout_s": "0.08",
+    "suspicion_min_s": "0.8",
+    "suspicion_max_s": "1.6",
+    "gossip_round_s": "0.05",
+    "sync_interval_s": "0.5",
+    "discovery_interval_s": "0.2",
+}
+
+
+class LocalCluster:
+    """N real `zmesh node` processes on 127.0.0.1 that form one mesh: for testing actor code across nodes.
+
+    ::
+
+        with LocalCluster(nodes=3, num_cpus=2) as cluster:
+            cluster.connect()                    # this process becomes a driver of node 0
+            a = Counter.options(scheduling_strategy="SPREAD").remote()
+            cluster.kill_node(1)                 # SIGKILL; the mesh declares it dead within seconds
+
+    The nodes share a private run directory and cluster name, so they find each other
+    with no other setting; every process is stopped and the directory removed on exit,
+    also when the test fails. ``config`` overrides node settings (``zmesh/node/config.py``);
+    ``fast=True`` (the default) shrinks the failure-detection timings for quick tests.
+    """
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        num_cpus: float = 2,
+        resources: dict[str, float] | list[dict[str, float]] | None = None,
+        *,
+        num_gpus: float = 0,
+        config: dict[str, Any] | None = None,
+        fast: bool = True,
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError(f"a LocalCluster needs at least one node, got {nodes}")
+        self.size = nodes
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.resources = resources
+        self.config = {**(FAST_MESH if fast else {}), **{k: str(v) for k, v in (config or {}).items()}}
+        self.env = dict(env or {})
+        self.timeout = timeout
+        self.name = f"lc-{os.getpid()}-{os.urandom(3).hex()}"
+        self.nodes: list[NodeProcess] = []
+        self.run_dir = ""
+        self._frozen: set[int] = set()
+        self._connected = False
+
+    # --- lifecycle
+
+    def __enter__(self) -> LocalCluster:
+        import tempfile
+
+        self.run_dir = tempfile.mkdtemp(prefix="zmesh-cluster-")
+        try:
+            for i in range(self.size):
+                self._start(i)
+            self.wait_converged()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _node_args(self, i: int, resources: dict[str, float] | None) -> list[str]:
+        if isinstance(self.resources, list):
+            resources = resources if resources is not None else (self.resources[i] if i < len(self.resources) else None)
+        elif resources is None:
+            resources = self.resources
+        args = ["--cluster", self.name, "--num-cpus", str(self.num_cpus), "--num-gpus", str(self.num_gpus)]
+        if resources:
+            import json
+
+            args += ["--resources", json.dumps(resources)]
+        for key, value in self.config.items():
+            args += ["--config", f"{key}={value}"]
+        return args
+
+    def _start(self, i: int, resources: dict[str, float] | None = None) -> NodeProcess:
+        node = NodeProcess(self.run_dir, *self._node_args(i, resources), env=self.env)
+        self.nodes.append(node)
+        return node
+
+    def close(self) -> None:
+        """Stop every node (thawing frozen ones first) and remove the run directory; safe to call twice."""
+        import shutil
+
+        if self._connected:
+            import zmesh
+
+            zmesh.shutdown()
+            self._connected = False
+        for i in list(self._frozen):
+            self.thaw_node(i)
+        for node in self.nodes:
+            node.stop()
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # --- using it
+
+    @property
+    def addresses(self) -> list[str]:
+        return [n.address for n in self.nodes]
+
+    def connect(self, i: int = 0, **init_options: Any) -> Any:
+        """Make this process a driver of node ``i`` (``zmesh.init``); ``close()`` shuts it down."""
+        import zmesh
+
+        info = zmesh.init(address=self.nodes[i].address, **init_options)
+        self._connected = True
+        return info
+
+    def node_id(self, i: int) -> str:
+        return str(self.status(i)["node_id"])
+
+    def status(self, i: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Node ``i``'s status (members, actors, waiting creations), asked without a driver."""
+        return dict(self._ask(i, "status", timeout=timeout))
+
+    def members(self, i: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return list(self._ask(i, "members", timeout=timeout))
+
+    def _ask(self, i: int, op: str, *args: Any, timeout: float = 5.0) -> Any:
+        from zmesh.node.admin import request
+        from zmesh.transport.security import Security, resolve_key
+
+        key, _ = resolve_key(self.env.get("ZMESH_CLUSTER_KEY_FILE") or os.environ.get("ZMESH_CLUSTER_KEY_FILE"))
+        return request(f"tcp://{self.nodes[i].address}", op, args, security=Security(key), timeout=timeout)
+
+    def live_indexes(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.proc.poll() is None and i not in self._frozen]
+
+    def converged(self, indexes: list[int] | None = None) -> bool:
+        """Whether each of these nodes (default: every running, unfrozen one) sees exactly the others alive."""
+        indexes = self.live_indexes() if indexes is None else indexes
+        wanted = {"tcp://" + self.nodes[i].address for i in indexes}
+        for i in indexes:
+            try:
+                members = self.members(i, timeout=2.0)
+            except Exception:
+                return False
+            alive = {m["address"] for m in members if m["state"] == "ALIVE"}
+            if alive != wanted:
+                return False
+        return True
+
+    def wait_converged(self, timeout: float | None = None) -> None:
+        wait_for(self.converged, timeout or self.timeout, interval=0.1, what="the LocalCluster's nodes to see each other")
+
+    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0) -> T:
+        return wait_for(predicate, timeout, interval=0.05)
+
+    # --- faults
+
+    def add_node(self, resources: dict[str, float] | None = None, wait: bool = True) -> int:
+        """Start one more node; returns its index once every node sees it (unless ``wait=False``)."""
+        self._start(len(self.nodes), resources)
+        if wait:
+            self.wait_converged()
+        return len(self.nodes) - 1
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node ``i`` (its workers die with it): the mesh must notice on its own."""
+        node = self.nodes[i]
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()
+        self._frozen.discard(i)
+        node.stop()
+
+    def stop_node(self, i: int) -> int:
+        """SIGTERM node ``i``: it says goodbye and its peers drop it at once."""
+        self._frozen.discard(i)
+        return self.nodes[i].stop()
+
+    def freeze_node(self, i: int) -> None:
+        """SIGSTOP node ``i``: it stops answering without closing a connection."""
+        os.kill(self.nodes[i].pid, signal.SIGSTOP)
+        self._frozen.add(i)
+
+    def thaw_node(self, i: int) -> None:
+        os.kill(self.nodes[i].pid, signal.SIGCONT)
+        self._frozen.discard(i)

@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-from zmesh.options import validate_resources
+from zmesh.options import validate_name, validate_resources
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,23 +32,59 @@ class NodeConfig:
     # Dead actors remembered for status and late callers; the oldest are forgotten first.
     keep_dead_actors: int = 1000
 
+    # ---- the mesh (see docs/mesh.md)
+    # Nodes of one host with the same cluster name find each other through the run directory.
+    cluster: str | None = None
+    # Seed addresses (host:port) of other nodes; one reachable seed is enough to learn the mesh.
+    join: tuple[str, ...] = ()
+    # mDNS announce and browse: None means on exactly when listening on a non-loopback address.
+    mdns: bool | None = None
+    # How often discovery sources are read and unreached candidates retried.
+    discovery_interval_s: float = 0.5
+    # Failure detection (SWIM with Lifeguard's refinements): see node/membership.py.
+    probe_interval_s: float = 0.2
+    probe_timeout_s: float = 0.1
+    indirect_probes: int = 3
+    suspicion_min_s: float = 1.8
+    suspicion_max_s: float = 3.6
+    lag_tolerance_s: float = 0.25
+    tombstone_s: float = 300.0
+    # Gossip of each node's entry (resources, actors, names): see node/gossip.py.
+    gossip_fanout: int = 3
+    gossip_round_s: float = 0.1
+    sync_interval_s: float = 1.0
+    # A node-to-node request (a name claim, a placement) unanswered this long is retried elsewhere or failed.
+    mesh_request_timeout_s: float = 5.0
+
     @classmethod
     def from_env(cls, **overrides: Any) -> NodeConfig:
+        """Defaults, then ``ZMESH_<FIELD>`` variables (``ZMESH_PROBE_INTERVAL_S=0.1``), then ``overrides``."""
         env: dict[str, Any] = {}
-        if "ZMESH_NUM_CPUS" in os.environ:
-            env["num_cpus"] = float(os.environ["ZMESH_NUM_CPUS"])
-        if "ZMESH_NUM_GPUS" in os.environ:
-            env["num_gpus"] = float(os.environ["ZMESH_NUM_GPUS"])
-        if "ZMESH_RESOURCES" in os.environ:
-            env["resources"] = json.loads(os.environ["ZMESH_RESOURCES"])
-        if "ZMESH_KEEP_DEAD_ACTORS" in os.environ:
-            env["keep_dead_actors"] = int(os.environ["ZMESH_KEEP_DEAD_ACTORS"])
+        for field in dataclasses.fields(cls):
+            raw = os.environ.get(f"ZMESH_{field.name.upper()}")
+            if raw is not None and field.name not in ("cluster_key",):
+                env[field.name] = parse_field(field.name, raw)
         env.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**env)
         config.validate()
         return config
 
     def validate(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("_s") and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+                raise ValueError(f"{field.name} must be a number of seconds > 0, got {value!r}")
+        if self.suspicion_max_s < self.suspicion_min_s:
+            raise ValueError(f"suspicion_max_s ({self.suspicion_max_s}) must be >= suspicion_min_s ({self.suspicion_min_s})")
+        for name in ("indirect_probes", "gossip_fanout"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.cluster is not None:
+            validate_name(self.cluster, "cluster name")
+            if "/" in self.cluster or self.cluster.startswith("."):
+                raise ValueError(f"cluster name {self.cluster!r} must not contain '/' or start with '.'")
+        for seed in self.join:
+            parse_seed(seed)
         for name in ("num_cpus", "num_gpus", "memory"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
@@ -69,6 +105,10 @@ class NodeConfig:
     def loopback(self) -> bool:
         return ipaddress.ip_address(self.host).is_loopback
 
+    @property
+    def mdns_enabled(self) -> bool:
+        return self.mdns if self.mdns is not None else not self.loopback
+
     def total_resources(self) -> dict[str, float]:
         total = {
             "CPU": float(self.num_cpus if self.num_cpus is not None else (psutil.cpu_count() or 1)),
@@ -77,3 +117,34 @@ class NodeConfig:
         }
         total.update(self.resources)
         return total
+
+
+def parse_seed(seed: str) -> str:
+    """``host:port`` as a ZeroMQ TCP endpoint; raises ValueError naming the bad seed."""
+    host, sep, port = seed.removeprefix("tcp://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"a --join seed must be host:port, got {seed!r}")
+    return f"tcp://{host.strip('[]')}:{int(port)}"
+
+
+def parse_field(name: str, raw: str) -> Any:
+    """A config field's value from text (an environment variable or ``--config KEY=VALUE``)."""
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    if name not in fields:
+        raise ValueError(f"unknown node setting {name!r}; known: {', '.join(sorted(fields))}")
+    try:
+        if name == "resources":
+            return json.loads(raw)
+        if name == "join":
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+        if name in ("mdns", "advertise", "insecure"):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError("expected on/off")
+            return raw.lower() in ("1", "true", "yes", "on")
+        if name in ("cluster", "host", "cluster_key"):
+            return raw
+        if fields[name].type == "int":
+            return int(raw)
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"bad value {raw!r} for node setting {name}: {exc}") from None

@@ -22,9 +22,11 @@ from typing import Any
 import psutil
 import zmq
 
-from zmesh.node import records
+from zmesh.node import discovery, lifecycle, records
 from zmesh.node.config import NodeConfig
 from zmesh.node.lines import ChannelClosed, LineChannel
+from zmesh.node.mesh import Mesh
+from zmesh.node.mesh_actors import Deferred, MeshActors, ReplyError, _state_body
 from zmesh.node.records import ActorRecord, Client
 from zmesh.node.resources import Resources
 from zmesh.transport import protocol, rundir, serialization, sockets
@@ -52,21 +54,16 @@ def node_security(config: NodeConfig) -> Security:
     return Security(key)
 
 
-class ReplyError(Exception):
-    """An error the node reports back to the requester as ``(kind, message)``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+__all__ = ["Node", "ReplyError", "node_security"]
 
 
-class Node:
+class Node(MeshActors):
     def __init__(self, config: NodeConfig | None = None) -> None:
         self.config = config or NodeConfig()
         self.node_id = new_node_id()
         self.resources = Resources(self.config.total_resources())
         self.security = node_security(self.config)
-        self._slot = rundir.claim_node_slot() if self.config.advertise else None
+        self._slot = self._claim_slot()
         self._ctx = sockets.new_context()
         # Bound before the ROUTER: no handshake is ever left unchecked.
         self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
@@ -106,8 +103,54 @@ class Node:
             "started": self._op_started,
             "dropped": self._op_dropped,
             "gone": self._op_gone,
+            "members": self._op_members,
+            "list_actors": self._op_list_actors,
+            "kill_named": self._op_kill_named,
+            "drain": self._op_drain,
+            "subscribe_membership": self._op_subscribe_membership,
         }
         self.started_at = time.time()
+        self.mesh: Mesh = None  # type: ignore[assignment]  # made once the address is known (serve_forever)
+        self._entry_dirty = True
+        self._next_publish = 0.0
+        self._current: tuple[bytes, Any] = (b"", None)  # the request being handled, for ops that answer later
+        self._mesh_init()
+
+    def _claim_slot(self) -> int | None:
+        """The run directory's node slot (``address="auto"`` finds it); a node of a named cluster may share the host."""
+        if not self.config.advertise:
+            return None
+        try:
+            return rundir.claim_node_slot()
+        except rundir.RunDirError:
+            if self.config.cluster is None:
+                raise
+            return None
+
+    def _start_mesh(self) -> None:
+        sources: list[discovery.Source] = []
+        if self.config.join:
+            sources.append(discovery.Seeds(self.config.join))
+        if self.config.cluster is not None and self.config.advertise:
+            sources.append(discovery.RunDirectory(self.config.cluster, self.node_id, self.address))
+        if self.config.mdns_enabled:
+            from zmesh.node.mdns import MdnsSource
+            from zmesh.transport.protocol import PROTOCOL_VERSION, python_version
+
+            host, _, port = self.address.removeprefix("tcp://").rpartition(":")
+            key = self.security.key
+            mdns = MdnsSource(
+                cluster=self.config.cluster or "default",
+                node_id=self.node_id,
+                host=host,
+                port=int(port),
+                fingerprint=key.fingerprint if key is not None else None,
+                protocol_version=PROTOCOL_VERSION,
+                python=python_version(),
+            )
+            mdns.start()
+            sources.append(mdns)
+        self.mesh = Mesh(self.node_id, self.address, self.config, self.security, self._ctx, self._entry(), self, time.monotonic(), sources)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,7 +164,8 @@ class Node:
         # The zygote is started from the loop's thread: it dies when this thread ends.
         self._start_zygote()
         rundir.remove_stale_sockets()
-        if self.config.advertise:
+        self._start_mesh()
+        if self._slot is not None:
             proc = psutil.Process()
             key = self.security.key
             rundir.write_node_info(
@@ -159,7 +203,10 @@ class Node:
 
     def _loop(self) -> None:
         while not self._stopping:
-            events = self._poller.poll(500)
+            wait_s = min(
+                0.5, max(0.0, min(self.mesh.next_deadline(), self._next_publish if self._entry_dirty else 1e18) - time.monotonic())
+            )
+            events = self._poller.poll(int(wait_s * 1000) + 1)
             for sock, _ in events:
                 try:
                     if sock is self._router:
@@ -174,13 +221,31 @@ class Node:
                         self._client_gone(self._client_by_fd[sock], "exited")
                 except Exception:
                     logger.exception("zmesh node: error while handling an event; continuing")
-            if self._reschedule:
-                self._reschedule = False
-                self._schedule()
-            self._check_waiting()
+            try:
+                now = time.monotonic()
+                self.mesh.tick(now)
+                if self._entry_dirty and now >= self._next_publish:
+                    # At most one new version of our entry per gossip round, however busy the node is.
+                    self._entry_dirty = False
+                    self._next_publish = now + self.config.gossip_round_s
+                    self.mesh.set_entry(self._entry(), now)
+                if self._reschedule:
+                    self._reschedule = False
+                    self._schedule()
+                self._check_waiting()
+                if self._drained():
+                    logger.info("zmesh node %s: drained; leaving the mesh", self.node_id)
+                    self._stopping = True
+            except Exception:
+                logger.exception("zmesh node: error in the mesh's timers; continuing")
             self._watch_zygote_writes()
 
     def _shutdown(self) -> None:
+        if self.mesh is not None:
+            try:
+                self.mesh.leave(time.monotonic())
+            except Exception:
+                logger.exception("zmesh node: saying goodbye to the mesh failed")
         for pid, actor_id in list(self._by_pid.items()):
             self._kill_worker(pid)
             sockets.remove_ipc(self._actors[actor_id].address if actor_id in self._actors else None)
@@ -199,10 +264,11 @@ class Node:
         for client in self._clients.values():
             if client.pidfd is not None:
                 os.close(client.pidfd)
-        if self.config.advertise:
-            rundir.remove_node_info(os.getpid())
         if self._slot is not None:
+            rundir.remove_node_info(os.getpid())
             os.close(self._slot)
+        if self.mesh is not None:
+            self.mesh.close()
         self._router.close(linger=0)
         if self._zap is not None:
             self._zap.close()
@@ -314,6 +380,9 @@ class Node:
                 msg = protocol.decode(frames[1:])
                 if msg.type == protocol.REQUEST and (len(msg.header) != 3 or not isinstance(msg.header[1], str)):
                     raise protocol.ProtocolError("a request is not (id, op, args)")
+                if msg.type == protocol.MESH:
+                    self.mesh.handle(msg.header, msg.payload, time.monotonic())
+                    continue
             except (protocol.ProtocolError, serialization.DeserializationError, ValueError, TypeError, KeyError, IndexError) as exc:
                 self._drop(identity, exc)  # only what fails to decode counts as a bad peer's message
                 continue
@@ -353,7 +422,10 @@ class Node:
                 self._reply_error(identity, req_id, ReplyError("ValueError", f"unknown request {op!r}"))
             else:
                 try:
+                    self._current = (identity, req_id)
                     value, payload = handler(client, tuple(args), msg.payload)
+                except Deferred:
+                    pass  # answered later, through _answer
                 except ReplyError as exc:
                     self._reply_error(identity, req_id, exc)
                 except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
@@ -369,6 +441,33 @@ class Node:
                     self._send(identity, protocol.encode(protocol.REPLY, (req_id, True, value), payload))
         else:
             raise protocol.ProtocolError(f"unexpected message type {msg.type!r} at a node")
+
+    def _answer(self, identity: bytes, req_id: Any, ok: bool, value: Any, payload: list[Any] | None = None) -> None:
+        """The late answer to a deferred request (its reply came from another member)."""
+        self._send(identity, protocol.encode(protocol.REPLY, (req_id, ok, value), payload or []))
+
+    def on_app(self, sender: str, kind: str, body: dict[str, Any], payload: list[Any], rid: int | None) -> None:
+        """An application message from another member; a malformed one raises and is dropped."""
+        if kind == "place":
+            self._on_place(sender, body, payload, rid)
+        elif kind == "claim":
+            self._on_claim(sender, body, rid)
+        elif kind == "lookup":
+            self._on_lookup(sender, body, rid)
+        elif kind == "watch":
+            self._on_watch(sender, body)
+        elif kind == "state":
+            self._on_state(sender, body)
+        elif kind == "keep":
+            self._on_keep(sender, body, payload)
+        elif kind == "kill":
+            self._on_kill(sender, body)
+        elif kind == "peer_gone":
+            self._on_peer_gone(sender, body)
+        elif kind == "drain":
+            self._start_drain()
+        else:
+            raise protocol.ProtocolError(f"unknown mesh message {kind[:40]!r}")
 
     def _reply_error(self, identity: bytes, req_id: Any, exc: ReplyError) -> None:
         self._send(identity, protocol.encode(protocol.REPLY, (req_id, False, (exc.kind, str(exc)))))
@@ -397,6 +496,7 @@ class Node:
             self._client_by_fd[client.pidfd] = client.client_id
             self._poller.register(client.pidfd, zmq.POLLIN)
         self._clients[client.client_id] = client
+        self._publish()
         info = {
             **protocol.identity(),
             "node_id": self.node_id,
@@ -420,21 +520,20 @@ class Node:
         self._forget_pidfd(client)
         if why == "exited":
             sockets.remove_ipc(client.address)
-        self._tell_creations(client)
+        self._tell_creations_of(client.address)
+        hosts: set[str] = set()
         for record in list(self._actors.values()):
             record.subscribers.discard(client_id)
+            if record.creator == client_id and record.host not in (None, self.node_id):
+                hosts.add(record.host)  # type: ignore[arg-type]
             if record.owner == client_id and record.state != records.DEAD:
-                self._kill(record, f"its owner ({client.kind} pid {client.pid}) {why}", no_restart=True)
-
-    def _tell_creations(self, client: Client) -> None:
-        """The workers of actors ``client`` created (detached ones outlive it) stop sending it their prints."""
-        pids = {r.pid for r in self._actors.values() if r.creator == client.client_id and r.state != records.DEAD and r.pid}
-        if not pids:
-            return
-        frames = protocol.encode(protocol.PEER_GONE, (client.address,))
-        for other in self._clients.values():
-            if other.kind == "worker" and other.pid in pids:
-                self._send(other.client_id, frames)
+                if record.host == self.node_id or record.host is None:
+                    self._kill(record, f"its owner ({client.kind} pid {client.pid}) {why}", no_restart=True)
+                else:
+                    self._kill_remote(record, True, f"its owner ({client.kind} pid {client.pid}) {why}")
+        for host in hosts:
+            self.mesh.send(host, "peer_gone", {"address": client.address})
+        self._publish()
 
     # ------------------------------------------------------------------ requests
 
@@ -447,22 +546,15 @@ class Node:
             self._classes[class_key] = bytes(class_blob)
         elif class_key not in self._classes:
             raise ReplyError("ValueError", "the actor's class was never sent to this node")
+        if self.draining:
+            raise ReplyError("ZmeshError", f"node {self.node_id} is draining: connect to another node to create actors")
         namespace, name = spec["namespace"], spec.get("name")
-        if name is not None:
-            existing = self._names.get((namespace, name))
-            if existing is not None:
-                record = self._actors[existing]
-                if spec.get("get_if_exists"):
-                    record.subscribers.add(client.client_id)
-                    return (existing, False, record.meta_blob), []
-                raise ReplyError(
-                    "ActorAlreadyExistsError",
-                    f"an actor named {name!r} already exists in namespace {namespace!r}; "
-                    "use get_if_exists=True or zmesh.get_actor() to reach it",
-                )
         actor_id = ActorId(spec["actor_id"])
         if actor_id in self._actors:
             raise ReplyError("ValueError", f"actor id {actor_id} is already taken")
+        from zmesh.node.scheduler import parse_strategy
+
+        parse_strategy(spec.get("strategy"))  # a ValueError names a bad one
         demand = {str(k): float(v) for k, v in spec["resources"].items()}
         record = ActorRecord(
             actor_id=actor_id,
@@ -480,51 +572,105 @@ class Node:
             max_restarts=int(spec.get("max_restarts", 0)),
             waiting_since=time.monotonic(),
         )
+        record.origin = self.node_id
+        record.owner_node = "" if spec.get("detached") else self.node_id
+        record.created_at = time.time()
         record.subscribers.add(client.client_id)
-        self._actors[actor_id] = record
-        if name is not None:
-            self._names[(namespace, name)] = actor_id
-        if not self.resources.feasible(demand):
-            logger.warning(
-                "actor %s (%s) needs %s but this node has only %s in all; it will wait until a node that fits joins",
-                record.class_name, actor_id, demand, self.resources.total,
-            )  # fmt: skip
-            record.warned = True
-        self._waiting.append(actor_id)
-        self._schedule()
-        return (actor_id, True, record.meta_blob), []
+        identity, req_id = self._current
+        return self._create(client, identity, req_id, record)
 
     def _op_resolve(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         (actor_id,) = args
-        record = self._actors.get(actor_id)
+        record = self._watch(str(actor_id), client.client_id)
         if record is None:
             return ("DEAD", 1 << 30, None, f"actor {actor_id} is not known to this node (it may have died long ago)"), []
-        record.subscribers.add(client.client_id)
         return record.public_state(), []
 
     def _op_lookup(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
-        namespace, name = args
-        actor_id = self._names.get((namespace, name))
-        if actor_id is None:
-            raise ReplyError(
-                "ValueError", f"Failed to look up actor with name {name!r} in namespace {namespace!r}: no live actor has that name"
-            )
-        record = self._actors[actor_id]
-        return (actor_id, record.class_name, record.meta_blob), []
+        namespace, name = str(args[0]), str(args[1])
+        found = self._find_name((namespace, name))
+        if found is not None:
+            return self._looked_up(found), []
+        from zmesh.node.registry import home_of
+
+        home = home_of((namespace, name), self.mesh.live())
+        missing = ReplyError(
+            "ValueError", f"Failed to look up actor with name {name!r} in namespace {namespace!r}: no live actor has that name"
+        )
+        if home is None or home == self.node_id:
+            raise missing
+        identity, req_id = self._current
+
+        def on_reply(ok: bool, value: Any, _: list[Any]) -> None:
+            if ok and isinstance(value, list) and len(value) == 4:
+                self._answer(identity, req_id, True, self._looked_up(value))
+            else:
+                self._answer(identity, req_id, False, (missing.kind, str(missing)))
+
+        self.mesh.request(home, "lookup", {"ns": namespace, "name": name}, [], on_reply, time.monotonic())
+        raise Deferred
+
+    def _looked_up(self, found: list[Any]) -> tuple[Any, ...]:
+        actor_id, class_name, meta, node_id = found
+        if actor_id not in self._actors and node_id != self.node_id:
+            record = self._watch(actor_id, None)
+            if record is None:  # known to the home before gossip brought it here
+                from zmesh.node.mesh_actors import _stub_from_row
+
+                row = [class_name, "", None, records.STARTING, None, 0, False, False, 0.0, meta, node_id]
+                record = _stub_from_row(ActorId(actor_id), row, node_id)
+                record.host = None
+                self._actors[record.actor_id] = record
+                self._send_watch(record)
+        return (actor_id, class_name, meta)
 
     def _op_kill(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         actor_id, no_restart = args
-        record = self._actors.get(actor_id)
+        record = self._watch(str(actor_id), None)
         if record is None:
             raise ReplyError("ValueError", f"actor {actor_id} is not known to this node")
-        self._kill(record, "it was killed with zmesh.kill()", no_restart=bool(no_restart))
+        if record.host == self.node_id:
+            self._kill(record, "it was killed with zmesh.kill()", no_restart=bool(no_restart))
+        else:
+            self._kill_remote(record, bool(no_restart), "it was killed with zmesh.kill()")
         return None, []
 
+    def _op_kill_named(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        namespace, name = str(args[0]), str(args[1])
+        found = self._find_name((namespace, name))
+        if found is None:
+            raise ReplyError("ValueError", f"no live actor is named {name!r} in namespace {namespace!r}")
+        return self._op_kill(client, (found[0], True), [])
+
     def _op_gone(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
-        """Which of these clients (by address, or by client id in hex) are not live clients of this node."""
+        """Which of these processes (by address, or by client id in hex) are not live anywhere in the mesh."""
         (peers,) = args
-        live = {c.address for c in self._clients.values()} | {c.client_id.hex() for c in self._clients.values()}
-        return [p for p in peers if isinstance(p, str) and p not in live], []
+        return self.gone_addresses(peers), []
+
+    def _op_members(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        return self.members(), []
+
+    def _op_list_actors(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        (namespace,) = args
+        return self.list_actors(None if namespace is None else str(namespace)), []
+
+    def _op_subscribe_membership(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        client.membership = True
+        return self.members(), []
+
+    def _op_drain(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
+        (node_id,) = args
+        if node_id in (None, self.node_id):
+            self._start_drain()
+            return self.node_id, []
+        matches = [m for m in self.mesh.live() if m.startswith(str(node_id))]
+        if len(matches) != 1:
+            raise ReplyError("ValueError", f"{node_id!r} names {len(matches)} live members; give more of the node id")
+        if matches[0] == self.node_id:
+            self._start_drain()
+        else:
+            self.mesh.send(matches[0], "drain", {})
+        return matches[0], []
 
     def _op_dropped(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         (count,) = args
@@ -555,29 +701,21 @@ class Node:
     def _op_started(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         actor_id, incarnation, ok, error, address = args
         record = self._actors.get(actor_id)
-        if record is None or record.incarnation != incarnation or record.state not in (records.STARTING, records.RESTARTING):
+        if record is None:
+            return None, []
+        decision = lifecycle.started(record, incarnation, bool(ok), error, str(address) if address else client.address)
+        if isinstance(decision, lifecycle.Ignore):
             return None, []
         self._by_token.pop(record.token, None)
-        if ok:
+        if isinstance(decision, lifecycle.Alive):
             record.state = records.ALIVE
-            record.address = str(address) if address else client.address
+            record.address = decision.address
             self._notify(record)
-        else:
-            self._mark_dead(record, f"the actor's constructor failed: {error}")
+        elif isinstance(decision, lifecycle.Bury):
+            self._mark_dead(record, decision.reason)
         return None, []
 
     # ------------------------------------------------------------------ actor lifecycle
-
-    def _schedule(self) -> None:
-        for actor_id in list(self._waiting):
-            record = self._actors[actor_id]
-            reservation = self.resources.try_reserve(record.demand)
-            if reservation is None:
-                continue
-            self._waiting.remove(actor_id)
-            record.reservation = reservation
-            record.state = records.STARTING
-            self._spawn(record)
 
     def _check_waiting(self) -> None:
         now = time.monotonic()
@@ -595,37 +733,63 @@ class Node:
         for client_id in list(record.subscribers):
             if not self._send(client_id, frames):
                 record.subscribers.discard(client_id)
+        if record.host == self.node_id or record.watchers:
+            body = _state_body(record)
+            for node_id in list(record.watchers):
+                if not self.mesh.send(node_id, "state", body):
+                    record.watchers.discard(node_id)
+        self._publish()
 
     def _worker_exited(self, record: ActorRecord, pid: int, code: int) -> None:
-        if record.pid != pid:
-            return  # a worker already replaced
-        sockets.remove_ipc(record.address)  # the worker's call socket; killed, it could not remove it
-        record.pid = None  # never signal this pid again: the kernel may give it to another process
-        if record.state == records.DEAD:
-            return  # killed on purpose
-        if record.can_restart():
+        decision = lifecycle.worker_exited(record, pid, code)
+        if record.pid == pid:
+            sockets.remove_ipc(record.address)  # the worker's call socket; killed, it could not remove it
+            record.pid = None  # never signal this pid again: the kernel may give it to another process
+        if isinstance(decision, lifecycle.Restart):
             logger.info("actor %s (%s) worker exited with code %s; restarting", record.class_name, record.actor_id, code)
             self._restart(record)
-            return
-        limit = "unlimited" if record.max_restarts == -1 else record.max_restarts
-        self._mark_dead(
-            record,
-            f"the worker process of actor {record.class_name} ({record.actor_id}) died unexpectedly (exit code {code}) "
-            f"and it has no restarts left (max_restarts={limit})",
-        )
+        elif isinstance(decision, lifecycle.Bury):
+            self._mark_dead(record, decision.reason)
 
     def _restart(self, record: ActorRecord) -> None:
         """Replace the actor's worker; callers hear of it before anything else we send them."""
         old = record.pid
-        record.restarts += 1
-        record.incarnation += 1
-        record.state = records.RESTARTING
         sockets.remove_ipc(record.address)
-        record.address = None
+        lifecycle.next_incarnation(record, records.RESTARTING)
         self._notify(record)
         if old is not None:
             self._kill_worker(old)
         self._spawn(record)
+
+    def _start_drain(self) -> None:
+        """Take no more creations, move the restartable actors to other members, then leave."""
+        if self.draining:
+            return
+        logger.info("zmesh node %s: draining", self.node_id)
+        self.draining = True
+        for record in list(self._actors.values()):
+            if record.host != self.node_id or record.state == records.DEAD:
+                continue
+            if record.can_restart():
+                pid = record.pid
+                if record.reservation is not None:
+                    self.resources.release(record.reservation)
+                    record.reservation = None
+                record.pid = None
+                if pid is not None:
+                    self._kill_worker(pid)
+                sockets.remove_ipc(record.address)
+                lifecycle.next_incarnation(record, records.WAITING)
+                record.host = None
+                record.tried = {self.node_id}
+                self._waiting.append(record.actor_id)
+                self._notify(record)
+        self._publish()
+        self._reschedule = True
+
+    def _drained(self) -> bool:
+        """Every actor that could move has a new host: time to leave."""
+        return self.draining and not any(r.state in (records.WAITING, records.PLACING) for r in self._actors.values())
 
     def _kill_worker(self, pid: int) -> None:
         """SIGKILL a worker of ours; only pids the zygote has not yet reported dead, so never a reused one."""
@@ -633,14 +797,10 @@ class Node:
             _kill(pid)
 
     def _kill(self, record: ActorRecord, why: str, *, no_restart: bool) -> None:
-        if record.state == records.DEAD:
-            return
-        if record.state == records.WAITING:
-            self._waiting.remove(record.actor_id)
-            self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
-        elif no_restart or not record.can_restart():
-            self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
-        else:
+        decision = lifecycle.killed(record, why, no_restart=no_restart)
+        if isinstance(decision, lifecycle.Bury):
+            self._mark_dead(record, decision.reason)
+        elif isinstance(decision, lifecycle.Restart):
             self._restart(record)
 
     def _mark_dead(self, record: ActorRecord, error: str) -> None:
@@ -652,8 +812,11 @@ class Node:
         if record.reservation is not None:
             self.resources.release(record.reservation)
             record.reservation = None
+        if record.actor_id in self._waiting:
+            self._waiting.remove(record.actor_id)
         if record.name is not None and self._names.get((record.namespace, record.name)) == record.actor_id:
             del self._names[(record.namespace, record.name)]
+            self._claims.release((record.namespace, record.name), record.actor_id)
         self._notify(record)
         record.args_frames = []
         self._dead.append(record.actor_id)
@@ -675,7 +838,9 @@ class Node:
             "resources_available": dict(self.resources.available),
             "actors": live,
             "dead_actors": dead[-50:],
-            "waiting": [self._actors[a].describe() for a in self._waiting],
+            "waiting": [r.describe() for r in self._waiting_records()],
+            "members": self.members() if self.mesh is not None else [],
+            "draining": self.draining,
             "clients": len(self._clients),
             "dropped_messages": self._dropped + sum(self._dropped_by_workers.values()),
             "dropped_by_node": self._dropped,

@@ -10,6 +10,7 @@ from zmesh.transport.ids import ActorId, ClientId
 
 # Node-side actor states; clients see ALIVE, DEAD, or anything else as PENDING.
 WAITING = "PENDING_CREATION"  # waiting for resources
+PLACING = "PLACING"  # offered to another member, waiting for its answer
 STARTING = "STARTING"
 ALIVE = "ALIVE"
 RESTARTING = "RESTARTING"
@@ -23,6 +24,7 @@ class Client:
     pid: int
     address: str
     pidfd: int | None = None
+    membership: bool = False  # subscribed to membership events
 
 
 @dataclasses.dataclass
@@ -50,6 +52,16 @@ class ActorRecord:
     subscribers: set[ClientId] = dataclasses.field(default_factory=set)
     waiting_since: float = 0.0
     warned: bool = False
+    # ---- the mesh. A record is *hosted* when ``host`` is this node (its worker runs here), else
+    # a *stub* that mirrors the host's state for this node's clients and watchers.
+    host: str | None = None  # None while waiting to be placed
+    origin: str = ""  # the node that took the creation (keeps the spec while the actor may restart)
+    owner_node: str = ""  # the node of the owner client (non-detached actors die with it)
+    keeper: str | None = None  # the node that re-creates it elsewhere if its host dies
+    watchers: set[str] = dataclasses.field(default_factory=set)  # nodes relaying its state to their clients
+    created_at: float = 0.0  # wall clock of creation: breaks a name tie after a partition heals
+    tried: set[str] = dataclasses.field(default_factory=set)  # members that refused it this round
+    pending_replies: list[Any] = dataclasses.field(default_factory=list)  # (identity, req id) of deferred creates
 
     @property
     def token(self) -> str:
@@ -68,6 +80,7 @@ class ActorRecord:
 
     def describe(self) -> dict[str, Any]:
         return {
+            "node_id": self.host,
             "actor_id": self.actor_id,
             "class_name": self.class_name,
             "name": self.name,

@@ -252,6 +252,8 @@ def main(node_address: str, token: str, security: Security, listen_host: str) ->
         return 0  # the actor was killed before this worker got to it
     rt.namespace = str(spec.get("job_namespace") or rt.namespace)
     worker = ActorWorker(rt, actor_id, incarnation, spec, payload)
+    rt.actor_id, rt.actor_name, rt.actor_incarnation = actor_id, spec.get("name"), incarnation
+    rt.actor_handle_parts = (actor_id, worker.class_name, bytes(payload[1]))
     rt.on_call = worker.on_call
     owner = spec.get("owner_address")
     if owner:

@@ -104,6 +104,14 @@ class Runtime:
         self.listen_host = listen_host or sockets.local_address_towards(node_address)
         self._servers, self.address = sockets.servers(self._ctx, self.security, self.listen_host)
         self.borrows.me = self.address
+        # Called on the I/O thread with (node_id, address, state) once subscribed (zmesh.on_membership).
+        self.membership_feed: Callable[[tuple[str, ...]], None] | None = None
+        # Set in a worker: the actor it hosts (get_runtime_context().get_actor_id()).
+        self.actor_id: str | None = None
+        self.actor_name: str | None = None
+        self.actor_incarnation = 0
+        self.actor_handle_parts: tuple[str, str, bytes] | None = None  # (actor id, class name, meta) for current_actor
+        self.on_close_hooks: list[Callable[[], None]] = []
         # Which of our ROUTERs each peer reached us on: its answers must leave by the same one.
         self._route: dict[bytes, sockets.Socket] = {}
         for server in self._servers:
@@ -461,6 +469,8 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
+        for hook in self.on_close_hooks:
+            hook()
         if goodbye:
             self.node.send(protocol.encode(protocol.GOODBYE, (self.client_id,)))
         self._loop.stop((_STOP, None, None))
@@ -674,6 +684,10 @@ class Runtime:
             self._on_actor_state(*msg.header)
         elif msg.type == protocol.PEER_GONE and len(msg.header) == 1:
             self._peer_gone(str(msg.header[0]))
+        elif msg.type == protocol.MEMBERSHIP and len(msg.header) == 3:
+            feed = self.membership_feed
+            if feed is not None:
+                feed(tuple(str(x) for x in msg.header))
         else:
             raise protocol.ProtocolError(f"unexpected {msg.type!r} message from the node")
 

@@ -34,6 +34,7 @@ REQUEST = b"Q"  # (req_id, op, args) + payload frames
 REPLY = b"R"  # (req_id, ok, value); value is (error kind, message) when not ok
 ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
 PEER_GONE = b"g"  # (address,): a process this client may talk to has exited
+MEMBERSHIP = b"M"  # (node_id, address, state): a member joined, is suspected, died or left (to subscribers)
 # caller -> worker and back; each header is a batch of entries
 CALL = b"C"  # ((oids, method, group, packed arg frames), ...) + arg frames
 RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
@@ -47,6 +48,8 @@ BORROW = b"b"  # (object_id, borrower address): borrower -> owner
 BORROWED = b"d"  # (object_id, ok): owner -> borrower
 UNBORROW = b"u"  # (object_id, borrower address): borrower -> owner
 RELEASE_LENT = b"l"  # (object_id,): caller -> the worker that lent it the refs inside that result
+# node -> node (see node/mesh.py): one-way, always from the sender's DEALER to the receiver's ROUTER
+MESH = b"m"  # (channel, sender node id, body dict) + payload frames
 
 KNOWN_TYPES = frozenset(
     {
@@ -55,6 +58,7 @@ KNOWN_TYPES = frozenset(
         REPLY,
         ACTOR_STATE,
         PEER_GONE,
+        MEMBERSHIP,
         CALL,
         RESULT,
         GET_OBJECT,
@@ -64,6 +68,7 @@ KNOWN_TYPES = frozenset(
         BORROWED,
         UNBORROW,
         RELEASE_LENT,
+        MESH,
     }
 )
 

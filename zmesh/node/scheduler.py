@@ -1,0 +1,108 @@
+"""Placement over the mesh view: which member should host a new actor. Pure: no I/O, no clock.
+
+The chosen member is only a guess from gossip, which may be stale; the target
+reserves and is the authority on its own capacity, and a refusal makes the
+caller try the next one (``tried``), so a stale view costs a round trip, never
+an over-booking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_EPS = 1e-9
+
+DEFAULT = "DEFAULT"
+SPREAD = "SPREAD"
+AFFINITY = "NODE_AFFINITY"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeView:
+    node_id: str
+    total: Mapping[str, float]
+    available: Mapping[str, float]
+    actors: int = 0
+    draining: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Place:
+    node_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing fits now; ``infeasible`` when no member could ever host it."""
+
+    infeasible: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fail:
+    reason: str
+
+
+Decision = Place | Wait | Fail
+
+
+def fits(demand: Mapping[str, float], amounts: Mapping[str, float]) -> bool:
+    return all(amounts.get(k, 0.0) + _EPS >= v for k, v in demand.items())
+
+
+def parse_strategy(value: Any) -> tuple[str, str | None, bool]:
+    """``(kind, node_id, soft)`` from the wire form: ``"DEFAULT"``, ``"SPREAD"`` or ``[AFFINITY, node_id, soft]``."""
+    if value is None or value == DEFAULT:
+        return DEFAULT, None, False
+    if value == SPREAD:
+        return SPREAD, None, False
+    if isinstance(value, list | tuple) and len(value) == 3 and value[0] == AFFINITY and isinstance(value[1], str):
+        return AFFINITY, value[1], bool(value[2])
+    raise ValueError(f"unknown scheduling strategy {value!r}")
+
+
+def place(
+    demand: Mapping[str, float],
+    strategy: Any,
+    me: str,
+    view: Sequence[NodeView],
+    tried: frozenset[str] | set[str] = frozenset(),
+    placed_recently: Mapping[str, int] | None = None,
+) -> Decision:
+    """Where to create an actor needing ``demand``; ``view`` holds live members, ``me`` among them."""
+    kind, target, soft = parse_strategy(strategy)
+    recent = placed_recently or {}
+    open_nodes = [n for n in view if not n.draining]
+    if kind == AFFINITY:
+        node = next((n for n in open_nodes if n.node_id == target), None)
+        if node is not None and fits(demand, node.total):
+            if target not in tried and fits(demand, node.available):
+                return Place(node.node_id)
+            if not soft:
+                return Wait(False, f"node {target} has no room for {dict(demand)} now")
+        elif not soft:
+            why = "is not a live member" if node is None else f"can never fit {dict(demand)} (it has {dict(node.total)})"
+            return Fail(f"NodeAffinitySchedulingStrategy(soft=False): node {target} {why}")
+        kind = DEFAULT
+    candidates = [n for n in open_nodes if n.node_id not in tried and fits(demand, n.available)]
+    if not candidates:
+        if any(fits(demand, n.total) for n in open_nodes):
+            return Wait(False, f"no member has {dict(demand)} available now")
+        return Wait(True, f"no member could ever fit {dict(demand)}")
+    if kind == DEFAULT:
+        local = next((n for n in candidates if n.node_id == me), None)
+        if local is not None:
+            return Place(me)
+        # Least loaded by CPU share, so a busy mesh fills evenly; ties broken by id for a stable choice.
+        return Place(min(candidates, key=lambda n: (_load(n, recent), n.node_id)).node_id)
+    # SPREAD: fewest actors, counting the ones this node sent that gossip may not show yet.
+    return Place(min(candidates, key=lambda n: (n.actors + recent.get(n.node_id, 0), _load(n, recent), n.node_id)).node_id)
+
+
+def _load(node: NodeView, recent: Mapping[str, int]) -> float:
+    total = node.total.get("CPU", 0.0)
+    used = total - node.available.get("CPU", 0.0)
+    return (used / total if total > 0 else 1.0) + 0.01 * recent.get(node.node_id, 0)

@@ -1,0 +1,1 @@
+"""Helpers importable where Ray has them (``zmesh.util.scheduling_strategies``)."""
