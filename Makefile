@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check bench soak torture clean
+.PHONY: demo test lint check bench bench-mesh soak torture clean
 
 MINUTES ?= 10
 
@@ -32,6 +32,13 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]' || echo "Ray could not be installed: benchmarking zmesh alone"
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/security_cost.py
+
+# Not in CI: the mesh's figures (convergence, failure detection, names, restarts, cross-node calls; Ray beside them).
+# STALL_MINUTES=10 runs the full stall-tolerance check.
+STALL_MINUTES ?= 2
+bench-mesh: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]' || echo "Ray could not be installed: benchmarking zmesh alone"
+	$(PY) benchmarks/mesh.py --stall-minutes $(STALL_MINUTES)
 
 # Not in CI: a million calls, 100,000 put/get, 10,000 creations; prints RSS, fds and threads per process.
 soak: $(STAMP)

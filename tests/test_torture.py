@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, Phase, assume, example, given, note, seed, s
 from hypothesis import strategies as st
 from torture_workloads import ActorSpec, Arr, Caller, Coll, Crash, Echo, Kill, Put, Relay, Workload
 
-from zmesh.testing import NodeProcess
+from zmesh.testing import LocalCluster, NodeProcess
 
 # `make torture MINUTES=N` sets this: fresh seeds for N minutes instead of the fixed CI examples.
 TORTURE_MINUTES = float(os.environ.get("ZMESH_TORTURE_MINUTES") or 0)
-TESTS = 4  # the torture time is shared evenly among the tests below
+TESTS = 5  # the torture time is shared evenly among the tests below
 WORKLOAD_SECONDS = 60 if TORTURE_MINUTES else 15  # every call of one workload ends within this, or it counts as a hang
 MAX_BYTES = 160 * 2**20  # what one workload's values may take at once (a rough bound, see Workload.nbytes)
 MAX_CALLS = 5000
@@ -255,3 +255,21 @@ def test_several_drivers(driver: NodeProcess, isolated_run_dir: Path, tmp_path: 
         fixed_seed=4,
         found=FOUND_DRIVERS,
     )
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_across_a_three_node_mesh(isolated_run_dir: Path, tmp_path: Path) -> None:
+    """The same workloads with actors spread over a 3-node LocalCluster and drivers on different nodes."""
+    with LocalCluster(nodes=3, num_cpus=4) as cluster:
+        cluster.connect()
+        tw.MESH_ADDRESSES[:] = cluster.addresses
+        try:
+            explore(
+                workloads(drivers=2, threads=4, faults=True, max_actors=3, max_ops=4),
+                Path(cluster.run_dir),
+                tmp_path,
+                examples=24,
+                fixed_seed=5,
+            )
+        finally:
+            tw.MESH_ADDRESSES.clear()

@@ -860,6 +860,10 @@ def check_workers(w: Workload, handles: list[Any], deadline: float) -> None:
             raise AssertionError(f"actor {i} ({w.actors[i]}) still holds {last[-1:]} objects after the workload") from None
 
 
+# Set by the mesh variant of the test: extra drivers connect to these nodes in turn, and actors are SPREAD.
+MESH_ADDRESSES: list[str] = []
+
+
 def play(w: Workload, *, run_dir: str, scratch: Path, seconds: float) -> None:
     """Create the actors, run every driver's callers at once, check every call, then check nothing is left behind."""
     rt = zmesh_runtime.current()
@@ -874,7 +878,8 @@ def play(w: Workload, *, run_dir: str, scratch: Path, seconds: float) -> None:
     try:
         for i, spec in enumerate(w.actors):
             named = {"name": names[i]} if w.drivers > 1 else {}  # other drivers find them by name
-            handles.append(spec.actor_class().options(**spec.options(), **named).remote())
+            spread = {"scheduling_strategy": "SPREAD"} if MESH_ADDRESSES else {}
+            handles.append(spec.actor_class().options(**spec.options(), **named, **spread).remote())
         for d in range(1, w.drivers):
             extras.append(start_driver(w, d, names, scratch, deadline))
         for proc in extras:
@@ -920,9 +925,12 @@ def start_driver(w: Workload, index: int, names: list[str], scratch: Path, deadl
     path = scratch / f"driver{index}.pickle"
     path.write_bytes(pickle.dumps((w, index, names, str(scratch), deadline)))
     code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import torture_workloads; torture_workloads.driver_main({str(path)!r})"
+    env = dict(os.environ)
+    if MESH_ADDRESSES:
+        env["ZMESH_ADDRESS"] = MESH_ADDRESSES[index % len(MESH_ADDRESSES)]  # each driver on another node
     with open(scratch / f"driver{index}.log", "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd=HERE.parent
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd=HERE.parent, env=env
         )
 
 

@@ -329,3 +329,9 @@ def get_gpu_ids() -> list[int]:
     """The GPU ids this actor's worker was given (from CUDA_VISIBLE_DEVICES)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+
+
+def _status() -> dict[str, Any]:
+    """The connected node's status (its actors, resources and the members it knows)."""
+    status: dict[str, Any] = _require().request("status")
+    return status

@@ -182,8 +182,9 @@ class RuntimeContext:
         if parts is None:
             raise RuntimeError("current_actor is only available inside an actor")
         from zmesh.actor import ActorHandle
+        from zmesh.transport.ids import ActorId
 
-        return ActorHandle(*parts)
+        return ActorHandle(ActorId(parts[0]), parts[1], parts[2])
 
     def get_gpu_ids(self) -> list[int]:
         from zmesh.api import get_gpu_ids

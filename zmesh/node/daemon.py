@@ -525,7 +525,7 @@ class Node(MeshActors):
         for record in list(self._actors.values()):
             record.subscribers.discard(client_id)
             if record.creator == client_id and record.host not in (None, self.node_id):
-                hosts.add(record.host)  # type: ignore[arg-type]
+                hosts.add(str(record.host))
             if record.owner == client_id and record.state != records.DEAD:
                 if record.host == self.node_id or record.host is None:
                     self._kill(record, f"its owner ({client.kind} pid {client.pid}) {why}", no_restart=True)

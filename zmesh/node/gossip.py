@@ -149,7 +149,7 @@ class Gossip:
             changed = self._merge(message.get("entries"))
             replies: list[Send] = []
             if kind == "sync_reply":
-                want = message.get("want")
+                want: list[str] = message.get("want")  # type: ignore[assignment]  # checked next
                 _check(isinstance(want, list) and all(isinstance(n, str) for n in want), "want is not a list of ids")
                 entries = [self._entries[n].wire() for n in want[:_MAX_ENTRIES] if n in self._entries]
                 if entries:
@@ -157,7 +157,7 @@ class Gossip:
             self.sent += len(replies)
             return replies, changed
         if kind == "sync":
-            digest = message.get("digest")
+            digest: dict[str, Any] = message.get("digest")  # type: ignore[assignment]  # checked next
             _check(isinstance(digest, dict) and len(digest) <= _MAX_ENTRIES, "a digest is not a dict")
             theirs: dict[str, tuple[int, int]] = {}
             for node_id, key in digest.items():

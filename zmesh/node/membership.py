@@ -193,15 +193,23 @@ class Membership:
                 self._probe = None
                 if probe.nacks == 0 and len(self.live()) > 1:
                     self._raise_health()  # nobody answered us at all: maybe we are the slow one
+                accusation = [SUSPECT, target.node_id, target.address, target.incarnation, self.me]
                 if target.state == ALIVE:
-                    out += self._apply([SUSPECT, target.node_id, target.address, target.incarnation, self.me], now, direct=True)
+                    out += self._apply(accusation, now, direct=True)
+                elif self.me not in self._suspicions.get(target.node_id, _NO_SUSPICION).accusers:
+                    # Our own failed probe of a suspect is an independent confirmation (Lifeguard): say so.
+                    self._confirm(target.node_id, self.me, now)
+                    self._spread(accusation)
         if self._probe is None and now >= self._next_probe:
             out += self._start_probe(now)
         for node_id, suspicion in list(self._suspicions.items()):
             if now >= suspicion.deadline:
                 member = self._members.get(node_id)
                 if member is not None and member.state == SUSPECT:
-                    out += self._apply([DEAD, node_id, member.address, member.incarnation, self.me], now, direct=True)
+                    rumor = [DEAD, node_id, member.address, member.incarnation, self.me]
+                    out += self._apply(rumor, now, direct=True)
+                    # A death is rare and must not wait for piggybacks: every live member hears it now.
+                    out += [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [rumor]}) for m in self.live()]
                 self._suspicions.pop(node_id, None)
         for seq, relay in list(self._relays.items()):
             if now >= relay.deadline:
@@ -223,7 +231,7 @@ class Membership:
         _check(kind in ("ping", "ack", "ping_req", "nack"), f"unknown membership message kind {str(kind)[:40]!r}")
         rumors = message.get("r", [])
         _check(isinstance(rumors, list) and len(rumors) <= 100, "rumors are not a short list")
-        seq = message.get("seq")
+        seq: int = message.get("seq")  # type: ignore[assignment]  # checked next
         _check(isinstance(seq, int) and not isinstance(seq, bool), "seq is not an int")
         out: list[Action] = []
         for rumor in rumors:
@@ -246,9 +254,9 @@ class Membership:
             if self._probe is not None and self._probe.seq == seq:
                 self._probe.nacks += 1
         else:  # ping_req: probe the target for the requester
-            target, address = message.get("target"), message.get("address")
-            _check(isinstance(target, str) and isinstance(address, str), "a ping_req without target and address")
-            known = self._members.get(target)
+            target = message.get("target")
+            _check(isinstance(target, str) and isinstance(message.get("address"), str), "a ping_req without target and address")
+            known = self._members.get(str(target))
             if known is not None and known.state in (ALIVE, SUSPECT) and len(self._relays) < 10_000:
                 self._seq += 1
                 self._relays[self._seq] = _Relay(sender, seq, now + self.timings.probe_timeout_s * 2 * self._scale())
@@ -397,6 +405,9 @@ class Membership:
             fraction = math.log(min(confirmations, wanted) + 1) / math.log(wanted + 1)
             timeout = max(t.suspicion_min_s, t.suspicion_max_s - (t.suspicion_max_s - t.suspicion_min_s) * fraction)
         suspicion.deadline = min(suspicion.deadline, suspicion.start + timeout)
+
+
+_NO_SUSPICION = _Suspicion(0, 0.0, 0.0, set())
 
 
 def _overrides(state: str, incarnation: int, old_state: str, old_incarnation: int) -> bool:

@@ -31,7 +31,9 @@ from zmesh.transport import protocol
 from zmesh.transport.ids import ActorId, ClientId
 
 if TYPE_CHECKING:
-    from zmesh.node.daemon import Node
+    from zmesh.node.config import NodeConfig
+    from zmesh.node.mesh import Mesh
+    from zmesh.node.resources import Resources
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,28 @@ class Deferred(Exception):
 class MeshActors:
     """Mixed into ``Node``: everything it does with actors of other members."""
 
-    def _mesh_init(self: Node) -> None:
+    if TYPE_CHECKING:  # what the mixin uses of Node
+        node_id: str
+        address: str
+        config: NodeConfig
+        resources: Resources
+        mesh: Mesh
+        _actors: dict[ActorId, ActorRecord]
+        _names: dict[tuple[str, str], ActorId]
+        _waiting: list[ActorId]
+        _clients: dict[ClientId, Client]
+        _classes: dict[str, bytes]
+        _reschedule: bool
+        _entry_dirty: bool
+
+        def _send(self, identity: bytes, frames: list[Any]) -> bool: ...
+        def _notify(self, record: ActorRecord) -> None: ...
+        def _mark_dead(self, record: ActorRecord, error: str) -> None: ...
+        def _kill(self, record: ActorRecord, why: str, *, no_restart: bool) -> None: ...
+        def _spawn(self, record: ActorRecord) -> None: ...
+        def _answer(self, identity: bytes, req_id: Any, ok: bool, value: Any, payload: list[Any] | None = None) -> None: ...
+
+    def _mesh_init(self) -> None:
         self._claims = registry.Claims()
         self._view_actors: dict[str, tuple[str, list[Any]]] = {}  # actor id -> (host node id, row)
         self._view_names: dict[registry.Name, tuple[registry.Holder, str]] = {}  # -> (holder, node listing it)
@@ -67,7 +90,7 @@ class MeshActors:
 
     # ------------------------------------------------------------------ what this node tells the mesh
 
-    def _entry(self: Node) -> dict[str, Any]:
+    def _entry(self) -> dict[str, Any]:
         actors: dict[str, list[Any]] = {}
         for r in self._actors.values():
             if r.state == records.DEAD:
@@ -97,15 +120,15 @@ class MeshActors:
             "pending": [[r.actor_id, r.demand] for r in self._waiting_records()],
         }
 
-    def _waiting_records(self: Node) -> list[ActorRecord]:
+    def _waiting_records(self) -> list[ActorRecord]:
         return [self._actors[a] for a in self._waiting if a in self._actors]
 
-    def _publish(self: Node) -> None:
+    def _publish(self) -> None:
         self._entry_dirty = True
 
     # ------------------------------------------------------------------ what the mesh tells this node
 
-    def on_member(self: Node, change: membership.Changed) -> None:
+    def on_member(self, change: membership.Changed) -> None:
         event = {"node_id": change.node_id, "address": change.address, "state": change.state, "time": time.time()}
         self._membership_events.append(event)
         del self._membership_events[:-1000]
@@ -115,13 +138,13 @@ class MeshActors:
         self._rebuild_view()
         self._reschedule = True
 
-    def on_entries(self: Node, node_ids: list[str]) -> None:
+    def on_entries(self, node_ids: list[str]) -> None:
         self._rebuild_view()
         self._follow_moved_actors()
         self._resolve_name_conflicts()
         self._reschedule = True
 
-    def _rebuild_view(self: Node) -> None:
+    def _rebuild_view(self) -> None:
         actors: dict[str, tuple[str, list[Any]]] = {}
         names: dict[registry.Name, tuple[registry.Holder, str]] = {}
         clients: dict[str, str] = {}
@@ -147,7 +170,7 @@ class MeshActors:
                         names[key] = (holder, node_id)
         self._view_actors, self._view_names, self._view_clients = actors, names, clients
 
-    def _tell_subscribers_membership(self: Node, event: dict[str, Any]) -> None:
+    def _tell_subscribers_membership(self, event: dict[str, Any]) -> None:
         frames = protocol.encode(protocol.MEMBERSHIP, (event["node_id"], event["address"], event["state"]))
         for client in list(self._clients.values()):
             if client.membership:
@@ -155,7 +178,7 @@ class MeshActors:
 
     # ------------------------------------------------------------------ creation
 
-    def _create(self: Node, client: Client, identity: bytes, req_id: Any, record: ActorRecord) -> tuple[Any, list[Any]]:
+    def _create(self, client: Client, identity: bytes, req_id: Any, record: ActorRecord) -> tuple[Any, list[Any]]:
         """Take a creation: claim its name (maybe at another member), then place it."""
         if record.name is None:
             self._accept(record)
@@ -173,10 +196,11 @@ class MeshActors:
                 return
             self._decide_claim(record, value, identity, req_id, client)
 
+        assert home is not None  # this node is always live
         self.mesh.request(home, "claim", body, [], on_reply, time.monotonic())
         raise Deferred
 
-    def _claim_here(self: Node, key: registry.Name, actor_id: str, created_at: float) -> Any:
+    def _claim_here(self, key: registry.Name, actor_id: str, created_at: float) -> Any:
         known = {k: v[0] for k, v in self._view_names.items()}
         for r in self._actors.values():
             if r.name is not None and r.state != records.DEAD:
@@ -186,7 +210,7 @@ class MeshActors:
             return None
         return verdict.holder.actor_id
 
-    def _decide_claim(self: Node, record: ActorRecord, holder: Any, identity: bytes, req_id: Any, client: Client) -> None:
+    def _decide_claim(self, record: ActorRecord, holder: Any, identity: bytes, req_id: Any, client: Client) -> None:
         if holder is None or holder == record.actor_id:
             local = self._named_here(record.namespace, record.name)
             if local is not None and local.actor_id != record.actor_id:
@@ -214,11 +238,11 @@ class MeshActors:
             ),
         )
 
-    def _named_here(self: Node, namespace: str, name: str | None) -> ActorRecord | None:
+    def _named_here(self, namespace: str, name: str | None) -> ActorRecord | None:
         actor_id = self._names.get((namespace, name)) if name is not None else None
         return self._actors.get(actor_id) if actor_id is not None else None
 
-    def _accept(self: Node, record: ActorRecord) -> None:
+    def _accept(self, record: ActorRecord) -> None:
         self._actors[record.actor_id] = record
         if record.name is not None:
             self._names[(record.namespace, record.name)] = record.actor_id
@@ -226,19 +250,19 @@ class MeshActors:
         self._publish()
         self._schedule()
 
-    def _on_claim(self: Node, sender: str, body: dict[str, Any], rid: int | None) -> None:
+    def _on_claim(self, sender: str, body: dict[str, Any], rid: int | None) -> None:
         key = (str(body["ns"]), str(body["name"]))
         holder = self._claim_here(key, str(body["actor_id"]), float(body["created_at"]))
         if rid is not None:
             self.mesh.reply(sender, rid, True, holder)
 
-    def _on_lookup(self: Node, sender: str, body: dict[str, Any], rid: int | None) -> None:
+    def _on_lookup(self, sender: str, body: dict[str, Any], rid: int | None) -> None:
         key = (str(body["ns"]), str(body["name"]))
         found = self._find_name(key)
         if rid is not None:
             self.mesh.reply(sender, rid, True, found)
 
-    def _find_name(self: Node, key: registry.Name) -> list[Any] | None:
+    def _find_name(self, key: registry.Name) -> list[Any] | None:
         """``[actor id, class name, meta, node to watch]`` for a live actor with that name, from here or gossip."""
         record = self._named_here(*key)
         if record is not None and record.state != records.DEAD:
@@ -252,7 +276,7 @@ class MeshActors:
 
     # ------------------------------------------------------------------ placement
 
-    def _schedule(self: Node) -> None:
+    def _schedule(self) -> None:
         view = self._node_views()
         for actor_id in list(self._waiting):
             record = self._actors.get(actor_id)
@@ -288,7 +312,7 @@ class MeshActors:
             else:
                 self._offer(record, decision.node_id)
 
-    def _node_views(self: Node) -> list[scheduler.NodeView]:
+    def _node_views(self) -> list[scheduler.NodeView]:
         mine = sum(1 for r in self._actors.values() if r.host == self.node_id and r.state != records.DEAD)
         views = [scheduler.NodeView(self.node_id, self.resources.total, self.resources.available, mine, self.draining)]
         live = set(self.mesh.live())
@@ -304,7 +328,7 @@ class MeshActors:
                 views.append(scheduler.NodeView(node_id, total, available, len(data.get("actors") or ()), bool(data.get("draining"))))
         return views
 
-    def _offer(self: Node, record: ActorRecord, target: str) -> None:
+    def _offer(self, record: ActorRecord, target: str) -> None:
         """Ask ``target`` to host ``record``; it reserves or refuses (then the next member is tried)."""
         self._waiting.remove(record.actor_id)
         record.state = records.PLACING
@@ -333,7 +357,7 @@ class MeshActors:
         self.mesh.request(target, "place", body, payload, on_reply, time.monotonic())
         self._publish()
 
-    def _wire_spec(self: Node, record: ActorRecord) -> dict[str, Any]:
+    def _wire_spec(self, record: ActorRecord) -> dict[str, Any]:
         return {
             **record.spec,
             "owner_address": record.owner_address,
@@ -347,10 +371,14 @@ class MeshActors:
             "keeper": record.keeper,
         }
 
-    def _on_place(self: Node, sender: str, body: dict[str, Any], payload: list[Any], rid: int | None) -> None:
+    def _on_place(self, sender: str, body: dict[str, Any], payload: list[Any], rid: int | None) -> None:
         spec, class_key = body["spec"], str(body["class_key"])
         actor_id = ActorId(str(spec["actor_id"]))
-        reply = (lambda ok, value: self.mesh.reply(sender, rid, ok, value)) if rid is not None else (lambda ok, value: None)
+
+        def reply(ok: bool, value: Any) -> None:
+            if rid is not None:
+                self.mesh.reply(sender, rid, ok, value)
+
         if self.draining or self.mesh.leaving:
             reply(True, "this node is draining")
             return
@@ -388,7 +416,7 @@ class MeshActors:
         self._publish()
         reply(True, True)
 
-    def _choose_keeper(self: Node, record: ActorRecord) -> None:
+    def _choose_keeper(self, record: ActorRecord) -> None:
         """A member other than the host that can create the actor again if this node dies."""
         if not record.can_restart():
             record.keeper = None
@@ -403,7 +431,7 @@ class MeshActors:
             payload = [self._classes.get(record.class_key, b""), record.meta_blob, *record.args_frames]
             self.mesh.send(record.keeper, "keep", body, payload)
 
-    def _on_keep(self: Node, sender: str, body: dict[str, Any], payload: list[Any]) -> None:
+    def _on_keep(self, sender: str, body: dict[str, Any], payload: list[Any]) -> None:
         spec, class_key = body["spec"], str(body["class_key"])
         if len(payload) < 2:
             raise ValueError("a keep without class and metadata")
@@ -424,7 +452,7 @@ class MeshActors:
 
     # ------------------------------------------------------------------ stubs: watching actors hosted elsewhere
 
-    def _watch(self: Node, actor_id: str, client_id: ClientId | None) -> ActorRecord | None:
+    def _watch(self, actor_id: str, client_id: ClientId | None) -> ActorRecord | None:
         """This node's record of ``actor_id`` (a stub made from gossip if need be), ``client_id`` subscribed."""
         record = self._actors.get(ActorId(actor_id))
         if record is None and actor_id in self._view_actors:
@@ -436,12 +464,12 @@ class MeshActors:
             record.subscribers.add(client_id)
         return record
 
-    def _send_watch(self: Node, record: ActorRecord) -> None:
+    def _send_watch(self, record: ActorRecord) -> None:
         upstream = record.host if record.host is not None else record.origin
         if upstream and upstream != self.node_id:
             self.mesh.send(upstream, "watch", {"actor_id": record.actor_id})
 
-    def _on_watch(self: Node, sender: str, body: dict[str, Any]) -> None:
+    def _on_watch(self, sender: str, body: dict[str, Any]) -> None:
         record = self._actors.get(ActorId(str(body["actor_id"])))
         if record is None:
             self.mesh.send(
@@ -459,10 +487,10 @@ class MeshActors:
         record.watchers.add(sender)
         self._tell_watcher(record, sender)
 
-    def _tell_watcher(self: Node, record: ActorRecord, node_id: str) -> None:
+    def _tell_watcher(self, record: ActorRecord, node_id: str) -> None:
         self.mesh.send(node_id, "state", _state_body(record))
 
-    def _on_state(self: Node, sender: str, body: dict[str, Any]) -> None:
+    def _on_state(self, sender: str, body: dict[str, Any]) -> None:
         record = self._actors.get(ActorId(str(body["actor_id"])))
         if record is None or record.host == self.node_id:
             return
@@ -483,7 +511,7 @@ class MeshActors:
         )
         self._notify(record)
 
-    def _follow_moved_actors(self: Node) -> None:
+    def _follow_moved_actors(self) -> None:
         """Stubs whose host died: gossip shows where the keeper created them again."""
         live = set(self.mesh.live())
         for record in list(self._actors.values()):
@@ -498,7 +526,7 @@ class MeshActors:
 
     # ------------------------------------------------------------------ kills and deaths
 
-    def _kill_remote(self: Node, record: ActorRecord, no_restart: bool, why: str) -> None:
+    def _kill_remote(self, record: ActorRecord, no_restart: bool, why: str) -> None:
         target = record.host if record.host not in (None, self.node_id) else None
         if target is not None:
             self.mesh.send(target, "kill", {"actor_id": record.actor_id, "no_restart": no_restart, "why": why})
@@ -507,7 +535,7 @@ class MeshActors:
                 self._waiting.remove(record.actor_id)
             self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
 
-    def _on_kill(self: Node, sender: str, body: dict[str, Any]) -> None:
+    def _on_kill(self, sender: str, body: dict[str, Any]) -> None:
         record = self._actors.get(ActorId(str(body["actor_id"])))
         if record is None:
             return
@@ -517,7 +545,7 @@ class MeshActors:
         else:
             self._kill_remote(record, bool(body.get("no_restart")), why)
 
-    def _on_peer_gone(self: Node, sender: str, body: dict[str, Any]) -> None:
+    def _on_peer_gone(self, sender: str, body: dict[str, Any]) -> None:
         """A client of ``sender`` exited: kill the actors it owned here, tell workers it created."""
         address = str(body["address"])
         self._gone_clients[address] = time.monotonic()
@@ -527,7 +555,7 @@ class MeshActors:
                 self._kill(record, f"its owner ({address.partition('|')[0]}) exited", no_restart=True)
         self._tell_creations_of(address)
 
-    def _member_gone(self: Node, node_id: str, how: str) -> None:
+    def _member_gone(self, node_id: str, how: str) -> None:
         now = time.monotonic()
         entry = self.mesh.gossip.entry(node_id)
         for address, owner in list(self._view_clients.items()):
@@ -550,7 +578,7 @@ class MeshActors:
             if record.host == node_id or (record.host is None and record.origin == node_id and record.state != records.WAITING):
                 self._host_died(record, node_id, how, live)
 
-    def _host_died(self: Node, record: ActorRecord, node_id: str, how: str, live: set[str]) -> None:
+    def _host_died(self, record: ActorRecord, node_id: str, how: str, live: set[str]) -> None:
         seen = self._view_actors.get(record.actor_id)
         if seen is not None and seen[0] != node_id and seen[0] in live and seen[1][_STATE] != records.WAITING:
             record.host = seen[0]  # it had moved already (a drain): follow it
@@ -573,7 +601,7 @@ class MeshActors:
             lifecycle.next_incarnation(record, records.RESTARTING)  # the keeper creates it; gossip shows where
             self._notify(record)
 
-    def _tell_creations_of(self: Node, address: str) -> None:
+    def _tell_creations_of(self, address: str) -> None:
         pids = {r.pid for r in self._actors.values() if r.owner_address == address and r.state != records.DEAD and r.pid}
         if not pids:
             return
@@ -584,7 +612,7 @@ class MeshActors:
 
     # ------------------------------------------------------------------ names after a partition heals
 
-    def _resolve_name_conflicts(self: Node) -> None:
+    def _resolve_name_conflicts(self) -> None:
         """Two live actors with one name (granted on both sides of a partition): the younger loses the name."""
         for (namespace, name), actor_id in list(self._names.items()):
             record = self._actors.get(actor_id)
@@ -604,7 +632,7 @@ class MeshActors:
 
     # ------------------------------------------------------------------ queries
 
-    def gone_addresses(self: Node, peers: Iterable[Any]) -> list[str]:
+    def gone_addresses(self, peers: Iterable[Any]) -> list[str]:
         """Which of these process addresses (or client ids in hex) belong to no live process of the mesh."""
         live = {c.address for c in self._clients.values()} | {c.client_id.hex() for c in self._clients.values()}
         now = time.monotonic()
@@ -623,7 +651,7 @@ class MeshActors:
                 gone.append(peer)
         return gone
 
-    def members(self: Node) -> list[dict[str, Any]]:
+    def members(self) -> list[dict[str, Any]]:
         """Every member this node knows, itself first, as ``zmesh status`` shows them."""
         out = [self._member_row(self.node_id, self.address, "ALIVE", self.mesh.membership.incarnation, self._entry())]
         for m in sorted(self.mesh.membership.members(), key=lambda m: m.node_id):
@@ -645,7 +673,7 @@ class MeshActors:
             "draining": bool(data.get("draining")),
         }
 
-    def list_actors(self: Node, namespace: str | None) -> list[dict[str, Any]]:
+    def list_actors(self, namespace: str | None) -> list[dict[str, Any]]:
         """Every live actor of the mesh (from gossip, and this node's own)."""
         rows: dict[str, dict[str, Any]] = {}
         for actor_id, (node_id, row) in self._view_actors.items():
