@@ -207,7 +207,9 @@ def test_a_killed_node_fails_calls_and_restartable_actors_come_back_elsewhere() 
         zmesh.on_membership(events.append)
         doomed = cluster.node_id(2)
         plain = Where.options(scheduling_strategy=_on(cluster, 2)).remote()
-        keeper = Where.options(name="phoenix", lifetime="detached", max_restarts=1, scheduling_strategy=_on(cluster, 2)).remote(7)
+        # Soft affinity: as in Ray, a hard one to a dead node could never be satisfied again.
+        soft = NodeAffinitySchedulingStrategy(doomed, soft=True)
+        keeper = Where.options(name="phoenix", lifetime="detached", max_restarts=1, scheduling_strategy=soft).remote(7)
         assert zmesh.get([plain.node.remote(), keeper.node.remote()]) == [doomed, doomed]
         killed_at = time.monotonic()
         cluster.kill_node(2)
@@ -245,7 +247,8 @@ def test_a_frozen_node_is_declared_dead_and_a_stopped_one_leaves_at_once() -> No
 def test_drain_moves_restartable_actors_then_the_node_leaves() -> None:
     with LocalCluster(nodes=3, num_cpus=2) as cluster:
         cluster.connect()
-        moving = Where.options(name="mover", lifetime="detached", max_restarts=-1, scheduling_strategy=_on(cluster, 1)).remote(1)
+        soft = NodeAffinitySchedulingStrategy(cluster.node_id(1), soft=True)
+        moving = Where.options(name="mover", lifetime="detached", max_restarts=-1, scheduling_strategy=soft).remote(1)
         assert zmesh.get(moving.node.remote()) == cluster.node_id(1)
         out = subprocess.run(
             [sys.executable, "-m", "zmesh", "drain", cluster.node_id(1), "--address", cluster.addresses[0]],
@@ -283,3 +286,34 @@ def test_cli_status_list_and_kill_see_the_whole_mesh() -> None:
         cli("kill", "listed")
         with pytest.raises(ActorDiedError):
             zmesh.get(a.node.remote(), timeout=30)
+
+
+def test_a_node_declared_dead_while_frozen_rejoins_and_keeps_no_second_copy() -> None:
+    with LocalCluster(nodes=3, num_cpus=2) as cluster:
+        cluster.connect()
+        frozen = cluster.node_id(1)
+        soft = NodeAffinitySchedulingStrategy(frozen, soft=True)
+        actor = Where.options(name="only-one", lifetime="detached", max_restarts=-1, scheduling_strategy=soft).remote(1)
+        assert zmesh.get(actor.node.remote()) == frozen
+        cluster.freeze_node(1)
+        wait_for(lambda: {m["node_id"]: m["state"] for m in cluster.members(0)}[frozen] == "DEAD", 15, what="the frozen node dead")
+
+        def answers() -> str | None:
+            try:
+                return str(zmesh.get(actor.node.remote(), timeout=5))
+            except (ActorUnavailableError, ActorDiedError, zmesh.exceptions.GetTimeoutError):
+                return None
+
+        moved_to = wait_for(answers, 30, interval=0.1, what="the actor re-created elsewhere")
+        assert moved_to != frozen
+        cluster.thaw_node(1)
+        # It learns it was buried, comes back at a higher incarnation, and stops its stale copy.
+        cluster.wait_converged(30)
+
+        def one_copy() -> bool:
+            listed = [a for i in range(3) for a in cluster._ask(i, "list_actors", None) if a["name"] == "only-one"]
+            return {a["node_id"] for a in listed} == {moved_to}
+
+        wait_for(one_copy, 15, interval=0.1, what="a single live copy of the actor")
+        assert not [a for a in cluster.status(1)["actors"] if a["name"] == "only-one" and a["node_id"] == frozen]
+        assert zmesh.get(actor.add.remote(1)) == 2  # the re-created one (its __init__ ran again with 1)

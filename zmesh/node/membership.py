@@ -31,7 +31,7 @@ from typing import Any
 
 ALIVE, SUSPECT, DEAD, LEFT = "ALIVE", "SUSPECT", "DEAD", "LEFT"
 _STATES = (ALIVE, SUSPECT, DEAD, LEFT)
-_RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}
+_RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
 _MAX_RUMORS = 20  # per message
 _MAX_MEMBERS = 100_000  # a peer cannot grow our table past this
 
@@ -411,14 +411,12 @@ _NO_SUSPICION = _Suspicion(0, 0.0, 0.0, set())
 
 
 def _overrides(state: str, incarnation: int, old_state: str, old_incarnation: int) -> bool:
-    """SWIM's precedence between a rumor and what we believe."""
-    if old_state in (DEAD, LEFT):
-        return state in (ALIVE, SUSPECT) and incarnation > old_incarnation
-    if state in (DEAD, LEFT):
-        return incarnation >= old_incarnation
-    if incarnation != old_incarnation:
-        return incarnation > old_incarnation
-    return _RANK[state] > _RANK[old_state]
+    """SWIM's precedence as one total order, (incarnation, ALIVE < SUSPECT < DEAD < LEFT), so any delivery order agrees.
+
+    DEAD at an incarnation buries every news at or below it (a tombstone); only the node itself
+    can outbid it, by coming back with a higher incarnation.
+    """
+    return (incarnation, _RANK[state]) > (old_incarnation, _RANK[old_state])
 
 
 def _valid_rumor(rumor: Any) -> list[Any]:

@@ -75,6 +75,7 @@ class MeshActors:
         def _mark_dead(self, record: ActorRecord, error: str) -> None: ...
         def _kill(self, record: ActorRecord, why: str, *, no_restart: bool) -> None: ...
         def _spawn(self, record: ActorRecord) -> None: ...
+        def _kill_worker(self, pid: int) -> None: ...
         def _answer(self, identity: bytes, req_id: Any, ok: bool, value: Any, payload: list[Any] | None = None) -> None: ...
 
     def _mesh_init(self) -> None:
@@ -141,6 +142,7 @@ class MeshActors:
     def on_entries(self, node_ids: list[str]) -> None:
         self._rebuild_view()
         self._follow_moved_actors()
+        self._fence_replaced_actors()
         self._resolve_name_conflicts()
         self._reschedule = True
 
@@ -609,6 +611,37 @@ class MeshActors:
         for other in self._clients.values():
             if other.kind == "worker" and other.pid in pids:
                 self._send(other.client_id, frames)
+
+    def _fence_replaced_actors(self) -> None:
+        """Actors of ours that the mesh re-created elsewhere while it thought this node dead (a stall, a partition).
+
+        The copy with the higher incarnation is the actor; ours stops, and this node follows the other copy.
+        """
+        live = set(self.mesh.live())
+        for record in list(self._actors.values()):
+            if record.host != self.node_id or record.state == records.DEAD:
+                continue
+            seen = self._view_actors.get(record.actor_id)
+            if seen is None or seen[0] == self.node_id or seen[0] not in live or seen[1][_STATE] == records.WAITING:
+                continue
+            if seen[1][_INC] <= record.incarnation:
+                continue
+            logger.warning(
+                "actor %s (%s) was re-created on node %s while this node was unreachable; stopping the copy here",
+                record.class_name, record.actor_id, seen[0],
+            )  # fmt: skip
+            if record.pid is not None:
+                self._kill_worker(record.pid)
+                record.pid = None  # its exit is then no reason to restart it here
+            if record.reservation is not None:
+                self.resources.release(record.reservation)
+                record.reservation = None
+            record.host = seen[0]
+            record.incarnation = int(seen[1][_INC])
+            record.state = records.STARTING
+            record.address = None
+            self._send_watch(record)
+            self._notify(record)
 
     # ------------------------------------------------------------------ names after a partition heals
 
