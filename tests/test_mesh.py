@@ -317,3 +317,54 @@ def test_a_node_declared_dead_while_frozen_rejoins_and_keeps_no_second_copy() ->
         wait_for(one_copy, 15, interval=0.1, what="a single live copy of the actor")
         assert not [a for a in cluster.status(1)["actors"] if a["name"] == "only-one" and a["node_id"] == frozen]
         assert zmesh.get(actor.add.remote(1)) == 2  # the re-created one (its __init__ ran again with 1)
+
+
+OWNER = """
+import sys, time, zmesh
+from zmesh.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+zmesh.init(address=sys.argv[1])
+
+@zmesh.remote
+class Owned:
+    def ping(self):
+        return "pong"
+
+a = Owned.options(scheduling_strategy=NodeAffinitySchedulingStrategy(sys.argv[2], soft=False)).remote()
+assert zmesh.get(a.ping.remote()) == "pong"
+print(a._zmesh_actor_id, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_actors_of_a_driver_whose_node_died_are_cleaned_up(tmp_path: Path) -> None:
+    with LocalCluster(nodes=3, num_cpus=2) as cluster:
+        host = cluster.node_id(2)
+        driver = subprocess.Popen(
+            [sys.executable, "-c", OWNER, cluster.addresses[1], host], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert driver.stdout is not None
+            actor_id = driver.stdout.readline().strip()
+            assert any(a["actor_id"] == actor_id for a in cluster.status(2)["actors"])
+            cluster.kill_node(1)
+
+            def buried() -> bool:
+                dead = {a["actor_id"]: a["error"] for a in cluster.status(2)["dead_actors"]}
+                return actor_id in dead and "owner's node" in str(dead[actor_id])
+
+            wait_for(buried, 15, interval=0.1, what="the orphaned actor to be killed")
+        finally:
+            driver.communicate(timeout=20)  # end of input: it exits on its own and removes its socket files
+
+
+def test_a_creation_waits_for_room_and_starts_where_room_appears() -> None:
+    with LocalCluster(nodes=2, num_cpus=1) as cluster:
+        cluster.connect()
+        first, second = (Where.options(num_cpus=1).remote() for _ in range(2))
+        zmesh.get([first.node.remote(), second.node.remote()], timeout=30)
+        third = Where.options(num_cpus=1).remote()
+        wait_for(lambda: len(cluster.status(0)["waiting"]) == 1, 10, what="the third creation waiting")
+        assert [m["pending"] for m in cluster.members(1) if m["node_id"] == cluster.node_id(0)] in ([1], [0])
+        where_second = zmesh.get(second.node.remote())
+        zmesh.kill(second)
+        assert zmesh.get(third.node.remote(), timeout=30) == where_second
