@@ -368,3 +368,17 @@ def test_a_creation_waits_for_room_and_starts_where_room_appears() -> None:
         where_second = zmesh.get(second.node.remote())
         zmesh.kill(second)
         assert zmesh.get(third.node.remote(), timeout=30) == where_second
+
+
+def test_handles_and_names_work_before_gossip_has_spread_them() -> None:
+    """With gossip slowed to a crawl, a fresh handle passed to another node and a fresh name are still found."""
+    with LocalCluster(nodes=3, num_cpus=2, config={"gossip_round_s": 30, "sync_interval_s": 30}) as cluster:
+        cluster.connect()
+        target = Where.options(scheduling_strategy=_on(cluster, 2)).remote(5)
+        relay = Where.options(scheduling_strategy=_on(cluster, 1)).remote()
+        assert zmesh.get(relay.call.remote(target, 1)) == 6  # node 1 never heard of the target from gossip
+        Where.options(name="fresh", scheduling_strategy=_on(cluster, 2)).remote(10)
+        script = "import sys, zmesh\nzmesh.init(address=sys.argv[1])\nprint(zmesh.get(zmesh.get_actor('fresh').add.remote(1)))\n"
+        out = subprocess.run([sys.executable, "-c", script, cluster.addresses[1]], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "11"

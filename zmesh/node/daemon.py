@@ -454,6 +454,8 @@ class Node(MeshActors):
             self._on_claim(sender, body, rid)
         elif kind == "lookup":
             self._on_lookup(sender, body, rid)
+        elif kind == "find":
+            self._on_find(sender, body, rid)
         elif kind == "watch":
             self._on_watch(sender, body)
         elif kind == "state":
@@ -582,9 +584,21 @@ class Node(MeshActors):
     def _op_resolve(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         (actor_id,) = args
         record = self._watch(str(actor_id), client.client_id)
-        if record is None:
-            return ("DEAD", 1 << 30, None, f"actor {actor_id} is not known to this node (it may have died long ago)"), []
-        return record.public_state(), []
+        if record is not None:
+            return record.public_state(), []
+        identity, req_id = self._current
+
+        def found(record: ActorRecord | None) -> None:
+            state: tuple[str, int, str | None, str | None]
+            if record is None:
+                state = ("DEAD", 1 << 30, None, f"actor {actor_id} is not known to any node of the mesh (it may have died long ago)")
+            else:
+                record.subscribers.add(client.client_id)
+                state = record.public_state()
+            self._answer(identity, req_id, True, state)
+
+        self._find(str(actor_id), found)
+        raise Deferred
 
     def _op_lookup(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         namespace, name = str(args[0]), str(args[1])
@@ -593,35 +607,56 @@ class Node(MeshActors):
             return self._looked_up(found), []
         from zmesh.node.registry import home_of
 
-        home = home_of((namespace, name), self.mesh.live())
-        missing = ReplyError(
-            "ValueError", f"Failed to look up actor with name {name!r} in namespace {namespace!r}: no live actor has that name"
+        missing = (
+            "ValueError",
+            f"Failed to look up actor with name {name!r} in namespace {namespace!r}: no live actor has that name",
         )
-        if home is None or home == self.node_id:
-            raise missing
         identity, req_id = self._current
+
+        def by_id(actor_id: Any) -> None:
+            """The home granted the name to ``actor_id``, which gossip has not brought here yet: find it."""
+            if not isinstance(actor_id, str):
+                self._answer(identity, req_id, False, missing)
+                return
+
+            def found(record: ActorRecord | None) -> None:
+                if record is None or record.state == records.DEAD:
+                    self._answer(identity, req_id, False, missing)
+                else:
+                    self._answer(identity, req_id, True, (record.actor_id, record.class_name, record.meta_blob))
+
+            self._find(actor_id, found)
+
+        home = home_of((namespace, name), self.mesh.live())
+        if home is None or home == self.node_id:
+            holder = self._claims.holder((namespace, name))
+            if holder is None:
+                raise ReplyError(*missing)
+            by_id(holder.actor_id)
+            raise Deferred
 
         def on_reply(ok: bool, value: Any, _: list[Any]) -> None:
             if ok and isinstance(value, list) and len(value) == 4:
                 self._answer(identity, req_id, True, self._looked_up(value))
+            elif ok and isinstance(value, list) and len(value) == 1:
+                by_id(value[0])
             else:
-                self._answer(identity, req_id, False, (missing.kind, str(missing)))
+                self._answer(identity, req_id, False, missing)
 
         self.mesh.request(home, "lookup", {"ns": namespace, "name": name}, [], on_reply, time.monotonic())
         raise Deferred
 
     def _looked_up(self, found: list[Any]) -> tuple[Any, ...]:
         actor_id, class_name, meta, node_id = found
-        if actor_id not in self._actors and node_id != self.node_id:
-            record = self._watch(actor_id, None)
-            if record is None:  # known to the home before gossip brought it here
-                from zmesh.node.mesh_actors import _stub_from_row
+        if actor_id not in self._actors and node_id != self.node_id and self._watch(actor_id, None) is None:
+            # Known to the name's home before gossip brought it here: watch it where the home saw it.
+            from zmesh.node.mesh_actors import _stub_from_row
 
-                row = [class_name, "", None, records.STARTING, None, 0, False, False, 0.0, meta, node_id]
-                record = _stub_from_row(ActorId(actor_id), row, node_id)
-                record.host = None
-                self._actors[record.actor_id] = record
-                self._send_watch(record)
+            row = [class_name, "", None, records.STARTING, None, 0, False, False, 0.0, meta, node_id]
+            record = _stub_from_row(ActorId(actor_id), row, node_id)
+            record.host = None
+            self._actors[record.actor_id] = record
+            self._send_watch(record)
         return (actor_id, class_name, meta)
 
     def _op_kill(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:

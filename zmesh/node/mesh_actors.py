@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from zmesh.node import lifecycle, membership, records, registry, scheduler
@@ -259,8 +259,11 @@ class MeshActors:
             self.mesh.reply(sender, rid, True, holder)
 
     def _on_lookup(self, sender: str, body: dict[str, Any], rid: int | None) -> None:
+        """As the name's home: the actor if we know it, else the id we granted the name to (gossip may lag), else None."""
         key = (str(body["ns"]), str(body["name"]))
-        found = self._find_name(key)
+        found: list[Any] | None = self._find_name(key)
+        if found is None and (holder := self._claims.holder(key)) is not None:
+            found = [holder.actor_id]
         if rid is not None:
             self.mesh.reply(sender, rid, True, found)
 
@@ -465,6 +468,51 @@ class MeshActors:
         if record is not None and client_id is not None:
             record.subscribers.add(client_id)
         return record
+
+    def _find(self, actor_id: str, done: Callable[[ActorRecord | None], None]) -> None:
+        """Ask every member about an actor gossip has not shown here yet (a handle or a name that travelled faster).
+
+        ``done`` gets this node's new stub of it, watching its host, or None when no member knows it.
+        """
+        known = self._actors.get(ActorId(actor_id))
+        others = [m for m in self.mesh.live() if m != self.node_id]
+        if known is not None or not others:
+            done(known)
+            return
+        pending = {"left": len(others), "done": False}
+
+        def on_reply(ok: bool, value: Any, _: list[Any]) -> None:
+            if pending["done"]:
+                return
+            if ok and isinstance(value, list) and len(value) == 11 and isinstance(value[_ORIGIN], str):
+                pending["done"] = True
+                record = self._actors.get(ActorId(actor_id))
+                if record is None:
+                    # The answer is a gossip row whose last field names the host.
+                    record = _stub_from_row(ActorId(actor_id), value, value[_ORIGIN])
+                    self._actors[record.actor_id] = record
+                    self._send_watch(record)
+                done(record)
+                return
+            pending["left"] -= 1
+            if pending["left"] == 0:
+                pending["done"] = True
+                done(None)
+
+        for node_id in others:
+            self.mesh.request(node_id, "find", {"actor_id": actor_id}, [], on_reply, time.monotonic())
+
+    def _on_find(self, sender: str, body: dict[str, Any], rid: int | None) -> None:
+        record = self._actors.get(ActorId(str(body["actor_id"])))
+        found = None
+        if record is not None and record.state != records.DEAD and record.host is not None:
+            found = [
+                record.class_name, record.namespace, record.name, records.ALIVE if record.state == records.ALIVE else records.STARTING,
+                record.address, record.incarnation, record.owner is None and not record.owner_node, record.can_restart(),
+                record.created_at, record.meta_blob, record.host,
+            ]  # fmt: skip
+        if rid is not None:
+            self.mesh.reply(sender, rid, True, found)
 
     def _send_watch(self, record: ActorRecord) -> None:
         upstream = record.host if record.host is not None else record.origin
