@@ -520,6 +520,8 @@ class Node(MeshActors):
         if client is None:
             return
         self._forget_pidfd(client)
+        # Gone at once for anyone who asks (owners, borrowers, lenders), here and on other nodes through gossip.
+        self._remember_gone([client.address, client.client_id.hex()], mine=True)
         if why == "exited":
             sockets.remove_ipc(client.address)
         self._tell_creations_of(client.address)

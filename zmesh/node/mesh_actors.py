@@ -83,7 +83,8 @@ class MeshActors:
         self._view_actors: dict[str, tuple[str, list[Any]]] = {}  # actor id -> (host node id, row)
         self._view_names: dict[registry.Name, tuple[registry.Holder, str]] = {}  # -> (holder, node listing it)
         self._view_clients: dict[str, str] = {}  # client address -> node id
-        self._gone_clients: dict[str, float] = {}  # clients of members that died (bounded)
+        self._gone_clients: dict[str, float] = {}  # processes known to have exited, here or elsewhere (bounded)
+        self._my_gone: dict[str, float] = {}  # our own clients that exited lately: gossiped, so others know at once
         self._unknown_since: dict[str, float] = {}
         self._placed_recently: dict[str, set[str]] = {}  # node id -> actors we placed there that its entry lacks yet
         self._membership_events: list[dict[str, Any]] = []
@@ -119,6 +120,7 @@ class MeshActors:
             # Addresses and ids of our drivers and workers: how any member answers "is this process gone?".
             "clients": sorted(x for c in self._clients.values() if c.kind != "admin" for x in (c.address, c.client_id.hex())),
             "pending": [[r.actor_id, r.demand] for r in self._waiting_records()],
+            "gone": sorted(self._my_gone),
         }
 
     def _waiting_records(self) -> list[ActorRecord]:
@@ -157,6 +159,9 @@ class MeshActors:
             data = entry.data
             for address in data.get("clients") or ():
                 clients[address] = node_id
+            for address in data.get("gone") or ():
+                if isinstance(address, str) and address not in self._gone_clients:
+                    self._gone_clients[address] = time.monotonic()
             for actor_id, row in (data.get("actors") or {}).items():
                 if not isinstance(row, list) or len(row) != 11:
                     continue
@@ -598,22 +603,29 @@ class MeshActors:
     def _on_peer_gone(self, sender: str, body: dict[str, Any]) -> None:
         """A client of ``sender`` exited: kill the actors it owned here, tell workers it created."""
         address = str(body["address"])
-        self._gone_clients[address] = time.monotonic()
+        self._remember_gone([address])
         for record in list(self._actors.values()):
             owned = record.host == self.node_id and record.owner_address == address and record.state != records.DEAD
             if owned and record.owner_node and not record.spec.get("detached"):
                 self._kill(record, f"its owner ({address.partition('|')[0]}) exited", no_restart=True)
         self._tell_creations_of(address)
 
-    def _member_gone(self, node_id: str, how: str) -> None:
+    def _remember_gone(self, peers: Iterable[str], mine: bool = False) -> None:
         now = time.monotonic()
-        entry = self.mesh.gossip.entry(node_id)
-        for address, owner in list(self._view_clients.items()):
-            if owner == node_id:
-                self._gone_clients[address] = now
+        for peer in peers:
+            self._gone_clients[peer] = now
+            if mine:
+                self._my_gone[peer] = now
         while len(self._gone_clients) > 20_000:
             self._gone_clients.pop(next(iter(self._gone_clients)))
-        del entry
+        for peer, since in list(self._my_gone.items()):
+            if now - since > 60 or len(self._my_gone) > 2_000:
+                del self._my_gone[peer]
+        if mine:
+            self._publish()
+
+    def _member_gone(self, node_id: str, how: str) -> None:
+        self._remember_gone([address for address, owner in self._view_clients.items() if owner == node_id])
         live = set(self.mesh.live())
         for record in list(self._actors.values()):
             if record.state == records.DEAD:
