@@ -149,7 +149,7 @@ class Node(MeshActors):
                 python=python_version(),
             )
             mdns.start()
-            sources.append(mdns)
+            sources.append(discovery.Announced(mdns))
         self.mesh = Mesh(self.node_id, self.address, self.config, self.security, self._ctx, self._entry(), self, time.monotonic(), sources)
 
     # ------------------------------------------------------------------ lifecycle

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -78,3 +78,17 @@ class RunDirectory:
 
     def close(self) -> None:
         self._mine.unlink(missing_ok=True)
+
+
+class Announced:
+    """mDNS as a source: every address currently announced, so a knock that went unanswered is retried."""
+
+    def __init__(self, mdns: Any) -> None:
+        self._mdns = mdns
+
+    def poll(self) -> list[str]:
+        self._mdns.poll()  # drain its news; known() is the whole current picture
+        return list(self._mdns.known())
+
+    def close(self) -> None:
+        self._mdns.close()
