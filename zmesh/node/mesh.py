@@ -184,7 +184,12 @@ class Mesh:
             return
         member = self.membership.get(sender)
         if member is None or member.state in (membership.DEAD, membership.LEFT):
-            return  # not (or no longer) a member: it must join again first
+            if member is not None and channel == SWIM:
+                # A member we buried may be telling us that it buried us (both sides of a healed partition):
+                # its rumors let us refute and rejoin. Nothing else from it counts until it rejoins.
+                self._run(self.membership.receive(sender, body, now))
+                self.gossip.set_incarnation(self.membership.incarnation)
+            return
         self._run(self.membership.heard_from(sender, now))
         if channel == SWIM:
             self._run(self.membership.receive(sender, body, now))
