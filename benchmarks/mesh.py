@@ -230,7 +230,8 @@ ray.shutdown()
 def _ray_rates(sync_n: int, pipe_n: int) -> dict[str, float] | None:
     try:
         out = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(sync_n), str(pipe_n)], capture_output=True, text=True, timeout=300)
-        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+        # Ray's own warnings can follow our line on stdout.
+        return dict(json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{"))))
     except Exception as exc:
         detail = out.stderr.strip().splitlines()[-3:] if "out" in locals() else []
         print(f"(Ray not measured: {type(exc).__name__}: {exc} {detail})", file=sys.stderr)
