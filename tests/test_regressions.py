@@ -594,3 +594,34 @@ def test_a_done_value_whose_waiter_is_still_leaving_is_freed() -> None:
     entry.waiters.append(Waiter())  # a waiter still on its way out
     assert store.release_locked(oid) == 0
     assert store.get_locked(oid) is None
+
+
+@zmesh.remote
+class _Fails:
+    def boom(self) -> None:
+        raise RuntimeError("boom")
+
+
+@zmesh.remote(max_concurrency=4)
+class _Echoes:
+    def echo(self, x: Any) -> Any:
+        return x
+
+
+def test_a_worker_that_raised_a_fetched_error_keeps_no_reference_to_it(driver: NodeProcess) -> None:
+    """A failed result passed to an actor made each call fail; the worker kept the argument ref for ever.
+
+    Raising the fetched error left a cycle (error -> traceback -> frame -> error) holding the call's
+    frames, and with them the ObjectRefs, until a garbage collection that an idle worker never ran:
+    the owner kept the object, counting the worker as a borrower (found by the torture test).
+    """
+    rt = zmesh.runtime.current()
+    assert rt is not None
+    failing, echoes = _Fails.remote(), _Echoes.remote()
+    bad = failing.boom.remote()
+    refs = [echoes.echo.remote(bad) for _ in range(6)]
+    for ref in refs:
+        with pytest.raises(zmesh.exceptions.TaskError):
+            zmesh.get(ref, timeout=30)
+    del refs, ref, bad
+    zmesh.testing.wait_for(lambda: len(rt.objects._entries) == 0, 5, what="the failed result to be freed")

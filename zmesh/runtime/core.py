@@ -291,7 +291,13 @@ class Runtime:
         except serialization.DeserializationError as exc:
             raise TaskError(f"could not deserialize the result: {exc}") from None
         if not entry.ok:
-            raise value
+            try:
+                raise value
+            finally:
+                # The frame must not keep the error: error -> traceback -> this frame -> error is a cycle
+                # only the garbage collector breaks, and until it runs (an idle worker may never allocate
+                # enough) every frame on that traceback keeps its locals, the caller's ObjectRefs among them.
+                del value
         return value
 
     # ------------------------------------------------------------------ actors
