@@ -1,25 +1,40 @@
 """Who is alive: SWIM failure detection with Lifeguard's refinements. Sans I/O.
 
-Events in (``tick``, ``receive``, ``heard_from``, ``add``, ``leave``), with the
-clock passed in; actions out (``Send`` a message, ``Changed`` a member's state).
+Events in (``tick``, ``receive``, ``heard_from``, ``add``, ``disconnected``,
+``leave``), each with the clock passed in; actions out (``Send`` a message,
+``Changed`` a member's state). Randomness comes from the ``random.Random``
+given to the constructor, so a simulation replays exactly.
 
-- Each protocol period this node probes one member (a shuffled round-robin).
-  No ack within the probe timeout: it asks ``indirect_probes`` others to probe
-  it. No ack by the period's end: the member is SUSPECT.
+- Each protocol period this node probes one member, round-robin over a
+  shuffled list (re-shuffled each pass). No ack within the probe timeout: it
+  asks ``indirect_probes`` others to probe it. No ack by the period's end: the
+  member is SUSPECT.
 - A suspicion ends in DEAD unless the suspect refutes it by raising its
   incarnation. Lifeguard: the timeout starts at ``suspicion_max_s`` and
   shrinks toward ``suspicion_min_s`` with each independent accuser.
 - Membership changes travel as rumors piggybacked on every message, each
-  carried a bounded number of times. Precedence is SWIM's: a higher
-  incarnation wins; at one incarnation SUSPECT beats ALIVE; DEAD and LEFT beat
-  everything at or below theirs and are tombstones: nothing older resurrects.
-- Local health (Lifeguard): a node that needed help to probe, or had to
-  refute a suspicion of itself, may be the slow one, so its local-health
-  multiplier stretches its own probe timeouts. A stimulus that arrives much
-  later than this node's own next deadline means *its* loop stalled (GC,
-  a busy interpreter, SIGSTOP): the probe that timed out meanwhile is not
-  counted and every running suspicion is extended by the stall, so a
-  stalled node never accuses healthy peers.
+  carried a bounded number of times. Precedence is one total order,
+  ``(incarnation, ALIVE < SUSPECT < DEAD < LEFT)``, which is SWIM's rule made
+  order-independent: DEAD and LEFT are tombstones that nothing at or below
+  their incarnation resurrects.
+- Local health (Lifeguard): a probe that failed without the helpers' nacks,
+  or a suspicion of ourselves, hints that *we* are the slow one, so the
+  multiplier stretches our own probe interval and timeouts. A stimulus that
+  comes much later than this core's own next deadline means our loop stalled
+  (GC, a busy interpreter, SIGSTOP): the probe in flight is restarted rather
+  than failed, and every running suspicion is extended by the stall.
+
+Messages are plain dicts; ``k`` is the kind, ``r`` the piggybacked rumors::
+
+    {"k": "ping", "seq": int, "r": [...]}                     answered by an ack; a probe's rumors start
+                                                              with the prober's own ALIVE
+    {"k": "ack", "seq": int, "r": [...]}
+    {"k": "ping_req", "seq": int, "target": id, "address": str, "r": [...]}
+    {"k": "nack", "seq": int, "r": [...]}                     the helper got no ack in time
+    rumor: [state, node_id, address, incarnation, accuser]   (accuser may be omitted or "")
+
+A refutation, a death and a goodbye are also sent at once to every live
+member as ``{"k": "ping", "seq": 0, "r": [rumor]}``.
 """
 
 from __future__ import annotations
@@ -31,23 +46,45 @@ from typing import Any
 
 ALIVE, SUSPECT, DEAD, LEFT = "ALIVE", "SUSPECT", "DEAD", "LEFT"
 _STATES = (ALIVE, SUSPECT, DEAD, LEFT)
+_LIVE = (ALIVE, SUSPECT)
 _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
-_MAX_RUMORS = 20  # per message
-_MAX_MEMBERS = 100_000  # a peer cannot grow our table past this
+_KINDS = ("ping", "ack", "ping_req", "nack")
+
+MAX_RUMORS_PER_MESSAGE = 20
+# What we accept is looser than what we send, so a peer with other settings is not refused.
+_MAX_RUMORS_IN = 100
+_MAX_MEMBERS = 100_000  # a peer's rumors cannot grow the table past this
+_MAX_RELAYS = 10_000
+_MAX_ID = 128
+_MAX_ADDRESS = 300
+_MAX_INT = 2**62
+_SWEEP_S = 1.0  # how often forgotten tombstones are looked for
+
+Rumor = tuple[str, str, str, int, str]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MembershipTimings:
-    probe_interval_s: float = 0.2
-    probe_timeout_s: float = 0.1
+    probe_interval_s: float = 0.2  # one probe per protocol period
+    probe_timeout_s: float = 0.1  # direct ack deadline; then indirect probes until the period ends
     indirect_probes: int = 3
-    suspicion_min_s: float = 1.8
+    suspicion_min_s: float = 1.8  # Lifeguard: the timeout shrinks from max toward min with confirmations
     suspicion_max_s: float = 3.6
-    suspicion_confirmations: int = 3
-    max_local_health: int = 8
-    lag_tolerance_s: float = 0.25
-    retransmit_mult: int = 4
-    tombstone_s: float = 300.0
+    suspicion_confirmations: int = 3  # K; min(K, live peers - 1) so that small meshes reach min
+    max_local_health: int = 8  # probe interval and timeout are multiplied by (1 + local health)
+    lag_tolerance_s: float = 0.25  # a stimulus later than our own deadline by more: our loop stalled
+    retransmit_mult: int = 4  # a rumor rides on max(3, ceil(mult * log10(n + 1)) + 1) messages
+    tombstone_s: float = 300.0  # dead and left members are remembered this long
+
+    def __post_init__(self) -> None:
+        for name in ("probe_interval_s", "probe_timeout_s", "suspicion_min_s", "lag_tolerance_s", "tombstone_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.suspicion_max_s < self.suspicion_min_s:
+            raise ValueError(f"suspicion_max_s ({self.suspicion_max_s}) must be >= suspicion_min_s ({self.suspicion_min_s})")
+        for name in ("indirect_probes", "suspicion_confirmations", "max_local_health", "retransmit_mult"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(slots=True)
@@ -56,18 +93,20 @@ class Member:
     address: str
     incarnation: int
     state: str
-    since: float
+    since: float  # when it entered this state
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Send:
-    to: str
-    address: str
+    to: str  # node id
+    address: str  # where to connect; "" means "the address you know for ``to``"
     message: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Changed:
+    """A member's state changed; ``previous`` is None for a member this node did not know."""
+
     node_id: str
     address: str
     state: str
@@ -85,7 +124,8 @@ class _Probe:
     direct_deadline: float
     period_end: float
     indirect: bool = False
-    nacks: int = 0
+    helpers: set[str] = dataclasses.field(default_factory=set)
+    nacks: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(slots=True)
@@ -93,19 +133,31 @@ class _Suspicion:
     incarnation: int
     start: float
     deadline: float
-    accusers: set[str]
+    accusers: set[str]  # the first one started it; each later one is a confirmation
 
 
 @dataclasses.dataclass(slots=True)
 class _Relay:
+    """A ping we send on behalf of a requester's ``ping_req``."""
+
     requester: str
-    seq: int
-    deadline: float
+    requester_seq: int
+    target: str
+    nack_at: float | None  # None once the nack went out
+    expires: float
 
 
 def _check(condition: bool, what: str) -> None:
     if not condition:
         raise ValueError(what)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_INT
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= _MAX_ID
 
 
 class Membership:
@@ -115,316 +167,457 @@ class Membership:
         self.timings = timings
         self.incarnation = incarnation
         self.local_health = 0
-        self.declared_dead = 0  # times this node learned others had declared it dead (then refuted)
+        self.stalls = 0  # times our own loop was seen to stall
+        self.refutations = 0  # times we had to refute a suspicion or death of ourselves
         self._rng = rng
         self._members: dict[str, Member] = {}
-        self._order: list[str] = []
+        self._order: list[str] = []  # probe order; the next target is at the end
+        self._queued: set[str] = set()  # what _order holds, so nothing is queued twice
         self._next_probe = now
         self._probe: _Probe | None = None
         self._suspicions: dict[str, _Suspicion] = {}
         self._relays: dict[int, _Relay] = {}
         self._seq = 0
-        # node id -> (rumor, times sent): a newer rumor about a node replaces the older one.
-        self._rumors: dict[str, tuple[list[Any], int]] = {}
-        self._expected = now  # when this node's loop should next have run: lag beyond it is our stall
+        # node id -> (rumor, times sent, generation): one rumor per node, the newest replacing the older.
+        self._rumors: dict[str, tuple[Rumor, int, int]] = {}
+        self._generation = 0
+        self._next_sweep = now + _SWEEP_S
+        self._left = False
+        # When this core next expects a stimulus; None until the first tick, so slow start-up is no stall.
+        self._expected: float | None = None
 
     # ------------------------------------------------------------------ views
 
     def members(self) -> list[Member]:
+        """Everyone known except this node, in any state (tombstones included)."""
         return list(self._members.values())
 
     def get(self, node_id: str) -> Member | None:
         return self._members.get(node_id)
 
     def live(self) -> list[Member]:
-        return [m for m in self._members.values() if m.state in (ALIVE, SUSPECT)]
-
-    def _scale(self) -> float:
-        return 1 + self.local_health
+        """ALIVE or SUSPECT: a suspect still gets traffic, it may refute."""
+        return [m for m in self._members.values() if m.state in _LIVE]
 
     def next_deadline(self) -> float:
-        deadlines = [self._next_probe]
-        if self._probe is not None:
-            deadlines.append(self._probe.period_end if self._probe.indirect else self._probe.direct_deadline)
-        deadlines.extend(s.deadline for s in self._suspicions.values())
-        deadlines.extend(r.deadline for r in self._relays.values())
-        return min(deadlines)
+        """When ``tick`` next has work: the daemon may sleep until then (or until a message comes)."""
+        deadline = self._next_probe
+        probe = self._probe
+        if probe is not None:
+            deadline = min(deadline, probe.period_end if probe.indirect else probe.direct_deadline)
+        for suspicion in self._suspicions.values():
+            deadline = min(deadline, suspicion.deadline)
+        for relay in self._relays.values():
+            deadline = min(deadline, relay.expires if relay.nack_at is None else relay.nack_at)
+        return deadline
 
     # ------------------------------------------------------------------ stimuli
 
     def add(self, node_id: str, address: str, incarnation: int, now: float) -> list[Action]:
-        """A peer proven by an authenticated hello."""
-        self._stalled(now)
-        if node_id == self.me:
-            return []
-        return self._apply([ALIVE, node_id, address, incarnation, self.me], now, direct=True)
+        """A peer proven by an authenticated hello; ignored if tombstoned at an incarnation >= this one."""
+        self._check_lag(now)
+        out: list[Action] = []
+        if node_id != self.me and not self._left:
+            out = self._apply((ALIVE, node_id, address, incarnation, node_id), now)
+        self._settle(now)
+        return out
 
     def heard_from(self, sender: str, now: float) -> list[Action]:
-        self._stalled(now)
+        """Any message from a peer (a call, gossip) answers our probe of it."""
+        self._check_lag(now)
         probe = self._probe
         if probe is not None and probe.target == sender:
-            self._acked(now)
+            self._acked()
+        self._settle(now)
         return []
 
     def disconnected(self, node_id: str, now: float) -> list[Action]:
-        """The transport saw the connection drop: probe it next, never more than that."""
+        """The transport saw the connection drop: probe it next. Only a failed probe raises suspicion."""
+        self._check_lag(now)
         member = self._members.get(node_id)
-        if member is not None and member.state == ALIVE and node_id in self._order:
-            self._order.remove(node_id)
+        probe = self._probe
+        if member is not None and member.state in _LIVE and not self._left and (probe is None or probe.target != node_id):
+            if node_id in self._queued:
+                self._order.remove(node_id)
             self._order.append(node_id)
-            if self._probe is None:
+            self._queued.add(node_id)
+            if probe is None:
                 self._next_probe = min(self._next_probe, now)
+        self._settle(now)
         return []
 
     def tick(self, now: float) -> list[Action]:
-        self._stalled(now)
+        self._check_lag(now)
         out: list[Action] = []
-        probe = self._probe
-        if probe is not None:
-            target = self._members.get(probe.target)
-            if target is None or target.state not in (ALIVE, SUSPECT):
-                self._probe = None
-            elif not probe.indirect and now >= probe.direct_deadline:
-                probe.indirect = True
-                helpers = [m for m in self.live() if m.node_id != probe.target]
-                for helper in self._rng.sample(helpers, min(len(helpers), self.timings.indirect_probes)):
-                    out.append(self._send(helper, {"k": "ping_req", "seq": probe.seq, "target": target.node_id, "address": target.address}))
-            elif probe.indirect and now >= probe.period_end:
-                self._probe = None
-                if probe.nacks == 0 and len(self.live()) > 1:
-                    self._raise_health()  # nobody answered us at all: maybe we are the slow one
-                accusation = [SUSPECT, target.node_id, target.address, target.incarnation, self.me]
-                if target.state == ALIVE:
-                    out += self._apply(accusation, now, direct=True)
-                elif self.me not in self._suspicions.get(target.node_id, _NO_SUSPICION).accusers:
-                    # Our own failed probe of a suspect is an independent confirmation (Lifeguard): say so.
-                    self._confirm(target.node_id, self.me, now)
-                    self._spread(accusation)
-        if self._probe is None and now >= self._next_probe:
-            out += self._start_probe(now)
-        for node_id, suspicion in list(self._suspicions.items()):
-            if now >= suspicion.deadline:
-                member = self._members.get(node_id)
-                if member is not None and member.state == SUSPECT:
-                    rumor = [DEAD, node_id, member.address, member.incarnation, self.me]
-                    out += self._apply(rumor, now, direct=True)
-                    # A death is rare and must not wait for piggybacks: every live member hears it now.
-                    out += [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [rumor]}) for m in self.live()]
-                self._suspicions.pop(node_id, None)
-        for seq, relay in list(self._relays.items()):
-            if now >= relay.deadline:
-                del self._relays[seq]
-                requester = self._members.get(relay.requester)
-                if requester is not None and requester.state in (ALIVE, SUSPECT):
-                    out.append(self._send(requester, {"k": "nack", "seq": relay.seq}))
-        for node_id, member in list(self._members.items()):
-            if member.state in (DEAD, LEFT) and now - member.since > self.timings.tombstone_s:
-                del self._members[node_id]
-                self._rumors.pop(node_id, None)
-        self._expected = self.next_deadline()
+        if not self._left:
+            out += self._advance_probe(now)
+            if self._probe is None and now >= self._next_probe:
+                out += self._start_probe(now)
+            out += self._expire_suspicions(now)
+            out += self._expire_relays(now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+        self._expected = max(self.next_deadline(), now)
         return out
 
     def receive(self, sender: str, message: dict[str, Any], now: float) -> list[Action]:
-        self._stalled(now)
-        _check(isinstance(message, dict), "a membership message is not a dict")
-        kind = message.get("k")
-        _check(kind in ("ping", "ack", "ping_req", "nack"), f"unknown membership message kind {str(kind)[:40]!r}")
-        rumors = message.get("r", [])
-        _check(isinstance(rumors, list) and len(rumors) <= 100, "rumors are not a short list")
-        seq: int = message.get("seq")  # type: ignore[assignment]  # checked next
-        _check(isinstance(seq, int) and not isinstance(seq, bool), "seq is not an int")
+        """One SWIM message; raises ValueError, having changed nothing, if any part of it is malformed.
+
+        Rumors are read even from a sender we do not count as live: a member we buried may be
+        telling us that it buried us (a healed partition), and we must learn it to refute.
+        """
+        kind, seq, rumors, target = _parse(message)
+        self._check_lag(now)
         out: list[Action] = []
         for rumor in rumors:
-            out += self._apply(_valid_rumor(rumor), now, direct=False)
+            out += self._apply(rumor, now)
         member = self._members.get(sender)
-        if member is None or member.state not in (ALIVE, SUSPECT):
-            return out
-        if kind == "ping":
-            out.append(self._send(member, {"k": "ack", "seq": seq}))
-        elif kind == "ack":
-            probe = self._probe
-            if probe is not None and probe.seq == seq:
-                self._acked(now)
-            relay = self._relays.pop(seq, None)
-            if relay is not None:
-                requester = self._members.get(relay.requester)
-                if requester is not None and requester.state in (ALIVE, SUSPECT):
-                    out.append(self._send(requester, {"k": "ack", "seq": relay.seq}))
-        elif kind == "nack":
-            if self._probe is not None and self._probe.seq == seq:
-                self._probe.nacks += 1
-        else:  # ping_req: probe the target for the requester
-            target = message.get("target")
-            _check(isinstance(target, str) and isinstance(message.get("address"), str), "a ping_req without target and address")
-            known = self._members.get(str(target))
-            if known is not None and known.state in (ALIVE, SUSPECT) and len(self._relays) < 10_000:
-                self._seq += 1
-                self._relays[self._seq] = _Relay(sender, seq, now + self.timings.probe_timeout_s * 2 * self._scale())
-                out.append(self._send(known, {"k": "ping", "seq": self._seq}))
+        if member is not None and member.state in _LIVE and not self._left:
+            out += self._answer(member, kind, seq, target, now)
+        self._settle(now)
         return out
 
     def leave(self, now: float) -> list[Send]:
         """Goodbye: every live member hears that we LEFT, at a new incarnation, and drops us at once."""
-        self.incarnation += 1
-        rumor = [LEFT, self.me, self.address, self.incarnation, self.me]
-        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [rumor]}) for m in self.live()]
-
-    # ------------------------------------------------------------------ internals
-
-    def _stalled(self, now: float) -> None:
-        """A stimulus far past our own next deadline: our loop stalled; no peer is to blame for it."""
-        lag = now - self._expected
-        if lag > self.timings.lag_tolerance_s:
-            for suspicion in self._suspicions.values():
-                suspicion.deadline += lag
-            if self._probe is not None:
-                self._probe = None  # its timeouts ran out while we slept: probe again
-                self._next_probe = now
-            for relay in self._relays.values():
-                relay.deadline += lag
-            self._raise_health()
-        self._expected = max(self._expected, now)
-
-    def _raise_health(self) -> None:
-        self.local_health = min(self.timings.max_local_health, self.local_health + 1)
-
-    def _acked(self, now: float) -> None:
+        self._left = True
         self._probe = None
-        if self.local_health > 0:
-            self.local_health -= 1
+        self._relays.clear()
+        self.incarnation += 1
+        rumor: Rumor = (LEFT, self.me, self.address, self.incarnation, self.me)
+        return self._tell_everyone(rumor)
+
+    # ------------------------------------------------------------------ probing
+
+    def _answer(self, member: Member, kind: str, seq: int, target: str | None, now: float) -> list[Action]:
+        if kind == "ping":
+            return [self._send(member, {"k": "ack", "seq": seq})]
+        if kind == "ack":
+            probe = self._probe
+            # Only the target or a helper we asked can answer our probe: a stray seq proves nothing.
+            if probe is not None and probe.seq == seq and (member.node_id == probe.target or member.node_id in probe.helpers):
+                self._acked()
+            relay = self._relays.get(seq)
+            if relay is not None and relay.target == member.node_id:
+                del self._relays[seq]
+                requester = self._members.get(relay.requester)
+                if requester is not None and requester.state in _LIVE:
+                    return [self._send(requester, {"k": "ack", "seq": relay.requester_seq})]
+            return []
+        if kind == "nack":
+            probe = self._probe
+            if probe is not None and probe.seq == seq and member.node_id in probe.helpers:
+                probe.nacks.add(member.node_id)
+            return []
+        # ping_req: probe the target for the requester.
+        assert target is not None
+        if target == self.me:
+            return [self._send(member, {"k": "ack", "seq": seq})]
+        known = self._members.get(target)
+        if known is None or known.state not in _LIVE or target == member.node_id or len(self._relays) >= _MAX_RELAYS:
+            # We cannot help, but we are here and answering: a nack keeps the requester from blaming itself.
+            return [self._send(member, {"k": "nack", "seq": seq})]
+        t = self.timings
+        # Half the requester's indirect window, so the nack lands inside it.
+        nack_after = max(0.0, min(t.probe_timeout_s, t.probe_interval_s - t.probe_timeout_s)) / 2
+        self._seq += 1
+        self._relays[self._seq] = _Relay(member.node_id, seq, target, now + nack_after, now + t.probe_interval_s)
+        return [self._send(known, {"k": "ping", "seq": self._seq})]
+
+    def _advance_probe(self, now: float) -> list[Action]:
+        probe = self._probe
+        if probe is None:
+            return []
+        target = self._members.get(probe.target)
+        if target is None or target.state not in _LIVE:
+            self._probe = None
+            return []
+        if not probe.indirect:
+            if now < probe.direct_deadline:
+                return []
+            probe.indirect = True
+            helpers = [m for m in self._members.values() if m.state == ALIVE and m.node_id != target.node_id]
+            chosen = self._rng.sample(helpers, min(len(helpers), self.timings.indirect_probes))
+            probe.helpers = {m.node_id for m in chosen}
+            request = {"k": "ping_req", "seq": probe.seq, "target": target.node_id, "address": target.address}
+            return [self._send(m, dict(request)) for m in chosen]
+        if now < probe.period_end:
+            return []
+        self._probe = None
+        # Lifeguard: helpers that did not even nack suggest that our own messages are slow.
+        self._raise_health(len(probe.helpers - probe.nacks) if probe.helpers else 1)
+        accusation: Rumor = (SUSPECT, target.node_id, target.address, target.incarnation, self.me)
+        if target.state == ALIVE:
+            return self._apply(accusation, now)
+        # A suspect we could not reach either: our failed probe is an independent confirmation.
+        suspicion = self._suspicions.get(target.node_id)
+        if suspicion is not None and suspicion.incarnation == target.incarnation and self._confirm(suspicion, self.me):
+            self._spread(accusation)
+        return []
 
     def _start_probe(self, now: float) -> list[Action]:
-        self._next_probe = now + self.timings.probe_interval_s * self._scale()
-        while self._order:
-            node_id = self._order.pop(0)
-            member = self._members.get(node_id)
-            if member is not None and member.state in (ALIVE, SUSPECT):
-                break
-        else:
-            self._order = [m.node_id for m in self.live()]
-            self._rng.shuffle(self._order)
-            if not self._order:
-                return []
-            member = self._members[self._order.pop(0)]
-        self._seq += 1
-        scale = self._scale()
-        self._probe = _Probe(
-            member.node_id, self._seq, now + self.timings.probe_timeout_s * scale, now + self.timings.probe_interval_s * scale
-        )
-        return [self._send(member, {"k": "ping", "seq": self._seq})]
-
-    def _send(self, member: Member, message: dict[str, Any]) -> Send:
-        message["r"] = self._piggyback()
-        return Send(member.node_id, member.address, message)
-
-    def _retransmits(self) -> int:
-        return max(3, math.ceil(self.timings.retransmit_mult * math.log10(len(self._members) + 2)) + 1)
-
-    def _piggyback(self) -> list[Any]:
-        if not self._rumors:
+        scale = 1 + self.local_health
+        self._next_probe = now + self.timings.probe_interval_s * scale
+        target = self._next_target()
+        if target is None:
             return []
-        limit = self._retransmits()
-        chosen = sorted(self._rumors.items(), key=lambda item: item[1][1])[:_MAX_RUMORS]
-        out = []
-        for node_id, (rumor, sent) in chosen:
-            out.append(rumor)
-            if sent + 1 >= limit:
-                del self._rumors[node_id]
-            else:
-                self._rumors[node_id] = (rumor, sent + 1)
+        self._seq += 1
+        self._probe = _Probe(
+            target.node_id, self._seq, now + self.timings.probe_timeout_s * scale, now + self.timings.probe_interval_s * scale
+        )
+        # Our own ALIVE rides on every probe, so a member that has not heard of us (a rumor that ran out
+        # of retransmits before reaching it) learns us from our first ping and can answer it.
+        first: list[Rumor] = [(ALIVE, self.me, self.address, self.incarnation, self.me)]
+        suspicion = self._suspicions.get(target.node_id)
+        if target.state == SUSPECT and suspicion is not None:
+            # Lifeguard's buddy system: a suspect we probe learns of the suspicion now, and can refute.
+            first.append((SUSPECT, target.node_id, target.address, target.incarnation, next(iter(suspicion.accusers), "")))
+        return [self._send(target, {"k": "ping", "seq": self._seq}, first)]
+
+    def _next_target(self) -> Member | None:
+        for attempt in range(2):
+            while self._order:
+                node_id = self._order.pop()
+                self._queued.discard(node_id)
+                member = self._members.get(node_id)
+                if member is not None and member.state in _LIVE:
+                    return member
+            if attempt == 0:
+                self._order = [m.node_id for m in self.live()]
+                self._rng.shuffle(self._order)
+                self._queued = set(self._order)
+        return None
+
+    def _enqueue(self, node_id: str) -> None:
+        """A new member goes to a random place in this pass, so all nodes do not probe it at once."""
+        if node_id not in self._queued:
+            self._order.insert(self._rng.randrange(len(self._order) + 1), node_id)
+            self._queued.add(node_id)
+
+    def _acked(self) -> None:
+        self._probe = None
+        self.local_health = max(0, self.local_health - 1)
+
+    def _raise_health(self, by: int = 1) -> None:
+        self.local_health = min(self.timings.max_local_health, self.local_health + by)
+
+    def _settle(self, now: float) -> None:
+        """After a stimulus: we expect the next tick at our next deadline, or at once if one is overdue."""
+        if self._expected is not None:
+            self._expected = max(self.next_deadline(), now)
+
+    def _check_lag(self, now: float) -> None:
+        """A stimulus far past our own next deadline: our loop stalled, and no peer is to blame for it."""
+        if self._expected is None:
+            return
+        lag = now - self._expected
+        if lag <= self.timings.lag_tolerance_s:
+            return
+        self.stalls += 1
+        self._raise_health()
+        self._expected = now
+        for suspicion in self._suspicions.values():
+            # The suspects had no chance to refute while we were not reading: they get the time back.
+            suspicion.start += lag
+            suspicion.deadline += lag
+        probe = self._probe
+        if probe is not None:
+            # Its timeouts ran out while we slept, not while the target was silent: probe it again now.
+            self._probe = None
+            if probe.target in self._queued:
+                self._order.remove(probe.target)
+            self._order.append(probe.target)
+            self._queued.add(probe.target)
+        self._next_probe = min(self._next_probe, now)
+        # Their requesters' windows are long gone; a late nack or ack would only mislead them.
+        self._relays.clear()
+
+    # ------------------------------------------------------------------ timers
+
+    def _expire_suspicions(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for node_id, suspicion in list(self._suspicions.items()):
+            if now < suspicion.deadline:
+                continue
+            del self._suspicions[node_id]
+            member = self._members.get(node_id)
+            if member is None or member.state != SUSPECT or member.incarnation != suspicion.incarnation:
+                continue
+            rumor: Rumor = (DEAD, node_id, member.address, member.incarnation, self.me)
+            out += self._apply(rumor, now)
+            # A death must not wait for piggybacks: every live member hears it now, so all agree within a timeout.
+            out += self._tell_everyone(rumor)
         return out
 
-    def _spread(self, rumor: list[Any]) -> None:
-        self._rumors[rumor[1]] = (rumor, 0)
+    def _expire_relays(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for seq, relay in list(self._relays.items()):
+            if relay.nack_at is not None and now >= relay.nack_at:
+                relay.nack_at = None
+                requester = self._members.get(relay.requester)
+                if requester is not None and requester.state in _LIVE:
+                    out.append(self._send(requester, {"k": "nack", "seq": relay.requester_seq}))
+            if now >= relay.expires:
+                del self._relays[seq]
+        return out
 
-    def _apply(self, rumor: list[Any], now: float, *, direct: bool) -> list[Action]:
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + _SWEEP_S
+        for node_id, member in list(self._members.items()):
+            if member.state not in _LIVE and now - member.since > self.timings.tombstone_s:
+                del self._members[node_id]
+                self._rumors.pop(node_id, None)
+
+    # ------------------------------------------------------------------ rumors
+
+    def _apply(self, rumor: Rumor, now: float) -> list[Action]:
         state, node_id, address, incarnation, accuser = rumor
         if node_id == self.me:
-            return self._about_me(state, incarnation, now)
+            return self._about_me(state, incarnation)
         member = self._members.get(node_id)
         if member is None:
-            if state not in (ALIVE, SUSPECT) or len(self._members) >= _MAX_MEMBERS:
-                return []  # a death of someone we never knew: nothing to bury
+            if len(self._members) >= _MAX_MEMBERS:
+                return []
+            # A death of someone we never knew is still kept: a tombstone, so stale news cannot bring it in.
             member = Member(node_id, address, incarnation, state, now)
             self._members[node_id] = member
-            self._order.insert(self._rng.randrange(len(self._order) + 1), node_id)
             self._spread(rumor)
+            if state in _LIVE:
+                self._enqueue(node_id)
             if state == SUSPECT:
-                self._suspect(member, incarnation, accuser, now)
+                self._suspect(member, accuser, now)
             return [Changed(node_id, address, state, None, incarnation)]
         if not _overrides(state, incarnation, member.state, member.incarnation):
             if state == SUSPECT and member.state == SUSPECT and incarnation == member.incarnation:
-                self._confirm(node_id, accuser, now)
+                suspicion = self._suspicions.get(node_id)
+                if suspicion is not None and self._confirm(suspicion, accuser):
+                    self._spread(rumor)  # others may count this accuser too
             return []
         previous = member.state
         member.incarnation = incarnation
         if state != previous:
             member.state = state
             member.since = now
-        if address and state == ALIVE:
-            member.address = address
+        if state == ALIVE:
+            member.address = address  # the node's own word on where it listens
         self._spread(rumor)
         if state == SUSPECT:
-            self._suspect(member, incarnation, accuser, now)
+            self._suspect(member, accuser, now)
         else:
             self._suspicions.pop(node_id, None)
-        if state in (ALIVE, SUSPECT) and node_id not in self._order:
-            self._order.insert(self._rng.randrange(len(self._order) + 1), node_id)
+        if state in _LIVE and previous not in _LIVE:
+            self._enqueue(node_id)
         if state == previous:
             return []
         return [Changed(node_id, member.address, state, previous, incarnation)]
 
-    def _about_me(self, state: str, incarnation: int, now: float) -> list[Action]:
-        if state in (ALIVE, LEFT) or incarnation < self.incarnation:
+    def _about_me(self, state: str, incarnation: int) -> list[Action]:
+        if self._left:
             return []
-        # Refute: a higher incarnation than any accusation, told at once to everyone (a woken node's
-        # suspectors must hear it before their timers end), and spread as a rumor for the rest.
-        if state == DEAD:
-            self.declared_dead += 1
-        self.incarnation = incarnation + 1
-        self._raise_health()
-        rumor = [ALIVE, self.me, self.address, self.incarnation, self.me]
+        if state == ALIVE:
+            if incarnation <= self.incarnation:
+                return []  # our own news coming back
+            # An ALIVE of ours we never sent (a forged or stale one) would outrank us: outbid it too.
+        elif incarnation < self.incarnation:
+            return []  # already refuted
+        else:
+            self.refutations += 1
+            self._raise_health()  # they could not hear us: we may be the slow one
+        self.incarnation = max(self.incarnation, incarnation) + 1
+        rumor: Rumor = (ALIVE, self.me, self.address, self.incarnation, self.me)
         self._spread(rumor)
-        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [rumor]}) for m in self.live()]
+        # Told at once to everyone, not only piggybacked: a node that just woke from a stall must
+        # reach its suspectors before their timers run out.
+        return list(self._tell_everyone(rumor))
 
-    def _suspect(self, member: Member, incarnation: int, accuser: str, now: float) -> None:
-        self._suspicions[member.node_id] = _Suspicion(incarnation, now, now + self.timings.suspicion_max_s, {accuser})
-        self._confirm(member.node_id, accuser, now)
+    def _suspect(self, member: Member, accuser: str, now: float) -> None:
+        t = self.timings
+        suspicion = _Suspicion(member.incarnation, now, now + t.suspicion_max_s, {accuser} if accuser else set())
+        self._suspicions[member.node_id] = suspicion
+        self._retime(suspicion)
 
-    def _confirm(self, node_id: str, accuser: str, now: float) -> None:
-        suspicion = self._suspicions.get(node_id)
-        if suspicion is None:
-            return
+    def _confirm(self, suspicion: _Suspicion, accuser: str) -> bool:
+        """Count an independent accuser; False if it adds nothing (known, anonymous, or enough already)."""
+        if not accuser or accuser in suspicion.accusers or len(suspicion.accusers) > self.timings.suspicion_confirmations:
+            return False
         suspicion.accusers.add(accuser)
+        self._retime(suspicion)
+        return True
+
+    def _retime(self, suspicion: _Suspicion) -> None:
         t = self.timings
         wanted = min(t.suspicion_confirmations, max(0, len(self.live()) - 1))
-        confirmations = len(suspicion.accusers) - 1
+        confirmations = max(0, len(suspicion.accusers) - 1)
         if wanted <= 0:
             timeout = t.suspicion_min_s
         else:
             fraction = math.log(min(confirmations, wanted) + 1) / math.log(wanted + 1)
             timeout = max(t.suspicion_min_s, t.suspicion_max_s - (t.suspicion_max_s - t.suspicion_min_s) * fraction)
+        # Only ever shorter: a member joining later must not stretch a running suspicion.
         suspicion.deadline = min(suspicion.deadline, suspicion.start + timeout)
 
+    def _spread(self, rumor: Rumor) -> None:
+        self._generation += 1
+        self._rumors[rumor[1]] = (rumor, 0, self._generation)
 
-_NO_SUSPICION = _Suspicion(0, 0.0, 0.0, set())
+    def _retransmits(self) -> int:
+        n = len(self.live()) + 1
+        return max(3, math.ceil(self.timings.retransmit_mult * math.log10(n + 1)) + 1)
+
+    def _piggyback(self, first: list[Rumor]) -> list[list[Any]]:
+        out = [list(r) for r in first]
+        if not self._rumors:
+            return out
+        limit = self._retransmits()
+        # Least sent first, then newest: a fresh rumor overtakes the ones already told many times.
+        chosen = sorted(self._rumors.items(), key=lambda item: (item[1][1], -item[1][2]))[: MAX_RUMORS_PER_MESSAGE - len(out)]
+        for node_id, (rumor, sent, generation) in chosen:
+            out.append(list(rumor))
+            if sent + 1 >= limit:
+                del self._rumors[node_id]
+            else:
+                self._rumors[node_id] = (rumor, sent + 1, generation)
+        return out
+
+    def _send(self, member: Member, message: dict[str, Any], first: list[Rumor] | None = None) -> Send:
+        message["r"] = self._piggyback(first or [])
+        return Send(member.node_id, member.address, message)
+
+    def _tell_everyone(self, rumor: Rumor) -> list[Send]:
+        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [list(rumor)]}) for m in self.live()]
 
 
 def _overrides(state: str, incarnation: int, old_state: str, old_incarnation: int) -> bool:
-    """SWIM's precedence as one total order, (incarnation, ALIVE < SUSPECT < DEAD < LEFT), so any delivery order agrees.
-
-    DEAD at an incarnation buries every news at or below it (a tombstone); only the node itself
-    can outbid it, by coming back with a higher incarnation.
-    """
+    """SWIM's precedence as one total order, so any delivery order of the same rumors ends alike."""
     return (incarnation, _RANK[state]) > (old_incarnation, _RANK[old_state])
 
 
-def _valid_rumor(rumor: Any) -> list[Any]:
-    _check(isinstance(rumor, list | tuple) and len(rumor) == 5, "a rumor is not [state, node, address, incarnation, accuser]")
-    state, node_id, address, incarnation, accuser = rumor
-    _check(state in _STATES, f"unknown member state {str(state)[:20]!r}")
-    _check(isinstance(node_id, str) and 0 < len(node_id) <= 64, "a rumor's node id is not a short str")
-    _check(isinstance(address, str) and len(address) <= 300, "a rumor's address is not a str")
-    _check(isinstance(incarnation, int) and not isinstance(incarnation, bool) and 0 <= incarnation < 2**62, "bad incarnation")
-    _check(isinstance(accuser, str) and len(accuser) <= 64, "a rumor's accuser is not a str")
-    return [state, node_id, address, incarnation, accuser]
+def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None]:
+    """Check a whole message before any of it is used: ``(kind, seq, rumors, ping_req target)``."""
+    _check(isinstance(message, dict), "a membership message is not a dict")
+    kind = message.get("k")
+    _check(isinstance(kind, str) and kind in _KINDS, f"unknown membership message kind {str(kind)[:40]!r}")
+    seq = message.get("seq")
+    _check(_is_int(seq), "seq is not an int in range")
+    raw = message.get("r", [])
+    _check(isinstance(raw, list | tuple) and len(raw) <= _MAX_RUMORS_IN, f"rumors are not a list of at most {_MAX_RUMORS_IN}")
+    rumors = [_rumor(item) for item in raw]
+    target = None
+    if kind == "ping_req":
+        target = message.get("target")
+        _check(_is_id(target), "a ping_req's target is not a node id")
+        address = message.get("address")
+        _check(isinstance(address, str) and len(address) <= _MAX_ADDRESS, "a ping_req's address is not a str")
+    return kind, seq, rumors, target
+
+
+def _rumor(item: Any) -> Rumor:
+    _check(isinstance(item, list | tuple) and len(item) in (4, 5), "a rumor is not [state, node, address, incarnation, accuser]")
+    state, node_id, address, incarnation = item[:4]
+    accuser = item[4] if len(item) == 5 else ""
+    _check(isinstance(state, str) and state in _STATES, f"unknown member state {str(state)[:20]!r}")
+    _check(_is_id(node_id), "a rumor's node id is not a short str")
+    _check(isinstance(address, str) and len(address) <= _MAX_ADDRESS, "a rumor's address is not a short str")
+    _check(bool(address) or state not in _LIVE, "a live member's rumor has no address")
+    _check(_is_int(incarnation), "a rumor's incarnation is not an int in range")
+    _check(isinstance(accuser, str) and len(accuser) <= _MAX_ID, "a rumor's accuser is not a short str")
+    return (state, node_id, address, incarnation, accuser)
