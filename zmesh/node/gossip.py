@@ -36,12 +36,11 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from zmesh.node.membership import Send
+# One set of wire-field checks for both cores.
+from zmesh.node.membership import Send, _check, _is_id, _is_int
 
 _MAX_ENTRIES = 100_000  # a peer cannot grow our table (or a reply) past this
 _MAX_PUSH = 128  # entries in one delta push; the rest go in the next rounds
-_MAX_ID = 128
-_MAX_INT = 2**62
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,19 +70,6 @@ class Entry:
 
     def wire(self) -> list[Any]:
         return [self.node_id, self.incarnation, self.version, self.data]
-
-
-def _check(condition: bool, what: str) -> None:
-    if not condition:
-        raise ValueError(what)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_INT
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= _MAX_ID
 
 
 class Gossip:
