@@ -27,6 +27,7 @@ from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_sta
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.node_client import TO_NODE, NodeClient, node_error
 from zmesh.runtime.peers import ConnectFailed, Peers
+from zmesh.runtime.spin import SpinPolicy, default_limit_ns
 from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, ObjectId, new_client_id
 from zmesh.transport.security import Security, ZapHandler
@@ -83,6 +84,9 @@ class Runtime:
         self._sent_classes: set[str] = set()
         self._fetching: dict[str, set[ObjectId]] = {}  # owner address -> objects asked of it
         self._peers_checked = 0.0
+        # The last call sent from a user thread, and its socket: a get of its result polls that socket (spin.py).
+        self._sync_call: tuple[ObjectId, sockets.Socket] | None = None
+        self._spin = SpinPolicy(default_limit_ns())
         # Reference counting across processes (see ownership.py), guarded by _lock.
         self.borrows = ownership.Borrows("")  # told our address once the servers are bound
         self._settled = threading.Condition(self._lock)
@@ -275,10 +279,22 @@ class Runtime:
     def get(self, refs: list[tuple[ObjectId, str]], timeout: float | None = None) -> list[Any]:
         """The values behind ``(oid, owner)`` pairs, blocking until all are there."""
         entries = self.entries_for(refs)
+        if len(entries) == 1 and not entries[0].done:
+            self._spin_for(refs[0][0], entries[0])
         ready = self.objects.wait_done(entries, len(entries), timeout)
         if ready < len(entries):
             raise objects.timeout_error(timeout, len(entries) - ready)
         return [self.value_of(e) for e in entries]
+
+    def _spin_for(self, oid: ObjectId, entry: objects.Entry) -> None:
+        """Poll for the answer to the synchronous call just sent, instead of sleeping until the I/O thread has it."""
+        sync = self._sync_call
+        if sync is None or sync[0] != oid:
+            return
+        self._sync_call = None
+        budget = self._spin.budget()
+        if budget:
+            self._spin.record(self._loop.serve_until(sync[1], lambda: entry.done, budget))
 
     def value_of(self, entry: objects.Entry) -> Any:
         if entry.error is not None:
@@ -409,6 +425,7 @@ class Runtime:
             except ConnectFailed:
                 return False  # the I/O thread fails the call with the reason
             sockets.send(sock, calls.message(_CALL, [call.header], call.frames))
+            self._sync_call = (call.oids[0], sock)
             # Sending may have consumed the signal of an answer already waiting on this socket.
             if sockets.readable(sock):
                 loop.touched(sock)

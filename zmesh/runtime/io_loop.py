@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,7 @@ class IoLoop:
         self._on_ready: dict[sockets.Socket, Callable[[], None]] = {}
         self._touched: set[sockets.Socket] = set()
         self._thread = threading.Thread(target=self._run, name="zmesh-io", daemon=True)
+        self._server = self._thread  # the thread serving the sockets now: the I/O thread, or one waiting in serve_until
         self._closers: list[Callable[[], None]] = []
 
     def start(self) -> None:
@@ -63,7 +65,42 @@ class IoLoop:
 
     @property
     def on_io_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        """Whether this thread serves the sockets now (and may send on them without handing over)."""
+        return threading.current_thread() is self._server
+
+    def serve_until(self, sock: sockets.Socket, done: Callable[[], bool], limit_ns: int) -> bool:
+        """Receive from ``sock`` on this thread until ``done()``, for at most ``limit_ns``; True if done.
+
+        For a thread about to wait for one answer on ``sock`` while the I/O thread sleeps: it
+        polls the socket itself instead of sleeping until the I/O thread wakes it. Stops
+        early when work is handed to the I/O thread meanwhile.
+        """
+        if not self.lock.acquire(blocking=False):
+            return done()
+        if not self._thread.is_alive():  # it stopped and closed the sockets (leaving the lock free)
+            self.lock.release()
+            return done()
+        me = threading.current_thread()
+        handler = self._on_message.get(sock)
+        deadline = time.perf_counter_ns() + limit_ns
+        self._server = me
+        try:
+            while handler is not None and not self.outbox:
+                if sockets.readable(sock):
+                    self._drain(sock)
+                    if done():
+                        return True
+                elif time.perf_counter_ns() > deadline:
+                    break
+                else:
+                    # Let a thread of this core run: ZeroMQ's own I/O thread may be the one bringing the answer.
+                    os.sched_yield()
+            return done()
+        except zmq.ZMQError:
+            return done()  # closed meanwhile: the I/O thread reports what was lost
+        finally:
+            self._server = self._thread
+            self.lock.release()
 
     # --- sockets (I/O thread, or before start)
 
