@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
@@ -15,8 +16,11 @@ from typing import Any
 import pytest
 import zmq
 from conftest import pid_alive
+from hypothesis import given
+from hypothesis import strategies as st
 
 import zmesh
+import zmesh.actor
 from zmesh.exceptions import TaskError
 from zmesh.testing import NodeProcess
 from zmesh.transport import protocol, serialization, sockets
@@ -117,6 +121,50 @@ def test_wrong_method_arguments_raise_type_error_at_remote(local: None) -> None:
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'nope'"):
         counter.add.remote(1, nope=1)
     assert zmesh.get(counter.get.remote()) == 5
+
+
+_KINDS = [
+    inspect.Parameter.POSITIONAL_ONLY,
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    inspect.Parameter.VAR_POSITIONAL,
+    inspect.Parameter.KEYWORD_ONLY,
+    inspect.Parameter.VAR_KEYWORD,
+]
+
+
+@st.composite
+def signatures(draw: st.DrawFn) -> inspect.Signature:
+    """Valid signatures: parameters in kind order, at most one of each var kind, defaults only at the end of positionals."""
+    kinds = sorted(draw(st.lists(st.sampled_from(_KINDS), max_size=6)))
+    params: list[inspect.Parameter] = []
+    defaulted = False
+    for i, kind in enumerate(kinds):
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) and any(p.kind == kind for p in params):
+            continue
+        positional = kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        default = inspect.Parameter.empty
+        variadic = kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if not variadic and ((defaulted and positional) or draw(st.booleans())):
+            default = None
+            defaulted = defaulted or positional
+        params.append(inspect.Parameter(f"p{i}", kind, default=default))
+    return inspect.Signature(params)
+
+
+@given(signatures(), st.integers(0, 8), st.lists(st.sampled_from(["p0", "p1", "p3", "other"]), max_size=2, unique=True))
+def test_remote_checks_arguments_exactly_as_signature_bind(sig: inspect.Signature, n_args: int, keywords: list[str]) -> None:
+    """The call path's cheap count check accepts exactly what ``Signature.bind`` accepts."""
+    handle = zmesh.actor.ActorHandle("a" * 32, "C", b"", {"methods": {}, "max_task_retries": 0})
+    method = zmesh.actor.ActorMethod(handle, "m", 1, None, sig)
+    args, kwargs = tuple(range(n_args)), dict.fromkeys(keywords, 0)
+    try:
+        sig.bind(*args, **kwargs)
+        binds = True
+    except TypeError:
+        binds = False
+    arity = method._arity
+    fast_accepts = not kwargs and arity is not None and arity[0] <= n_args <= arity[1]
+    assert not fast_accepts or binds  # the fast path never lets through what bind refuses
 
 
 def test_wrong_constructor_arguments_raise_type_error_at_remote(local: None) -> None:

@@ -373,7 +373,7 @@ class Runtime:
         keep: list[Any] | None = None,
     ) -> list[ObjectId]:
         """Send a call; ``keep``: the refs pickled into its arguments, kept alive until its result arrives."""
-        oids = tuple(self.new_object_id() for _ in range(num_returns))
+        oids = (self.new_object_id(),) if num_returns == 1 else tuple(self.new_object_id() for _ in range(num_returns))
         self.check_size(args_frames, f"the arguments of {method}()")
         header, frames = calls.call_entry(oids, method, group, args_frames)
         call = Call(oids, header, frames, retries, keep or None)
