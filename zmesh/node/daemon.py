@@ -10,9 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -24,11 +21,12 @@ import zmq
 
 from zmesh.node import discovery, lifecycle, records
 from zmesh.node.config import NodeConfig
-from zmesh.node.lines import ChannelClosed, LineChannel
 from zmesh.node.mesh import Mesh
-from zmesh.node.mesh_actors import Deferred, MeshActors, ReplyError, _state_body
+from zmesh.node.mesh_actors import Deferred, MeshActors, ReplyError, _state_body, _stub_from_row
 from zmesh.node.records import ActorRecord, Client
 from zmesh.node.resources import Resources
+from zmesh.node.sessions import Sessions
+from zmesh.node.zygote_link import ZygoteDied, ZygoteLink
 from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, new_node_id
 from zmesh.transport.security import Security, ZapHandler, resolve_key
@@ -68,8 +66,6 @@ class Node(MeshActors):
         # Bound before the ROUTER: no handshake is ever left unchecked.
         self._zap = ZapHandler(self._ctx, self.security) if not self.security.insecure else None
         self._router, self.address = sockets.router(self._ctx, self.security, self.config.host, self.config.port)
-        self._clients: dict[ClientId, Client] = {}
-        self._client_by_fd: dict[int, ClientId] = {}
         self._actors: dict[ActorId, ActorRecord] = {}
         self._names: dict[tuple[str, str], ActorId] = {}
         self._classes: dict[str, bytes] = {}
@@ -85,13 +81,14 @@ class Node(MeshActors):
         self._reschedule = False
         self._dead: deque[ActorId] = deque()
         self._thread: threading.Thread | None = None
-        self._zygote: subprocess.Popen[bytes] | None = None
-        self._zlink: LineChannel | None = None
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         if self._zap is not None:
             self._poller.register(self._zap.socket, zmq.POLLIN)
+        self._zygote = ZygoteLink(self._poller)
+        self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
+        self._clients = self.sessions.by_id
         self._ops: dict[str, Callable[[Client, tuple[Any, ...], list[Any]], tuple[Any, list[Any]]]] = {
             "create": self._op_create,
             "resolve": self._op_resolve,
@@ -162,7 +159,7 @@ class Node(MeshActors):
     def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run the loop in this thread until stopped; ``on_ready`` runs once drivers can find the node."""
         # The zygote is started from the loop's thread: it dies when this thread ends.
-        self._start_zygote()
+        self._zygote.start()
         rundir.remove_stale_sockets()
         self._start_mesh()
         if self._slot is not None:
@@ -215,10 +212,10 @@ class Node(MeshActors):
                         self._zap.handle()
                     elif sock == self._wake_r:
                         os.read(self._wake_r, 4096)
-                    elif self._zlink is not None and sock == self._zlink.fileno():
+                    elif self._zygote.owns(sock):
                         self._on_zygote()
-                    elif isinstance(sock, int) and sock in self._client_by_fd:
-                        self._client_gone(self._client_by_fd[sock], "exited")
+                    elif (exited := self.sessions.exited(sock)) is not None:
+                        self._client_gone(exited, "exited")
                 except Exception:
                     logger.exception("zmesh node: error while handling an event; continuing")
             try:
@@ -238,7 +235,7 @@ class Node(MeshActors):
                     self._stopping = True
             except Exception:
                 logger.exception("zmesh node: error in the mesh's timers; continuing")
-            self._watch_zygote_writes()
+            self._zygote.before_poll()
 
     def _shutdown(self) -> None:
         if self.mesh is not None:
@@ -252,18 +249,8 @@ class Node(MeshActors):
         for client in self._clients.values():
             if client.kind == "worker":  # killed with their actors above
                 sockets.remove_ipc(client.address)
-        if self._zlink is not None:
-            self._zlink.close()
-        if self._zygote is not None:
-            self._zygote.terminate()
-            try:
-                self._zygote.wait(5)
-            except subprocess.TimeoutExpired:
-                self._zygote.kill()
-                self._zygote.wait()
-        for client in self._clients.values():
-            if client.pidfd is not None:
-                os.close(client.pidfd)
+        self._zygote.close()
+        self.sessions.close_all()
         if self._slot is not None:
             rundir.remove_node_info(os.getpid())
             os.close(self._slot)
@@ -279,32 +266,10 @@ class Node(MeshActors):
 
     # ------------------------------------------------------------------ the zygote
 
-    def _start_zygote(self) -> None:
-        ours, theirs = socket.socketpair()
-        self._zygote = subprocess.Popen(
-            [sys.executable, "-m", "zmesh.node.zygote", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        self._zlink = LineChannel(ours)
-        self._poller.register(ours.fileno(), zmq.POLLIN)
-
-    def _watch_zygote_writes(self) -> None:
-        """Poll for writability only while spawn requests wait to be written (never block on the zygote)."""
-        link = self._zlink
-        if link is not None:
-            if link.wants_write:
-                link.flush()
-            self._poller.register(link.fileno(), zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0))
-
     def _on_zygote(self) -> None:
-        link = self._zlink
-        assert link is not None
         try:
-            link.flush()
-            events = link.receive()
-        except ChannelClosed:
+            events = self._zygote.events()
+        except ZygoteDied:
             self._zygote_died()
             return
         for event in events:
@@ -312,14 +277,7 @@ class Node(MeshActors):
 
     def _zygote_died(self) -> None:
         """Its workers died with it (PDEATHSIG): restart or bury their actors, then start a new zygote."""
-        logger.error("zmesh node: the worker zygote exited; starting a new one")
-        assert self._zlink is not None
-        self._poller.unregister(self._zlink.fileno())
-        self._zlink.close()
-        self._zlink = None
-        if self._zygote is not None:
-            self._zygote.wait()
-        self._start_zygote()
+        self._zygote.restart()
         # Spawn requests the dead zygote had not answered; restarts below send their own (never twice).
         unanswered = [r for r in self._actors.values() if r.state in (records.STARTING, records.RESTARTING) and r.pid is None]
         for pid, actor_id in list(self._by_pid.items()):
@@ -347,7 +305,6 @@ class Node(MeshActors):
                 self._worker_exited(self._actors[actor_id], event["pid"], event["code"])
 
     def _spawn(self, record: ActorRecord) -> None:
-        assert self._zlink is not None
         record.pid = None
         self._by_token[record.token] = record.actor_id
         env = {}
@@ -361,7 +318,7 @@ class Node(MeshActors):
             "env": env,
             "security": self.security.spawn_env(),
         }
-        self._zlink.send(request)
+        self._zygote.spawn(request)
 
     # ------------------------------------------------------------------ messages
 
@@ -475,29 +432,12 @@ class Node(MeshActors):
         self._send(identity, protocol.encode(protocol.REPLY, (req_id, False, (exc.kind, str(exc)))))
 
     def _on_hello(self, identity: bytes, hello: dict[str, Any]) -> None:
-        kind, pid = str(hello.get("kind")), hello.get("pid")
-        problem = protocol.incompatibility(hello)
-        if problem is None and self.security.key is not None and hello.get("cluster") != self.security.key.fingerprint:
-            problem = "it belongs to another cluster"
+        problem = self.sessions.refusal(hello)
         if problem is not None:
-            logger.warning("zmesh node: refusing a %s (pid %s): %s", kind, pid, problem)
+            logger.warning("zmesh node: refusing a %s (pid %s): %s", str(hello.get("kind"))[:20], str(hello.get("pid"))[:20], problem)
             self._send(identity, protocol.encode_json(protocol.REFUSED_TAG, {"reason": f"this node refuses it: {problem}"}))
             return
-        if hello.get("client_id") != identity.hex() or not isinstance(pid, int) or not isinstance(hello.get("address"), str):
-            raise protocol.ProtocolError("a hello whose fields do not match its sender")
-        address = hello["address"]
-        old = self._clients.pop(ClientId(identity), None)
-        if old is not None and old.pidfd is not None:
-            self._forget_pidfd(old)
-        client = Client(ClientId(identity), kind, pid, address)
-        try:
-            client.pidfd = os.pidfd_open(client.pid)
-        except OSError:
-            client.pidfd = None  # not our host's pid namespace: rely on its goodbye
-        if client.pidfd is not None:
-            self._client_by_fd[client.pidfd] = client.client_id
-            self._poller.register(client.pidfd, zmq.POLLIN)
-        self._clients[client.client_id] = client
+        self.sessions.open(identity, hello)
         self._publish()
         info = {
             **protocol.identity(),
@@ -508,18 +448,10 @@ class Node(MeshActors):
         }
         self._send(identity, protocol.encode_json(protocol.WELCOME_TAG, info))
 
-    def _forget_pidfd(self, client: Client) -> None:
-        if client.pidfd is not None:
-            self._poller.unregister(client.pidfd)
-            self._client_by_fd.pop(client.pidfd, None)
-            os.close(client.pidfd)
-            client.pidfd = None
-
     def _client_gone(self, client_id: ClientId, why: str) -> None:
-        client = self._clients.pop(client_id, None)
+        client = self.sessions.close(client_id)
         if client is None:
             return
-        self._forget_pidfd(client)
         # Gone at once for anyone who asks (owners, borrowers, lenders), here and on other nodes through gossip.
         self._remember_gone([client.address, client.client_id.hex()], mine=True)
         if why == "exited":
@@ -652,8 +584,6 @@ class Node(MeshActors):
         actor_id, class_name, meta, node_id = found
         if actor_id not in self._actors and node_id != self.node_id and self._watch(actor_id, None) is None:
             # Known to the name's home before gossip brought it here: watch it where the home saw it.
-            from zmesh.node.mesh_actors import _stub_from_row
-
             row = [class_name, "", None, records.STARTING, None, 0, False, False, 0.0, meta, node_id]
             record = _stub_from_row(ActorId(actor_id), row, node_id)
             record.host = None
