@@ -62,6 +62,36 @@ def test_three_nodes_find_each_other_through_the_run_directory() -> None:
         assert zmesh.available_resources()["CPU"] == 3
 
 
+def test_five_nodes_spread_actors_list_every_name_and_go_on_without_a_killed_member() -> None:
+    with LocalCluster(nodes=5, num_cpus=1) as cluster:
+        cluster.connect(0)
+        ids = [cluster.node_id(i) for i in range(5)]
+        actors = [Where.options(name=f"five-{i}", scheduling_strategy="SPREAD").remote(i) for i in range(5)]
+        hosts = zmesh.get([a.node.remote() for a in actors], timeout=30)
+        assert sorted(hosts) == sorted(ids)  # one on each member
+
+        def every_node_lists_every_name() -> bool:
+            for i in range(5):
+                names = {a["name"] for a in cluster._ask(i, "list_actors", None)}
+                if not {f"five-{k}" for k in range(5)} <= names:
+                    return False
+            return True
+
+        wait_for(every_node_lists_every_name, 10, interval=0.1, what="every name on every node")
+        doomed = hosts.index(ids[4])
+        cluster.kill_node(4)
+        with pytest.raises(ActorDiedError):
+            zmesh.get(actors[doomed].add.remote(1), timeout=30)
+
+        def four_see_it_dead() -> bool:
+            return all({m["node_id"]: m["state"] for m in cluster.members(i)}[ids[4]] == "DEAD" for i in range(4))
+
+        wait_for(four_see_it_dead, 15, interval=0.1, what="node 4 dead on the four others")
+        assert sorted(zmesh.get([zmesh.get_actor(f"five-{k}").add.remote(10) for k in range(5) if k != doomed], timeout=30)) == sorted(
+            k + 10 for k in range(5) if k != doomed
+        )
+
+
 def test_join_seeds_learn_the_whole_mesh(isolated_run_dir: Path, tmp_path: Path) -> None:
     """Three nodes with separate run directories: the second joins the first, the third joins the second."""
     config = [arg for k, v in FAST_MESH.items() for arg in ("--config", f"{k}={v}")]
