@@ -53,6 +53,7 @@ class IoLoop:
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._by_fd: dict[int, sockets.Socket] = {}
+        self._fd_of: dict[sockets.Socket, int] = {}
         self._on_message: dict[sockets.Socket, MessageHandler] = {}
         self._on_ready: dict[sockets.Socket, Callable[[], None]] = {}
         self._touched: set[sockets.Socket] = set()
@@ -80,12 +81,17 @@ class IoLoop:
         if not self._thread.is_alive():  # it stopped and closed the sockets (leaving the lock free)
             self.lock.release()
             return done()
-        me = threading.current_thread()
-        handler = self._on_message.get(sock)
+        fd = self._fd_of.get(sock)
+        if fd is None:  # not watched (any more)
+            self.lock.release()
+            return done()
         deadline = time.perf_counter_ns() + limit_ns
-        self._server = me
+        self._server = threading.current_thread()
+        # The I/O thread would wake for this socket's answer too, and then fight this thread for the
+        # GIL: it does not watch the socket meanwhile (re-armed below, which reports an answer come since).
+        self._epoll.modify(fd, 0)
         try:
-            while handler is not None and not self.outbox:
+            while not self.outbox and sock in self._on_message:
                 if sockets.readable(sock):
                     self._drain(sock)
                     if done():
@@ -99,6 +105,8 @@ class IoLoop:
         except zmq.ZMQError:
             return done()  # closed meanwhile: the I/O thread reports what was lost
         finally:
+            if self._fd_of.get(sock) == fd:  # a handler may have closed it meanwhile
+                self._epoll.modify(fd, select.EPOLLIN)
             self._server = self._thread
             self.lock.release()
 
@@ -117,11 +125,14 @@ class IoLoop:
     def _register(self, sock: sockets.Socket) -> None:
         fd = sockets.fileno(sock)
         self._by_fd[fd] = sock
+        self._fd_of[sock] = fd
         self._epoll.register(fd, select.EPOLLIN)
         self._touched.add(sock)
 
     def unwatch(self, sock: sockets.Socket) -> None:
-        fd = sockets.fileno(sock)
+        fd = self._fd_of.pop(sock, None)
+        if fd is None:
+            fd = sockets.fileno(sock)
         self._by_fd.pop(fd, None)
         self._epoll.unregister(fd)
         self._touched.discard(sock)
