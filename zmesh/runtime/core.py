@@ -46,6 +46,7 @@ _RESULT = calls.RESULT
 # What decoding a peer's bad message raises: the message is dropped and counted, the process goes on.
 _MALFORMED = (protocol.ProtocolError, serialization.DeserializationError)
 _REMEMBER_DEAD = 10_000
+_REMEMBER_ROUTES = 100_000
 _COUNTING = (protocol.BORROW, protocol.UNBORROW)
 _PEER_CHECK_S = 1.0
 
@@ -116,8 +117,9 @@ class Runtime:
         self.actor_incarnation = 0
         self.actor_handle_parts: tuple[str, str, bytes] | None = None  # (actor id, class name, meta) for current_actor
         self.on_close_hooks: list[Callable[[], None]] = []
-        # Which of our ROUTERs each peer reached us on: its answers must leave by the same one.
-        self._route: dict[bytes, sockets.Socket] = {}
+        # Which of our ROUTERs each peer reached us on: its answers must leave by the same one. Bounded: a
+        # long-lived process hears from many short-lived workers; the most recent 100,000 are remembered.
+        self._route: Recent[bytes, sockets.Socket] = Recent(_REMEMBER_ROUTES)
         for server in self._servers:
             self._loop.watch(server, functools.partial(self._on_router, server))
         self._loop.on_close(self._close_servers)
@@ -619,7 +621,7 @@ class Runtime:
         self._loop.touched(sock)
 
     def _send_router(self, frames: list[Any]) -> None:
-        sock = self._route.get(frames[0], self._servers[0])
+        sock = self._route.get(frames[0]) or self._servers[0]
         try:
             sockets.send(sock, frames)
         except zmq.ZMQError as exc:  # the peer went away: its answer has nowhere to go
@@ -681,7 +683,7 @@ class Runtime:
     def _on_router(self, via: sockets.Socket, frames: list[Any]) -> None:
         identity = frames[0]
         msg = protocol.decode(frames[1:])
-        self._route[identity] = via  # only peers that speak the protocol are remembered
+        self._route.add(identity, via)  # only peers that speak the protocol are remembered
         if msg.type == protocol.CALL and self.on_call is not None:
             self.on_call(identity, msg)
         elif msg.type == protocol.GET_OBJECT and len(msg.header) == 1 and isinstance(msg.header[0], bytes):
