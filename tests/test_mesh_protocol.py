@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from zmesh.node import membership as ms
 from zmesh.node.gossip import Gossip, GossipTimings
 from zmesh.node.membership import Changed, Membership, MembershipTimings, Send
+from zmesh.node.mesh_actors import membership_event
 
 TICK = 0.02
 
@@ -299,3 +300,15 @@ def test_two_hundred_nodes_converge_in_a_few_rounds() -> None:
     print(f"\n200 nodes: every entry everywhere after {rounds} gossip rounds ({sim.now - start:.1f} s),", end=" ")
     print(f"{per_node_round:.1f} messages per node per round")
     assert rounds <= 30 and per_node_round < 20
+
+
+@given(
+    st.sampled_from([None, ms.ALIVE, ms.SUSPECT, ms.DEAD, ms.LEFT]),
+    st.sampled_from([ms.ALIVE, ms.SUSPECT, ms.DEAD, ms.LEFT]),
+)
+def test_users_hear_of_every_change_except_the_death_of_a_node_never_seen(previous: str | None, state: str) -> None:
+    event = membership_event(Changed("n1", "tcp://127.0.0.1:1", state, previous, 3), 12.5)
+    if previous is None and state in (ms.DEAD, ms.LEFT):
+        assert event is None
+    else:
+        assert event == {"node_id": "n1", "address": "tcp://127.0.0.1:1", "state": state, "time": 12.5}

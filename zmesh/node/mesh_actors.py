@@ -132,10 +132,11 @@ class MeshActors:
     # ------------------------------------------------------------------ what the mesh tells this node
 
     def on_member(self, change: membership.Changed) -> None:
-        event = {"node_id": change.node_id, "address": change.address, "state": change.state, "time": time.time()}
-        self._membership_events.append(event)
-        del self._membership_events[:-1000]
-        self._tell_subscribers_membership(event)
+        event = membership_event(change, time.time())
+        if event is not None:
+            self._membership_events.append(event)
+            del self._membership_events[:-1000]
+            self._tell_subscribers_membership(event)
         if change.state in (membership.DEAD, membership.LEFT):
             self._member_gone(change.node_id, change.state.lower())
         self._rebuild_view()
@@ -781,6 +782,17 @@ class MeshActors:
                     "state": r.state, "node_id": r.host or self.node_id, "detached": r.owner is None and not r.owner_node,
                 }  # fmt: skip
         return [v for v in rows.values() if namespace is None or v["namespace"] == namespace]
+
+
+def membership_event(change: membership.Changed, now: float) -> dict[str, Any] | None:
+    """What users see of a membership change (``zmesh.on_membership``), or None.
+
+    The death of a node this one never knew is news to the protocol (a tombstone, so stale
+    rumors cannot bring it back), not to users: they never saw it join.
+    """
+    if change.previous is None and change.state in (membership.DEAD, membership.LEFT):
+        return None
+    return {"node_id": change.node_id, "address": change.address, "state": change.state, "time": now}
 
 
 def _record_from_spec(spec: dict[str, Any], class_key: str, payload: list[Any], demand: dict[str, float]) -> ActorRecord:
