@@ -36,15 +36,19 @@ def test_a_worker_exit_restarts_while_the_budget_allows_and_buries_after(
 
 
 @given(st.sampled_from(STATES), st.integers(-1, 3), st.integers(0, 4), st.booleans())
-def test_a_kill_restarts_only_a_started_actor_with_budget_that_asked_for_it(
+def test_a_kill_restarts_an_actor_with_budget_that_asked_for_it_and_counts_it_when_not_started_yet(
     state: str, max_restarts: int, restarts: int, no_restart: bool
 ) -> None:
-    decision = lifecycle.killed(_record(state, max_restarts, restarts), "because", no_restart=no_restart)
+    record = _record(state, max_restarts, restarts)
+    decision = lifecycle.killed(record, "because", no_restart=no_restart)
     budget = max_restarts == -1 or restarts < max_restarts
     if state == records.DEAD:
         assert isinstance(decision, lifecycle.Ignore)
-    elif no_restart or not budget or state in (records.WAITING, records.PLACING):
+    elif no_restart or not budget:
         assert isinstance(decision, lifecycle.Bury) and "because" in decision.reason
+    elif state in (records.WAITING, records.PLACING):
+        # As Ray: the pending creation is rescheduled, one restart counted (the torture test found a burial here).
+        assert isinstance(decision, lifecycle.Pending) and record.restarts == restarts + 1 and record.state == state
     else:
         assert isinstance(decision, lifecycle.Restart)
 

@@ -262,6 +262,17 @@ def test_a_killed_node_fails_calls_and_restartable_actors_come_back_elsewhere() 
             assert {m["node_id"]: m["state"] for m in cluster.members(i)}[doomed] == "DEAD"
 
 
+def test_a_restartable_actor_killed_while_being_placed_is_restarted_not_buried() -> None:
+    """As in Ray, kill(no_restart=False) of an actor not started yet reschedules it (the torture test found a burial)."""
+    with LocalCluster(nodes=2, num_cpus=2) as cluster:
+        cluster.connect(0)
+        for value in range(5):
+            actor = Where.options(max_restarts=-1, scheduling_strategy=_on(cluster, 1)).remote(value)
+            zmesh.kill(actor, no_restart=False)  # at once: the creation is usually still on its way to node 1
+            assert zmesh.get(actor.add.remote(1), timeout=30) == value + 1
+            zmesh.kill(actor)
+
+
 def test_a_frozen_node_is_declared_dead_and_a_stopped_one_leaves_at_once() -> None:
     with LocalCluster(nodes=3, num_cpus=1) as cluster:
         frozen, stopped = cluster.node_id(1), cluster.node_id(2)

@@ -14,7 +14,7 @@ import torture_workloads as tw
 import zmq
 from hypothesis import HealthCheck, Phase, assume, example, given, note, seed, settings
 from hypothesis import strategies as st
-from torture_workloads import ActorSpec, Arr, Caller, Coll, Crash, Echo, Kill, Put, Relay, Result, Workload
+from torture_workloads import ActorSpec, Arr, Caller, Coll, Crash, Echo, Kill, Put, Relay, Result, Stream, Workload
 
 from zmesh.testing import LocalCluster, NodeProcess
 
@@ -170,6 +170,14 @@ FOUND_DRIVERS = (
     Workload((SEQ, THREADED), (Caller((Crash(0), Echo(1, Result(0, None)), Echo(1, Result(0, None))), driver=1),)),
 )
 
+FOUND_MESH = (
+    # zmesh.kill(no_restart=False) of a restartable actor still being placed on another node buried it (Ray restarts it).
+    Workload(
+        (ActorSpec("async", -1, 1),),
+        (Caller((Kill(0), Crash(0), Stream(0, 65, Arr("int16", 10, "f")), Crash(0)), finish="wait"),),
+    ),
+)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def pyzmq_garbage_collector() -> None:
@@ -272,6 +280,7 @@ def test_across_a_three_node_mesh(isolated_run_dir: Path, tmp_path: Path) -> Non
                 tmp_path,
                 examples=24,
                 fixed_seed=5,
+                found=FOUND_MESH,
             )
         finally:
             tw.MESH_ADDRESSES.clear()

@@ -28,6 +28,11 @@ class Replace:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Pending:
+    """Killed before it was started: the creation under way stands for the restart (one is counted), as in Ray."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Alive:
     address: str
 
@@ -39,7 +44,7 @@ class Bury:
     reason: str
 
 
-Decision = Ignore | Restart | Replace | Alive | Bury
+Decision = Ignore | Restart | Replace | Pending | Alive | Bury
 
 
 def _limit(record: ActorRecord) -> str:
@@ -60,8 +65,13 @@ def worker_exited(record: ActorRecord, pid: int, code: int) -> Decision:
 def killed(record: ActorRecord, why: str, *, no_restart: bool) -> Decision:
     if record.state == records.DEAD:
         return Ignore()
-    if record.state in (records.WAITING, records.PLACING) or no_restart or not record.can_restart():
+    if no_restart or not record.can_restart():
         return Bury(f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
+    if record.state in (records.WAITING, records.PLACING):
+        # Ray cancels the scheduling and schedules it again, counting a restart; nothing runs yet, so
+        # letting the placement go on is the same, without a second placement racing the first.
+        record.restarts += 1
+        return Pending()
     return Restart()
 
 

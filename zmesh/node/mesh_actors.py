@@ -586,10 +586,12 @@ class MeshActors:
         target = record.host if record.host not in (None, self.node_id) else None
         if target is not None:
             self.mesh.send(target, "kill", {"actor_id": record.actor_id, "no_restart": no_restart, "why": why})
-        if record.state in (records.WAITING, records.PLACING) or no_restart:
-            if record.actor_id in self._waiting:
-                self._waiting.remove(record.actor_id)
+        if no_restart:
             self._mark_dead(record, f"actor {record.class_name} ({record.actor_id}) is dead: {why}")
+        elif record.state in (records.WAITING, records.PLACING):
+            decision = lifecycle.killed(record, why, no_restart=False)  # not started anywhere yet: decided here
+            if isinstance(decision, lifecycle.Bury):
+                self._mark_dead(record, decision.reason)
 
     def _on_kill(self, sender: str, body: dict[str, Any]) -> None:
         record = self._actors.get(ActorId(str(body["actor_id"])))
