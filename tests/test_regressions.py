@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -594,6 +595,56 @@ def test_a_done_value_whose_waiter_is_still_leaving_is_freed() -> None:
     entry.waiters.append(Waiter())  # a waiter still on its way out
     assert store.release_locked(oid) == 0
     assert store.get_locked(oid) is None
+
+
+def test_a_value_asked_for_by_a_peer_and_dropped_by_its_owner_before_it_came_is_freed() -> None:
+    # Found by the torture test across a mesh: a worker asked for a pending result (GET_OBJECT), the owner
+    # dropped its last ref (the call that passed it ended first), then the result came. The peers that asked
+    # were taken off the entry only after the check that frees it, so the entry stayed for ever.
+    from zmesh.runtime.objects import ObjectStore
+    from zmesh.transport.ids import ObjectId
+
+    store = ObjectStore(threading.Lock())
+    oid = ObjectId(b"p" * 16)
+    entry = store.new_owned_locked(oid)
+    store.add_ref_locked(oid)
+    entry.remote_waiters.append(b"worker")
+    assert store.release_locked(oid) == 0
+    assert store.get_locked(oid) is entry  # pending and owned: its result is still to come
+    done, _, _, remote = store.complete_locked(oid, [b"v"])
+    assert done is entry and remote == [b"worker"]  # still sent to the peer that asked
+    assert store.get_locked(oid) is None
+
+
+@zmesh.remote
+class _Slow:
+    def value(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "late"
+
+
+@zmesh.remote
+class _TakesArg:
+    def take(self, value: Any) -> Any:
+        return value
+
+
+def test_a_result_fetched_by_a_worker_that_died_first_is_freed(driver: NodeProcess) -> None:
+    """The same through real processes: the worker that asked for the pending result is killed before it comes."""
+    rt = zmesh.runtime.current()
+    assert rt is not None
+    slow, taker = _Slow.remote(), _TakesArg.remote()
+    zmesh.get([slow.value.remote(0), taker.take.remote(None)], timeout=30)
+    before = len(rt.objects._entries)
+    pending = slow.value.remote(1.0)
+    call = taker.take.remote(pending)  # the worker asks the driver for `pending` and waits
+    entry = rt.objects._entries[pending.id]
+    zmesh.testing.wait_for(lambda: bool(entry.remote_waiters), 10, what="the worker's fetch of the pending result")
+    zmesh.kill(taker)
+    with pytest.raises(zmesh.exceptions.ActorDiedError):
+        zmesh.get(call, timeout=30)
+    del call, pending
+    zmesh.testing.wait_for(lambda: len(rt.objects._entries) <= before, 10, what="the late result to be freed")
 
 
 @zmesh.remote

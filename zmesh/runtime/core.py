@@ -454,11 +454,10 @@ class Runtime:
         serve = []
         with self._lock:
             for oid, frames, ok, error in results:
-                entry, waiters, callbacks = self.objects.complete_locked(oid, frames, ok, error)
+                entry, waiters, callbacks, remote = self.objects.complete_locked(oid, frames, ok, error)
                 woken.append((waiters, callbacks))
-                if entry is not None and entry.remote_waiters:
-                    serve.append((oid, entry, entry.remote_waiters))
-                    entry.remote_waiters = []
+                if entry is not None and remote:
+                    serve.append((oid, entry, remote))
         for waiters, callbacks in woken:
             objects.wake(waiters, callbacks)
         for oid, entry, idents in serve:

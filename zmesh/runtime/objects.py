@@ -172,19 +172,24 @@ class ObjectStore:
 
     def complete_locked(
         self, oid: ObjectId, frames: list[Any] | None, ok: bool = True, error: BaseException | None = None
-    ) -> tuple[Entry | None, list[Waiter], list[Callable[[], None]]]:
-        """Record a value; returns the entry and what to wake once the lock is released."""
+    ) -> tuple[Entry | None, list[Waiter], list[Callable[[], None]], list[bytes]]:
+        """Record a value; returns the entry, what to wake once the lock is released, and the peers to send it to.
+
+        The peers that asked for it meanwhile are taken off the entry here, before it may be freed:
+        left on it, they kept an entry nobody referenced any more for ever (the torture test found it).
+        """
         entry = self._entries.get(oid)
         if entry is None or entry.done:
-            return None, [], []
+            return None, [], [], []
         entry.frames = frames
         entry.ok = ok
         entry.error = error
         entry.done = True
         waiters, entry.waiters = entry.waiters, []
         callbacks, entry.callbacks = entry.callbacks, []
+        remote, entry.remote_waiters = entry.remote_waiters, []
         self._maybe_free(oid)  # nobody holds a reference any more: a fire-and-forget call
-        return entry, waiters, callbacks
+        return entry, waiters, callbacks, remote
 
     # --- waiting (called without the lock) ---
 
@@ -255,7 +260,7 @@ class ObjectStore:
         woken = []
         for oid, entry in list(self._entries.items()):
             if not entry.done:
-                _, waiters, callbacks = self.complete_locked(oid, None, ok=False, error=error)
+                _, waiters, callbacks, _ = self.complete_locked(oid, None, ok=False, error=error)
                 woken.append((waiters, callbacks))
         return woken
 
