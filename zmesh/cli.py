@@ -174,7 +174,10 @@ def _client_command(args: argparse.Namespace) -> int:
         rt = current()
         assert rt is not None
         if args.command == "stop":
-            rt.request("stop")
+            try:
+                rt.request("stop")
+            except NodeUnavailableError:
+                pass  # it went away before its answer reached us: stopping is what was asked
             print(f"stopped the zmesh node at {rt.node_address.removeprefix('tcp://')}")
             return 0
         if args.command == "list":

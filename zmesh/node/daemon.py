@@ -256,7 +256,8 @@ class Node(MeshActors):
             os.close(self._slot)
         if self.mesh is not None:
             self.mesh.close()
-        self._router.close(linger=0)
+        # A moment for the answers already queued (the reply to `zmesh stop` among them) to leave.
+        self._router.close(linger=200)
         if self._zap is not None:
             self._zap.close()
         self._ctx.term()
