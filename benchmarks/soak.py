@@ -214,10 +214,10 @@ def start_node(soak: Soak, env: dict[str, str]) -> None:
 
 
 def find_zygote(node_pid: int) -> int:
-    """The node's zygote: its only child running ``zmesh.node.zygote`` (workers are the zygote's children)."""
+    """The node's zygote: its only child running ``zmesh.node.pool.zygote`` (workers are the zygote's children)."""
     for child in psutil.Process(node_pid).children():
         with contextlib.suppress(psutil.Error):
-            if "zmesh.node.zygote" in " ".join(child.cmdline()):
+            if "zmesh.node.pool.zygote" in " ".join(child.cmdline()):
                 return int(child.pid)
     raise SoakFailure(f"node {node_pid} has no zygote child")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zmesh.node import lifecycle, records
-from zmesh.node.records import ActorRecord
+from zmesh.node.core import lifecycle, records
+from zmesh.node.core.records import ActorRecord
 from zmesh.transport.ids import ActorId, ClientId
 
 STATES = [records.WAITING, records.PLACING, records.STARTING, records.ALIVE, records.RESTARTING, records.DEAD]

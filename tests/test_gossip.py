@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zmesh.node import gossip as gs
-from zmesh.node import membership as ms
-from zmesh.node.gossip import Entry, Gossip, GossipTimings
-from zmesh.node.membership import Changed, Membership, MembershipTimings, Send
+from zmesh.node.core import gossip as gs
+from zmesh.node.core import membership as ms
+from zmesh.node.core.gossip import Entry, Gossip, GossipTimings
+from zmesh.node.core.membership import Changed, Membership, MembershipTimings, Send
 
 TICK = 0.02
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

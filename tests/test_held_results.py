@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zmesh
-from zmesh.node.executors import _HOLD_MAX, _HOLD_S
+from zmesh.worker.executors import _HOLD_MAX, _HOLD_S
 
 
 @zmesh.remote

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from zmesh.node.mdns import SERVICE, TXT_KEYS, MdnsSource
+from zmesh.node.discovery.mdns import SERVICE, TXT_KEYS, MdnsSource
 from zmesh.testing import wait_for
 from zmesh.testing_netns import NetnsError, NetnsNetwork, netns_available
 
@@ -32,7 +32,7 @@ needs_netns = pytest.mark.skipif(_why_not is not None, reason=f"network namespac
 # A line "close" (or EOF) on stdin closes it.
 PEER = r"""
 import json, logging, select, sys, threading, time
-from zmesh.node.mdns import MdnsSource
+from zmesh.node.discovery.mdns import MdnsSource
 
 T0 = time.monotonic()
 LOCK = threading.Lock()  # log lines come from zeroconf's thread: one whole line at a time
@@ -46,7 +46,7 @@ class Lines(logging.Handler):
     def emit(self, record):
         say(f"log {time.monotonic() - T0:.3f} {record.getMessage()}")
 
-log = logging.getLogger("zmesh.node.mdns")
+log = logging.getLogger("zmesh.node.discovery.mdns")
 log.setLevel(logging.DEBUG)
 log.addHandler(Lines())
 source = MdnsSource(**json.loads(sys.argv[1]))
@@ -293,7 +293,7 @@ def test_txt_keys_are_exactly_the_documented_ones() -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1"])
 def test_no_mdns_on_loopback_or_the_wildcard(host: str, caplog: pytest.LogCaptureFixture) -> None:
     source = _source(host)
-    with caplog.at_level(logging.WARNING, logger="zmesh.node.mdns"):
+    with caplog.at_level(logging.WARNING, logger="zmesh.node.discovery.mdns"):
         source.start()
     assert not source.running
     assert "mDNS: off" in caplog.text

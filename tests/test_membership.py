@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zmesh.node import membership as ms
-from zmesh.node.membership import ALIVE, DEAD, LEFT, SUSPECT, Action, Changed, Membership, MembershipTimings, Send
+from zmesh.node.core import membership as ms
+from zmesh.node.core.membership import ALIVE, DEAD, LEFT, SUSPECT, Action, Changed, Membership, MembershipTimings, Send
 
 TICK = 0.02
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zmesh.node import membership as ms
-from zmesh.node.gossip import Gossip, GossipTimings
-from zmesh.node.membership import Changed, Membership, MembershipTimings, Send
-from zmesh.node.mesh_actors import membership_event
+from zmesh.node.core import membership as ms
+from zmesh.node.core.gossip import Gossip, GossipTimings
+from zmesh.node.core.membership import Changed, Membership, MembershipTimings, Send
+from zmesh.node.mesh.actors import membership_event
 
 TICK = 0.02
 

@@ -7,8 +7,8 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zmesh.node import registry, scheduler
-from zmesh.node.scheduler import NodeView, Place, Wait
+from zmesh.node.core import registry, scheduler
+from zmesh.node.core.scheduler import NodeView, Place, Wait
 
 NODES = [f"n{i}" for i in range(6)]
 amounts = st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0])

@@ -125,8 +125,40 @@ def test_node_never_imports_api_actor_or_cli(path: Path) -> None:
 def test_import_scan_sees_what_it_should() -> None:
     """The scan itself: it must find absolute, ``from zmesh import x`` and function-level imports."""
     assert "zmesh.transport.serialization" in zmesh_imports(PACKAGE / "transport" / "protocol.py")
-    assert "zmesh.runtime" in zmesh_imports(PACKAGE / "node" / "worker.py")
-    assert "zmesh.node.worker" in zmesh_imports(PACKAGE / "node" / "zygote.py")  # imported inside a function
+    assert "zmesh.runtime" in zmesh_imports(PACKAGE / "worker" / "main.py")
+    assert "zmesh.worker.main" in zmesh_imports(PACKAGE / "node" / "pool" / "zygote.py")  # imported inside a function
     assert "zmesh.api" in zmesh_imports(PACKAGE / "actor.py")  # ``from zmesh import api`` inside a function
     assert "zmesh" not in zmesh_imports(PACKAGE / "actor.py")  # only submodules of the package
     assert "zmesh.runtime.core" in zmesh_imports(PACKAGE / "runtime" / "__init__.py")
+
+
+FORBIDDEN_IN_CORE = ("zmq", "socket", "os", "threading", "time", "select", "asyncio", "subprocess", "psutil")
+CORE_MAY_IMPORT = ("zmesh.node.core", "zmesh.transport.ids")
+
+
+def all_imports(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports, zmesh's included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+CORE = [p for p in MODULE_FILES if p.relative_to(PACKAGE).parts[:2] == ("node", "core")]
+
+
+@pytest.mark.parametrize("path", CORE, ids=[module_name(p) for p in CORE])
+def test_node_core_is_pure(path: Path) -> None:
+    """The node's decisions take events and ``now`` and return actions: no sockets, threads, clock or OS."""
+    io = sorted(all_imports(path) & set(FORBIDDEN_IN_CORE))
+    assert not io, f"{module_name(path)} imports {io}; the pure cores may not"
+    bad = sorted(name for name in zmesh_imports(path) if not allowed(name, CORE_MAY_IMPORT))
+    assert not bad, f"{module_name(path)} imports {bad}; the pure cores may import only {CORE_MAY_IMPORT}"
+
+
+def test_there_are_pure_cores() -> None:
+    names = {module_name(p) for p in CORE}
+    assert {"zmesh.node.core.membership", "zmesh.node.core.gossip", "zmesh.node.core.registry", "zmesh.node.core.scheduler"} <= names

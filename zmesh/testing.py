@@ -123,7 +123,7 @@ def zmesh_processes(run_dir: str | None = None) -> list[psutil.Process]:
             if proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             cmdline = " ".join(proc.info["cmdline"] or [])
-            if "zmesh.node.zygote" not in cmdline and "zmesh node" not in cmdline:
+            if "zmesh.node.pool.zygote" not in cmdline and "zmesh node" not in cmdline:
                 continue
             if run_dir is not None and proc.environ().get("ZMESH_RUN_DIR") != run_dir:
                 continue

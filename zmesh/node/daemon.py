@@ -19,14 +19,15 @@ from typing import Any
 import psutil
 import zmq
 
-from zmesh.node import discovery, lifecycle, records
 from zmesh.node.config import NodeConfig
-from zmesh.node.mesh import Mesh
-from zmesh.node.mesh_actors import Deferred, MeshActors, ReplyError, _state_body, _stub_from_row
-from zmesh.node.records import ActorRecord, Client
-from zmesh.node.resources import Resources
+from zmesh.node.core import lifecycle, records
+from zmesh.node.core.records import ActorRecord, Client
+from zmesh.node.core.resources import Resources
+from zmesh.node.discovery import sources as discovery
+from zmesh.node.mesh.actors import Deferred, MeshActors, ReplyError, _state_body, _stub_from_row
+from zmesh.node.mesh.link import Mesh
+from zmesh.node.pool.zygote_link import ZygoteDied, ZygoteLink
 from zmesh.node.sessions import Sessions
-from zmesh.node.zygote_link import ZygoteDied, ZygoteLink
 from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, new_node_id
 from zmesh.transport.security import Security, ZapHandler, resolve_key
@@ -131,7 +132,7 @@ class Node(MeshActors):
         if self.config.cluster is not None and self.config.advertise:
             sources.append(discovery.RunDirectory(self.config.cluster, self.node_id, self.address))
         if self.config.mdns_enabled:
-            from zmesh.node.mdns import MdnsSource
+            from zmesh.node.discovery.mdns import MdnsSource
             from zmesh.transport.protocol import PROTOCOL_VERSION, python_version
 
             host, _, port = self.address.removeprefix("tcp://").rpartition(":")
@@ -489,7 +490,7 @@ class Node(MeshActors):
         actor_id = ActorId(spec["actor_id"])
         if actor_id in self._actors:
             raise ReplyError("ValueError", f"actor id {actor_id} is already taken")
-        from zmesh.node.scheduler import parse_strategy
+        from zmesh.node.core.scheduler import parse_strategy
 
         parse_strategy(spec.get("strategy"))  # a ValueError names a bad one
         demand = {str(k): float(v) for k, v in spec["resources"].items()}
@@ -540,7 +541,7 @@ class Node(MeshActors):
         found = self._find_name((namespace, name))
         if found is not None:
             return self._looked_up(found), []
-        from zmesh.node.registry import home_of
+        from zmesh.node.core.registry import home_of
 
         missing = (
             "ValueError",

@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from zmesh.node.records import Client
+from zmesh.node.core.records import Client
 from zmesh.transport import protocol
 from zmesh.transport.ids import ClientId
 

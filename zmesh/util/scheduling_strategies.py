@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zmesh.node.scheduler import AFFINITY, DEFAULT, SPREAD
+from zmesh.node.core.scheduler import AFFINITY, DEFAULT, SPREAD
 
 
 class NodeAffinitySchedulingStrategy:

@@ -25,15 +25,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from zmesh.node import lifecycle, membership, records, registry, scheduler
-from zmesh.node.records import ActorRecord, Client
+from zmesh.node.core import lifecycle, membership, records, registry, scheduler
+from zmesh.node.core.records import ActorRecord, Client
 from zmesh.transport import protocol
 from zmesh.transport.ids import ActorId, ClientId
 
 if TYPE_CHECKING:
     from zmesh.node.config import NodeConfig
-    from zmesh.node.mesh import Mesh
-    from zmesh.node.resources import Resources
+    from zmesh.node.core.resources import Resources
+    from zmesh.node.mesh.link import Mesh
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from zmesh.node import records
-from zmesh.node.records import ActorRecord
+from zmesh.node.core import records
+from zmesh.node.core.records import ActorRecord
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

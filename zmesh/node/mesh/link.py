@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 import zmq
 
-from zmesh.node import discovery, membership
 from zmesh.node.config import NodeConfig
-from zmesh.node.gossip import Gossip, GossipTimings
-from zmesh.node.membership import Changed, Membership, MembershipTimings, Send
+from zmesh.node.core import membership
+from zmesh.node.core.gossip import Gossip, GossipTimings
+from zmesh.node.core.membership import Changed, Membership, MembershipTimings, Send
+from zmesh.node.discovery import sources as discovery
 from zmesh.transport import protocol, sockets
 from zmesh.transport.security import Security
 

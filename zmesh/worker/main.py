@@ -20,11 +20,11 @@ from typing import Any
 
 from zmesh import runtime as runtime_mod
 from zmesh.exceptions import ActorDiedError, TaskError
-from zmesh.node import executors
 from zmesh.object_ref import ObjectRef
 from zmesh.runtime import Runtime, calls, ownership
 from zmesh.transport import protocol, serialization
 from zmesh.transport.security import Security
+from zmesh.worker import executors
 
 logger = logging.getLogger(__name__)
 

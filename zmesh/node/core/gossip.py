@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # One set of wire-field checks for both cores.
-from zmesh.node.membership import Send, _check, _is_id, _is_int
+from zmesh.node.core.membership import Send, _check, _is_id, _is_int
 
 _MAX_ENTRIES = 100_000  # a peer cannot grow our table (or a reply) past this
 _MAX_PUSH = 128  # entries in one delta push; the rest go in the next rounds

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from zmesh.node.lines import ChannelClosed, LineChannel
+from zmesh.node.pool.lines import ChannelClosed, LineChannel
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class ZygoteLink:
         """Start a zygote; call from the node loop's thread, since the zygote dies with the thread that started it."""
         ours, theirs = socket.socketpair()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "zmesh.node.zygote", str(theirs.fileno())],
+            [sys.executable, "-m", "zmesh.node.pool.zygote", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )

@@ -18,7 +18,7 @@ import socket
 import sys
 from typing import Any
 
-from zmesh.node.lines import ChannelClosed, LineChannel
+from zmesh.node.pool.lines import ChannelClosed, LineChannel
 
 _PR_SET_PDEATHSIG = 1
 
@@ -52,8 +52,8 @@ def _spawn(request: dict[str, Any], channel: LineChannel, wake_r: int, wake_w: i
         os.close(wake_w)
         die_with_parent()
         os.environ.update(request.get("env") or {})
-        from zmesh.node import worker
         from zmesh.transport.security import Security
+        from zmesh.worker import main as worker
 
         security = Security.from_spawn_env(request["security"])
         code = worker.main(request["address"], request["token"], security, request["host"])
@@ -82,7 +82,7 @@ def main(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     # Import what every worker needs now, once, so each fork starts warm.
-    from zmesh.node import worker  # noqa: F401
+    from zmesh.worker import main as worker  # noqa: F401
 
     channel = LineChannel(socket.socket(fileno=fd))
     wake_r, wake_w = os.pipe()

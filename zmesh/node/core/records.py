@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from zmesh.node.resources import Reservation
+from zmesh.node.core.resources import Reservation
 from zmesh.transport.ids import ActorId, ClientId
 
 # Node-side actor states; clients see ALIVE, DEAD, or anything else as PENDING.

@@ -1,0 +1,1 @@
+"""Pure decisions of the node: membership, gossip, names, placement, lifecycle, resources. No I/O, no clock reads."""

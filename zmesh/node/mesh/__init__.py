@@ -1,0 +1,1 @@
+"""The I/O shell between nodes: the peer link, and actors across members."""

@@ -1,0 +1,1 @@
+"""Worker processes: the zygote that forks them and the node's link to it."""

@@ -1,0 +1,1 @@
+"""A worker process: its main loop and the executors that run the calls it receives."""
