@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,9 +69,25 @@ def test_node_affinity_hard_waits_or_fails_and_soft_falls_back() -> None:
         False, "node n1 has no room for {'CPU': 1} now"
     )
     assert scheduler.place({"CPU": 1}, [scheduler.AFFINITY, "n1", True], "n0", view) == Place("n0")
-    failed = scheduler.place({"CPU": 1}, [scheduler.AFFINITY, "gone", False], "n0", view)
-    assert isinstance(failed, scheduler.Fail) and "not a live member" in failed.reason
     assert scheduler.place({"CPU": 1}, [scheduler.AFFINITY, "gone", True], "n0", view) == Place("n0")
+    failed = scheduler.place({"CPU": 1}, [scheduler.AFFINITY, "gone", False], "n0", view, members={"gone": "DEAD"})
+    assert isinstance(failed, scheduler.Fail) and "is dead" in failed.reason
+
+
+@given(st.sampled_from([None, "ALIVE", "SUSPECT"]), st.floats(0, 30), st.floats(0.1, 20))
+def test_hard_affinity_to_a_member_not_in_the_view_waits_for_it_for_a_bounded_time(state: str | None, waited: float, limit: float) -> None:
+    """A member that just joined is ALIVE before its resources arrive by gossip: wait for it, then fail (issue 14, 3)."""
+    view = [NodeView("n0", {"CPU": 2}, {"CPU": 2})]
+    members = {} if state is None else {"new": state}
+    decision = scheduler.place(
+        {"CPU": 1}, [scheduler.AFFINITY, "new", False], "n0", view, members=members, waited_s=waited, affinity_wait_s=limit
+    )
+    if waited < limit:
+        assert isinstance(decision, Wait) and not decision.infeasible and decision.until == pytest.approx(limit - waited)
+    else:
+        assert isinstance(decision, scheduler.Fail) and "new" in decision.reason
+    arrived = [*view, NodeView("new", {"CPU": 2}, {"CPU": 2})]
+    assert scheduler.place({"CPU": 1}, [scheduler.AFFINITY, "new", False], "n0", arrived, members=members, waited_s=waited) == Place("new")
 
 
 def test_nothing_fits_now_waits_and_nothing_could_ever_fit_says_so() -> None:
@@ -97,27 +115,41 @@ def test_a_member_leaving_moves_only_its_own_names() -> None:
 def test_the_home_grants_a_name_once_and_keeps_it_until_released() -> None:
     claims = registry.Claims()
     first, second = registry.Holder("a1", 1.0), registry.Holder("a2", 2.0)
-    assert claims.claim(("ns", "x"), first, {}, now=0.0) == registry.Granted()
-    assert claims.claim(("ns", "x"), second, {}, now=0.1) == registry.Taken(first)
-    assert claims.claim(("ns", "x"), first, {}, now=0.2) == registry.Granted()  # a retry of the winner
+    card = registry.Card("Counter", "n0", b"meta")
+    assert claims.claim(("ns", "x"), first, None, now=0.0, card=card) == registry.Granted()
+    assert claims.claim(("ns", "x"), second, None, now=0.1) == registry.Taken(first, card)  # get_if_exists can reach it
+    assert claims.claim(("ns", "x"), first, None, now=0.2) == registry.Granted()  # a retry of the winner
     claims.release(("ns", "x"), "a2")  # only the holder releases
     assert claims.holder(("ns", "x")) == first
     claims.release(("ns", "x"), "a1")
-    assert claims.claim(("ns", "x"), second, {}, now=0.3) == registry.Granted()
+    assert claims.claim(("ns", "x"), second, None, now=0.3) == registry.Granted()
+    assert claims.release_actor("a2") == ("ns", "x") and claims.holder(("ns", "x")) is None
+    assert claims.release_actor("a2") is None  # idempotent
+
+
+def test_a_killed_name_is_free_at_its_home_at_once_even_while_gossip_still_shows_the_dead_holder() -> None:
+    """Issue 14, 1: the release reaches the home; the view's stale holder must not block the next claim."""
+    claims = registry.Claims()
+    old, new = registry.Holder("a1", 1.0), registry.Holder("a2", 2.0)
+    assert claims.claim(("ns", "x"), old, None, now=0.0) == registry.Granted()
+    claims.release(("ns", "x"), "a1")
+    assert claims.claim(("ns", "x"), new, None, now=0.1) == registry.Granted()
 
 
 def test_a_new_home_refuses_names_that_gossip_shows_taken() -> None:
     claims = registry.Claims()
-    known = {("ns", "x"): registry.Holder("a1", 1.0)}
-    assert claims.claim(("ns", "x"), registry.Holder("a2", 2.0), known, now=0.0) == registry.Taken(known[("ns", "x")])
+    known = registry.Holder("a1", 1.0)
+    assert claims.claim(("ns", "x"), registry.Holder("a2", 2.0), known, now=0.0) == registry.Taken(known)
 
 
 def test_claims_the_view_never_shows_are_forgotten_after_the_grace() -> None:
     claims = registry.Claims()
-    claims.claim(("ns", "x"), registry.Holder("a1", 1.0), {}, now=0.0)
-    claims.prune({}, now=5.0, grace_s=10.0)
+    claims.claim(("ns", "x"), registry.Holder("a1", 1.0), None, now=0.0)
+    assert claims.prune({}, now=5.0, grace_s=10.0) == []
     assert claims.holder(("ns", "x")) is not None
-    claims.prune({}, now=11.0, grace_s=10.0)
+    assert claims.prune({("ns", "x"): registry.Holder("a1", 1.0)}, now=9.0, grace_s=10.0) == []  # seen: the grace restarts
+    assert claims.prune({}, now=18.0, grace_s=10.0) == []
+    assert claims.prune({}, now=19.5, grace_s=10.0) == [("ns", "x")]
     assert claims.holder(("ns", "x")) is None
 
 

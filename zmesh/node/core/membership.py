@@ -114,7 +114,15 @@ class Changed:
     incarnation: int
 
 
-Action = Send | Changed
+@dataclasses.dataclass(frozen=True, slots=True)
+class Buried:
+    """Others declared this node DEAD at ``incarnation`` (a stall, a partition): it refutes and rejoins, but
+    whatever it hosted then was buried with it and must stop (as Ray makes a node it declared dead exit)."""
+
+    incarnation: int
+
+
+Action = Send | Changed | Buried
 
 
 @dataclasses.dataclass(slots=True)
@@ -522,12 +530,13 @@ class Membership:
         else:
             self.refutations += 1
             self._raise_health()  # they could not hear us: we may be the slow one
+        buried: list[Action] = [Buried(incarnation)] if state in (DEAD, LEFT) else []
         self.incarnation = max(self.incarnation, incarnation) + 1
         rumor: Rumor = (ALIVE, self.me, self.address, self.incarnation, self.me)
         self._spread(rumor)
         # Told at once to everyone, not only piggybacked: a node that just woke from a stall must
         # reach its suspectors before their timers run out.
-        return list(self._tell_everyone(rumor))
+        return buried + list(self._tell_everyone(rumor))
 
     def _suspect(self, member: Member, accuser: str, now: float) -> None:
         t = self.timings

@@ -16,6 +16,9 @@ ALIVE = "ALIVE"
 RESTARTING = "RESTARTING"
 DEAD = "DEAD"
 
+# The incarnation of "dead for good": outranks any real one, so no later report revives the actor.
+FINAL_INCARNATION = 1 << 30
+
 
 @dataclasses.dataclass
 class Client:
@@ -57,7 +60,8 @@ class ActorRecord:
     host: str | None = None  # None while waiting to be placed
     origin: str = ""  # the node that took the creation (keeps the spec while the actor may restart)
     owner_node: str = ""  # the node of the owner client (non-detached actors die with it)
-    keeper: str | None = None  # the node that re-creates it elsewhere if its host dies
+    keepers: list[str] = dataclasses.field(default_factory=list)  # nodes holding its creation, in the order they act
+    node_incarnation: int = 0  # the host's membership incarnation when the worker started: fencing after a burial
     watchers: set[str] = dataclasses.field(default_factory=set)  # nodes relaying its state to their clients
     created_at: float = 0.0  # wall clock of creation: breaks a name tie after a partition heals
     tried: set[str] = dataclasses.field(default_factory=set)  # members that refused it this round
@@ -78,6 +82,27 @@ class ActorRecord:
             return DEAD, self.incarnation, None, self.error
         return "PENDING", self.incarnation, None, None
 
+    def detached(self) -> bool:
+        """Ray's lifetime="detached": owned by no process (a record placed from another node has no local owner either)."""
+        return self.owner is None and not self.owner_node
+
+    def row(self) -> ActorRow:
+        """What gossip tells the mesh of this actor."""
+        return ActorRow(
+            class_name=self.class_name,
+            namespace=self.namespace,
+            name=self.name,
+            state=self.state,
+            address=self.address,
+            incarnation=self.incarnation,
+            detached=self.detached(),
+            restartable=self.can_restart(),
+            created_at=self.created_at,
+            meta=self.meta_blob if self.name is not None else None,
+            origin=self.origin,
+            keepers=tuple(self.keepers),
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "node_id": self.host,
@@ -88,7 +113,51 @@ class ActorRecord:
             "state": self.state,
             "pid": self.pid,
             "restarts": self.restarts,
-            "detached": self.owner is None,
+            "detached": self.detached(),
             "resources": self.demand,
             "error": self.error,
         }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActorRow:
+    """One actor in its node's gossip entry (and in a ``find`` answer): the facts every member may act on."""
+
+    class_name: str
+    namespace: str
+    name: str | None
+    state: str
+    address: str | None
+    incarnation: int
+    detached: bool
+    restartable: bool
+    created_at: float
+    meta: bytes | None  # named actors only: what get_actor needs to build a handle without asking
+    origin: str
+    keepers: tuple[str, ...] = ()
+
+    def wire(self) -> list[Any]:
+        return [
+            self.class_name, self.namespace, self.name, self.state, self.address, self.incarnation,
+            self.detached, self.restartable, self.created_at, self.meta, self.origin, list(self.keepers),
+        ]  # fmt: skip
+
+    @staticmethod
+    def from_wire(raw: Any) -> ActorRow | None:
+        """The row, or None when ``raw`` is not one (a peer's garbage is skipped, never trusted)."""
+        if not isinstance(raw, list) or len(raw) != 12:
+            return None
+        cls, ns, name, state, address, inc, detached, restartable, created, meta, origin, keepers = raw
+        ok = (
+            isinstance(cls, str) and isinstance(ns, str) and (name is None or isinstance(name, str))
+            and state in _STATES and (address is None or isinstance(address, str))
+            and type(inc) is int and 0 <= inc <= FINAL_INCARNATION and isinstance(created, int | float)
+            and (meta is None or isinstance(meta, bytes)) and isinstance(origin, str)
+            and isinstance(keepers, list | tuple) and len(keepers) <= 16 and all(isinstance(k, str) for k in keepers)
+        )  # fmt: skip
+        if not ok:
+            return None
+        return ActorRow(cls, ns, name, state, address, inc, bool(detached), bool(restartable), float(created), meta, origin, tuple(keepers))
+
+
+_STATES = (WAITING, PLACING, STARTING, ALIVE, RESTARTING, DEAD)

@@ -42,6 +42,15 @@ class Holder:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Card:
+    """What a ``get_if_exists`` caller needs to reach the holder before gossip shows it: opaque to the home."""
+
+    class_name: str
+    origin: str  # the node that took the creation: it knows where the actor is, or will be
+    meta: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Granted:
     pass
 
@@ -49,44 +58,85 @@ class Granted:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Taken:
     holder: Holder
+    card: Card | None = None  # None: the holder is known only from gossip, whose row has the same facts
+
+
+@dataclasses.dataclass(slots=True)
+class _Claim:
+    holder: Holder
+    card: Card | None
+    seen: float  # last time this claim was confirmed (granted, retried, or shown live by gossip)
 
 
 class Claims:
-    """The claims this member decides as the home of some names."""
+    """The claims this member decides as the home of some names.
+
+    A claim lives until its actor is released (killed, died, never placed) or, as a safety net for a
+    release that never came (its sender died), until the gossip view has not shown the actor for
+    ``grace_s`` (``prune``). A released name is free at once: the next claim is granted.
+    """
 
     def __init__(self) -> None:
-        self._held: dict[Name, tuple[Holder, float]] = {}
+        self._held: dict[Name, _Claim] = {}
+        self._by_actor: dict[str, Name] = {}
 
-    def claim(self, name: Name, holder: Holder, known: Mapping[Name, Holder], now: float) -> Granted | Taken:
-        """Grant ``name`` to ``holder`` unless a live actor (ours or in the gossip view ``known``) has it."""
+    def claim(self, name: Name, holder: Holder, known: Holder | None, now: float, card: Card | None = None) -> Granted | Taken:
+        """Grant ``name`` to ``holder`` unless a live actor holds it: one we granted, or ``known`` (the gossip view's holder)."""
         held = self._held.get(name)
-        current = held[0] if held is not None else known.get(name)
-        if current is not None and current.actor_id != holder.actor_id:
-            self._held[name] = (current, held[1] if held is not None else now)
-            return Taken(current)
-        self._held[name] = (holder, now)
+        if held is None and known is not None and known.actor_id != holder.actor_id:
+            self._set(name, _Claim(known, None, now))  # a claim a previous home granted: adopt it
+            held = self._held[name]
+        if held is not None and held.holder.actor_id != holder.actor_id:
+            return Taken(held.holder, held.card)
+        self._set(name, _Claim(holder, card if card is not None else (held.card if held else None), now))
         return Granted()
 
-    def release(self, name: Name, actor_id: str) -> None:
-        if (held := self._held.get(name)) is not None and held[0].actor_id == actor_id:
+    def _set(self, name: Name, claim: _Claim) -> None:
+        old = self._held.get(name)
+        if old is not None and old.holder.actor_id != claim.holder.actor_id:
+            self._by_actor.pop(old.holder.actor_id, None)
+        self._held[name] = claim
+        self._by_actor[claim.holder.actor_id] = name
+
+    def release(self, name: Name, actor_id: str) -> bool:
+        """The actor holding ``name`` is dead (or was never created): the name is free. Idempotent."""
+        held = self._held.get(name)
+        if held is not None and held.holder.actor_id == actor_id:
             del self._held[name]
+            self._by_actor.pop(actor_id, None)
+            return True
+        return False
+
+    def release_actor(self, actor_id: str) -> Name | None:
+        """Release whatever name ``actor_id`` holds here; the name, or None."""
+        name = self._by_actor.get(actor_id)
+        if name is not None and self.release(name, actor_id):
+            return name
+        return None
 
     def holder(self, name: Name) -> Holder | None:
         held = self._held.get(name)
-        return held[0] if held is not None else None
+        return held.holder if held is not None else None
 
-    def prune(self, live: Mapping[Name, Holder], now: float, grace_s: float) -> None:
-        """Forget claims whose actor the view does not show (dead, or never created) after ``grace_s``.
+    def card(self, name: Name) -> Card | None:
+        held = self._held.get(name)
+        return held.card if held is not None else None
+
+    def prune(self, live: Mapping[Name, Holder], now: float, grace_s: float) -> list[Name]:
+        """Forget claims whose actor the view has not shown for ``grace_s``; the names freed.
 
         The grace covers a granted name's trip through gossip: a creation shows in its
         origin's entry from the moment it is accepted, waiting for resources or not.
         """
-        for name, (held, since) in list(self._held.items()):
+        freed = []
+        for name, held in list(self._held.items()):
             seen = live.get(name)
-            if (seen is None or seen.actor_id != held.actor_id) and now - since > grace_s:
-                del self._held[name]
-            elif seen is not None and seen.actor_id == held.actor_id:
-                self._held[name] = (held, now)
+            if seen is not None and seen.actor_id == held.holder.actor_id:
+                held.seen = now
+            elif now - held.seen > grace_s:
+                self.release(name, held.holder.actor_id)
+                freed.append(name)
+        return freed
 
     def __len__(self) -> int:
         return len(self._held)

@@ -17,6 +17,8 @@ _EPS = 1e-9
 DEFAULT = "DEFAULT"
 SPREAD = "SPREAD"
 AFFINITY = "NODE_AFFINITY"
+# Hard affinity to a member not in the view yet: how long a creation waits for its entry before failing.
+AFFINITY_WAIT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class Wait:
 
     infeasible: bool
     reason: str
+    until: float | None = None  # seconds from now when waiting must be decided again (even with no news)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,21 +74,24 @@ def place(
     view: Sequence[NodeView],
     tried: frozenset[str] | set[str] = frozenset(),
     placed_recently: Mapping[str, int] | None = None,
+    members: Mapping[str, str] | None = None,
+    waited_s: float = 0.0,
+    affinity_wait_s: float = AFFINITY_WAIT_S,
 ) -> Decision:
-    """Where to create an actor needing ``demand``; ``view`` holds live members, ``me`` among them."""
+    """Where to create an actor needing ``demand``; ``view`` holds live members whose resources are known, ``me`` among them.
+
+    ``members``: membership's state of every member it knows (``ALIVE``, ``SUSPECT``, ``DEAD``, ``LEFT``), which
+    runs ahead of the view: a member that just joined has no resources in it until its entry arrives by gossip.
+    ``waited_s``: how long this creation has waited; hard affinity to a member not in the view waits for it
+    up to ``affinity_wait_s``, then fails (as Ray fails it only for dead or unknown nodes).
+    """
     kind, target, soft = parse_strategy(strategy)
     recent = placed_recently or {}
     open_nodes = [n for n in view if not n.draining]
     if kind == AFFINITY:
-        node = next((n for n in open_nodes if n.node_id == target), None)
-        if node is not None and fits(demand, node.total):
-            if target not in tried and fits(demand, node.available):
-                return Place(node.node_id)
-            if not soft:
-                return Wait(False, f"node {target} has no room for {dict(demand)} now")
-        elif not soft:
-            why = "is not a live member" if node is None else f"can never fit {dict(demand)} (it has {dict(node.total)})"
-            return Fail(f"NodeAffinitySchedulingStrategy(soft=False): node {target} {why}")
+        decision = _affinity(demand, target, soft, view, tried, members or {}, waited_s, affinity_wait_s)
+        if decision is not None:
+            return decision
         kind = DEFAULT
     candidates = [n for n in open_nodes if n.node_id not in tried and fits(demand, n.available)]
     if not candidates:
@@ -100,6 +106,39 @@ def place(
         return Place(min(candidates, key=lambda n: (_load(n, recent), n.node_id)).node_id)
     # SPREAD: fewest actors, counting the ones this node sent that gossip may not show yet.
     return Place(min(candidates, key=lambda n: (n.actors + recent.get(n.node_id, 0), _load(n, recent), n.node_id)).node_id)
+
+
+def _affinity(
+    demand: Mapping[str, float],
+    target: str | None,
+    soft: bool,
+    view: Sequence[NodeView],
+    tried: frozenset[str] | set[str],
+    members: Mapping[str, str],
+    waited_s: float,
+    wait_s: float,
+) -> Decision | None:
+    """Hard or soft affinity to ``target``; None: fall back to DEFAULT (soft affinity that cannot be met now)."""
+    node = next((n for n in view if n.node_id == target), None)
+    if node is not None and not node.draining and fits(demand, node.total):
+        if target not in tried and fits(demand, node.available):
+            return Place(node.node_id)
+        return None if soft else Wait(False, f"node {target} has no room for {dict(demand)} now")
+    if soft:
+        return None
+    prefix = f"NodeAffinitySchedulingStrategy(soft=False): node {target}"
+    if node is not None:
+        if node.draining:
+            return Fail(f"{prefix} is draining")
+        return Fail(f"{prefix} can never fit {dict(demand)} (it has {dict(node.total)})")
+    state = members.get(target or "")
+    if state in ("DEAD", "LEFT"):
+        return Fail(f"{prefix} is {state.lower()}")
+    if waited_s >= wait_s:
+        why = "is not a member" if state is None else "is a member whose resources never arrived"
+        return Fail(f"{prefix} {why} (waited {waited_s:.0f} s)")
+    # Alive but its entry has not arrived by gossip yet, or not heard of yet here: it may be joining.
+    return Wait(False, f"{prefix} is not known here yet; waiting up to {wait_s:g} s for it", until=wait_s - waited_s)
 
 
 def _load(node: NodeView, recent: Mapping[str, int]) -> float:

@@ -45,6 +45,8 @@ class MeshHooks(Protocol):
 
     def on_app(self, sender: str, kind: str, body: dict[str, Any], payload: list[Any], rid: int | None) -> None: ...
 
+    def on_buried(self, incarnation: int) -> None: ...
+
 
 class Mesh:
     def __init__(
@@ -154,6 +156,9 @@ class Mesh:
                     self._send_to(address, channel, action.message)
             elif isinstance(action, Changed):
                 self._changed(action)
+            elif isinstance(action, membership.Buried):
+                logger.warning("zmesh mesh: the other nodes declared this node dead (incarnation %d); rejoining", action.incarnation)
+                self._hooks.on_buried(action.incarnation)
 
     def _changed(self, change: Changed) -> None:
         if change.state in (membership.DEAD, membership.LEFT):
