@@ -55,6 +55,13 @@ class NodeConfig:
     sync_interval_s: float = 1.0
     # A node-to-node request (a name claim, a placement) unanswered this long is retried elsewhere or failed.
     mesh_request_timeout_s: float = 5.0
+    # ---- actors across the mesh (see docs/mesh.md)
+    # Members besides the host that hold a restartable actor's creation: losing this many nodes at once loses none.
+    keepers: int = 3
+    # Hard node affinity to a member whose entry has not arrived by gossip yet waits this long before failing.
+    affinity_wait_s: float = 10.0
+    # A name's home frees a claim whose actor gossip has not shown for this long (its release was lost).
+    name_grace_s: float = 5.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> NodeConfig:
@@ -92,6 +99,10 @@ class NodeConfig:
         validate_resources(self.resources)
         if self.keep_dead_actors < 0:
             raise ValueError(f"keep_dead_actors must be >= 0, got {self.keep_dead_actors}")
+        if not isinstance(self.keepers, int) or not 0 <= self.keepers <= 8:
+            raise ValueError(f"keepers must be an int in 0..8, got {self.keepers!r}")
+        if not (self.affinity_wait_s >= 0 and self.name_grace_s > 0):
+            raise ValueError(f"affinity_wait_s must be >= 0 and name_grace_s > 0, got {self.affinity_wait_s!r}, {self.name_grace_s!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         try:

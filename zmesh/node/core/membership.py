@@ -31,6 +31,7 @@ Messages are plain dicts; ``k`` is the kind, ``r`` the piggybacked rumors::
     {"k": "ack", "seq": int, "r": [...]}
     {"k": "ping_req", "seq": int, "target": id, "address": str, "r": [...]}
     {"k": "nack", "seq": int, "r": [...]}                     the helper got no ack in time
+    every message also carries "n": how many live members its sender counts (see ``Buried``)
     rumor: [state, node_id, address, incarnation, accuser]   (accuser may be omitted or "")
 
 A refutation, a death and a goodbye are also sent at once to every live
@@ -116,8 +117,15 @@ class Changed:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Buried:
-    """Others declared this node DEAD at ``incarnation`` (a stall, a partition): it refutes and rejoins, but
-    whatever it hosted then was buried with it and must stop (as Ray makes a node it declared dead exit)."""
+    """The mesh declared this node DEAD at ``incarnation`` (a stall, the short side of a partition).
+
+    It refutes and rejoins, but whatever it hosted then was buried with it and must stop, as Ray
+    makes a node it declared dead exit. Only news from a larger side buries: a node thawing from a
+    stall declares the others dead before it hears of its own death, and the others, who did not
+    stall, must not take that for their burial. The news carries the size of its sender's view
+    (``n`` in every message); it buries only when that view holds more live members than ours.
+    An even split buries neither side (names and copies are then reconciled, not fenced).
+    """
 
     incarnation: int
 
@@ -274,11 +282,11 @@ class Membership:
         Rumors are read even from a sender we do not count as live: a member we buried may be
         telling us that it buried us (a healed partition), and we must learn it to refute.
         """
-        kind, seq, rumors, target = _parse(message)
+        kind, seq, rumors, target, their_live = _parse(message)
         self._check_lag(now)
         out: list[Action] = []
         for rumor in rumors:
-            out += self._apply(rumor, now)
+            out += self._apply(rumor, now, their_live)
         member = self._members.get(sender)
         if member is not None and member.state in _LIVE and not self._left:
             out += self._answer(member, kind, seq, target, now)
@@ -477,10 +485,10 @@ class Membership:
 
     # ------------------------------------------------------------------ rumors
 
-    def _apply(self, rumor: Rumor, now: float) -> list[Action]:
+    def _apply(self, rumor: Rumor, now: float, their_live: int = -1) -> list[Action]:
         state, node_id, address, incarnation, accuser = rumor
         if node_id == self.me:
-            return self._about_me(state, incarnation)
+            return self._about_me(state, incarnation, their_live)
         member = self._members.get(node_id)
         if member is None:
             if len(self._members) >= _MAX_MEMBERS:
@@ -518,7 +526,7 @@ class Membership:
             return []
         return [Changed(node_id, member.address, state, previous, incarnation)]
 
-    def _about_me(self, state: str, incarnation: int) -> list[Action]:
+    def _about_me(self, state: str, incarnation: int, their_live: int) -> list[Action]:
         if self._left:
             return []
         if state == ALIVE:
@@ -530,7 +538,7 @@ class Membership:
         else:
             self.refutations += 1
             self._raise_health()  # they could not hear us: we may be the slow one
-        buried: list[Action] = [Buried(incarnation)] if state in (DEAD, LEFT) else []
+        buried: list[Action] = [Buried(incarnation)] if state in (DEAD, LEFT) and their_live > len(self.live()) else []
         self.incarnation = max(self.incarnation, incarnation) + 1
         rumor: Rumor = (ALIVE, self.me, self.address, self.incarnation, self.me)
         self._spread(rumor)
@@ -589,10 +597,12 @@ class Membership:
 
     def _send(self, member: Member, message: dict[str, Any], first: list[Rumor] | None = None) -> Send:
         message["r"] = self._piggyback(first or [])
+        message["n"] = len(self.live())
         return Send(member.node_id, member.address, message)
 
     def _tell_everyone(self, rumor: Rumor) -> list[Send]:
-        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [list(rumor)]}) for m in self.live()]
+        live = self.live()
+        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [list(rumor)], "n": len(live)}) for m in live]
 
 
 def _overrides(state: str, incarnation: int, old_state: str, old_incarnation: int) -> bool:
@@ -600,8 +610,8 @@ def _overrides(state: str, incarnation: int, old_state: str, old_incarnation: in
     return (incarnation, _RANK[state]) > (old_incarnation, _RANK[old_state])
 
 
-def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None]:
-    """Check a whole message before any of it is used: ``(kind, seq, rumors, ping_req target)``."""
+def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None, int]:
+    """Check a whole message before any of it is used: ``(kind, seq, rumors, ping_req target, sender's live count)``."""
     _check(isinstance(message, dict), "a membership message is not a dict")
     kind = message.get("k")
     _check(isinstance(kind, str) and kind in _KINDS, f"unknown membership message kind {str(kind)[:40]!r}")
@@ -616,7 +626,9 @@ def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None]:
         _check(_is_id(target), "a ping_req's target is not a node id")
         address = message.get("address")
         _check(isinstance(address, str) and len(address) <= _MAX_ADDRESS, "a ping_req's address is not a str")
-    return kind, seq, rumors, target
+    their_live = message.get("n", -1)  # absent: a peer that does not say (it cannot bury us)
+    _check(_is_int(their_live) or their_live == -1, "n is not an int in range")
+    return kind, seq, rumors, target, their_live
 
 
 def _rumor(item: Any) -> Rumor:

@@ -65,7 +65,6 @@ class ActorRecord:
     watchers: set[str] = dataclasses.field(default_factory=set)  # nodes relaying its state to their clients
     created_at: float = 0.0  # wall clock of creation: breaks a name tie after a partition heals
     tried: set[str] = dataclasses.field(default_factory=set)  # members that refused it this round
-    pending_replies: list[Any] = dataclasses.field(default_factory=list)  # (identity, req id) of deferred creates
 
     @property
     def token(self) -> str:

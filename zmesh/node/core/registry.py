@@ -19,6 +19,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 
 Name = tuple[str, str]  # (namespace, name)
+_MAX_RELEASED = 10_000
 
 
 def _score(member: str, key: str) -> int:
@@ -79,10 +80,14 @@ class Claims:
     def __init__(self) -> None:
         self._held: dict[Name, _Claim] = {}
         self._by_actor: dict[str, Name] = {}
+        # Actors released lately: gossip may still show them for a round or two, and must not win their name back.
+        self._released: dict[str, None] = {}
 
     def claim(self, name: Name, holder: Holder, known: Holder | None, now: float, card: Card | None = None) -> Granted | Taken:
         """Grant ``name`` to ``holder`` unless a live actor holds it: one we granted, or ``known`` (the gossip view's holder)."""
         held = self._held.get(name)
+        if known is not None and known.actor_id in self._released:
+            known = None
         if held is None and known is not None and known.actor_id != holder.actor_id:
             self._set(name, _Claim(known, None, now))  # a claim a previous home granted: adopt it
             held = self._held[name]
@@ -100,6 +105,9 @@ class Claims:
 
     def release(self, name: Name, actor_id: str) -> bool:
         """The actor holding ``name`` is dead (or was never created): the name is free. Idempotent."""
+        self._released[actor_id] = None
+        if len(self._released) > _MAX_RELEASED:
+            del self._released[next(iter(self._released))]
         held = self._held.get(name)
         if held is not None and held.holder.actor_id == actor_id:
             del self._held[name]

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from zmesh.node.config import parse_seed
+from zmesh.node.config import NodeConfig, parse_seed
 from zmesh.transport import rundir
 
 logger = logging.getLogger(__name__)
@@ -92,3 +92,29 @@ class Announced:
 
     def close(self) -> None:
         self._mdns.close()
+
+
+def sources_for(config: NodeConfig, node_id: str, address: str, key: Any) -> list[Source]:
+    """The discovery sources a node's config asks for: seeds, the run directory of its cluster, mDNS."""
+    sources: list[Source] = []
+    if config.join:
+        sources.append(Seeds(config.join))
+    if config.cluster is not None and config.advertise:
+        sources.append(RunDirectory(config.cluster, node_id, address))
+    if config.mdns_enabled:
+        from zmesh.node.discovery.mdns import MdnsSource
+        from zmesh.transport.protocol import PROTOCOL_VERSION, python_version
+
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        mdns = MdnsSource(
+            cluster=config.cluster or "default",
+            node_id=node_id,
+            host=host,
+            port=int(port),
+            fingerprint=key.fingerprint if key is not None else None,
+            protocol_version=PROTOCOL_VERSION,
+            python=python_version(),
+        )
+        mdns.start()
+        sources.append(Announced(mdns))
+    return sources

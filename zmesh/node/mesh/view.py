@@ -30,8 +30,8 @@ class MeshView:
         self.clients: dict[str, str] = {}  # process address or client id (hex) -> its node
         self.gone: list[str] = []  # processes other members said exited lately (the caller keeps them)
 
-    def update(self, node_id: str, data: Mapping[str, Any]) -> None:
-        """``node_id``'s entry is now ``data``."""
+    def update(self, node_id: str, data: Mapping[str, Any]) -> set[str]:
+        """``node_id``'s entry is now ``data``; the ids of the actors whose rows changed."""
         raw = data.get("actors")
         raw = raw if isinstance(raw, dict) else {}
         before = self._raw.get(node_id, {})
@@ -46,13 +46,16 @@ class MeshView:
         self._raw[node_id] = dict(raw)
         self._set_clients(node_id, data.get("clients") or [])
         self.gone = [a for a in data.get("gone") or () if isinstance(a, str)]
+        return {a for a in changed if isinstance(a, str)}
 
-    def drop(self, node_id: str) -> None:
-        """``node_id`` died or left: nothing it listed counts any more."""
-        for actor_id in list(self._rows.pop(node_id, {})):
+    def drop(self, node_id: str) -> set[str]:
+        """``node_id`` died or left: nothing it listed counts any more. The ids of the actors it listed."""
+        dropped = set(self._rows.pop(node_id, {}))
+        for actor_id in dropped:
             self._relist(actor_id, node_id, None)
         self._raw.pop(node_id, None)
         self._set_clients(node_id, [])
+        return dropped
 
     def nodes(self) -> list[str]:
         return list(self._raw)
