@@ -56,6 +56,7 @@ class Sim:
         self.stalled_until: dict[str, float] = {}
         self.cut: set[frozenset[str]] = set()
         self.events: list[tuple[float, str, Changed]] = []
+        self.buried: list[tuple[float, str, ms.Buried]] = []
         self.sent = 0
 
     # ------------------------------------------------------------------ set-up
@@ -81,6 +82,9 @@ class Sim:
         for action in actions:
             if isinstance(action, Changed):
                 self.events.append((self.now, sender, action))
+                continue
+            if isinstance(action, ms.Buried):
+                self.buried.append((self.now, sender, action))
                 continue
             self.sent += 1
             link = frozenset((sender, action.to))
@@ -711,3 +715,39 @@ def test_timings_are_validated() -> None:
         MembershipTimings(suspicion_min_s=5.0, suspicion_max_s=1.0)
     with pytest.raises(ValueError):
         MembershipTimings(probe_interval_s=0)
+
+
+# ---------------------------------------------------------------------- burial (issue 14, 6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_node_that_stalled_past_its_death_learns_it_was_buried_and_no_one_else_thinks_so(seed: int) -> None:
+    """A frozen node is declared dead; thawed, it hears so from a member it still counts alive: Buried, there only."""
+    sim = Sim(5, seed=seed)
+    sim.join_all()
+    sim.run(1.0)
+    sim.stall("n4", 8.0)
+    sim.run_until(lambda: all(sim.nodes[n].get("n4") is not None and sim.nodes[n].get("n4").state == DEAD for n in sim.ids[:4]), 8)
+    sim.run(9.0)
+    assert [(who, b.incarnation) for _, who, b in sim.buried] == [("n4", 0)]
+    sim.run_until(lambda: sim.all_see(ALIVE), 10)
+
+
+def test_a_member_we_buried_hears_so_at_once_and_at_most_once_per_probe_interval() -> None:
+    core = core_with(["a", "b"])
+    core.receive("b", {"k": "ping", "seq": 0, "r": [[DEAD, "a", "addr-a", 0, "b"]]}, 0.0)
+    assert core.get("a").state == DEAD
+    told = sends(core.receive("a", {"k": "ping", "seq": 7, "r": []}, 0.01))
+    assert [(s.to, s.message["r"]) for s in told] == [("a", [[DEAD, "a", "addr-a", 0, "me"]])]
+    assert not sends(core.receive("a", {"k": "ping", "seq": 8, "r": []}, 0.02))  # not again so soon
+    assert sends(core.receive("a", {"k": "ping", "seq": 9, "r": []}, 0.02 + core.timings.probe_interval_s))
+
+
+def test_news_of_our_death_from_a_member_we_buried_ourselves_refutes_but_does_not_bury() -> None:
+    """Both sides of a healed partition buried each other: neither is the mesh, nothing is fenced."""
+    core = core_with(["a", "b"])
+    core.receive("b", {"k": "ping", "seq": 0, "r": [[DEAD, "a", "addr-a", 0, "b"]]}, 0.0)
+    actions = core.receive("a", {"k": "ping", "seq": 0, "r": [[DEAD, "me", "addr-me", 0, "a"]]}, 0.1)
+    assert not [a for a in actions if isinstance(a, ms.Buried)] and core.incarnation == 1
+    actions = core.receive("b", {"k": "ping", "seq": 0, "r": [[DEAD, "me", "addr-me", 1, "b"]]}, 0.2)
+    assert [a for a in actions if isinstance(a, ms.Buried)] == [ms.Buried(1)] and core.incarnation == 2

@@ -31,7 +31,6 @@ Messages are plain dicts; ``k`` is the kind, ``r`` the piggybacked rumors::
     {"k": "ack", "seq": int, "r": [...]}
     {"k": "ping_req", "seq": int, "target": id, "address": str, "r": [...]}
     {"k": "nack", "seq": int, "r": [...]}                     the helper got no ack in time
-    every message also carries "n": how many live members its sender counts (see ``Buried``)
     rumor: [state, node_id, address, incarnation, accuser]   (accuser may be omitted or "")
 
 A refutation, a death and a goodbye are also sent at once to every live
@@ -117,14 +116,14 @@ class Changed:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Buried:
-    """The mesh declared this node DEAD at ``incarnation`` (a stall, the short side of a partition).
+    """The mesh declared this node DEAD at ``incarnation``: it stalled (a freeze, an overloaded host) or was cut off.
 
     It refutes and rejoins, but whatever it hosted then was buried with it and must stop, as Ray
-    makes a node it declared dead exit. Only news from a larger side buries: a node thawing from a
-    stall declares the others dead before it hears of its own death, and the others, who did not
-    stall, must not take that for their burial. The news carries the size of its sender's view
-    (``n`` in every message); it buries only when that view holds more live members than ours.
-    An even split buries neither side (names and copies are then reconciled, not fenced).
+    makes a node it declared dead exit. A node learns it was buried from a member that hears from it
+    while holding it dead, or that sees its refutation override its death (``_apply``). News of our
+    death from a member we ourselves held dead at that incarnation is mutual (both sides of a
+    partition buried each other): neither side is the mesh, nothing is fenced, and names and copies
+    are reconciled instead.
     """
 
     incarnation: int
@@ -193,6 +192,9 @@ class Membership:
         self._probe: _Probe | None = None
         self._suspicions: dict[str, _Suspicion] = {}
         self._relays: dict[int, _Relay] = {}
+        self._told_buried: dict[str, float] = {}  # node id -> when we last told it that we buried it
+        self._saw_dead: dict[str, int] = {}  # node id -> our incarnation when we last held it dead
+        self._buried_at = -1  # the highest incarnation of ours the mesh buried (reported once)
         self._seq = 0
         # node id -> (rumor, times sent, generation): one rumor per node, the newest replacing the older.
         self._rumors: dict[str, tuple[Rumor, int, int]] = {}
@@ -282,14 +284,16 @@ class Membership:
         Rumors are read even from a sender we do not count as live: a member we buried may be
         telling us that it buried us (a healed partition), and we must learn it to refute.
         """
-        kind, seq, rumors, target, their_live = _parse(message)
+        kind, seq, rumors, target = _parse(message)
         self._check_lag(now)
         out: list[Action] = []
         for rumor in rumors:
-            out += self._apply(rumor, now, their_live)
+            out += self._apply(rumor, now)
         member = self._members.get(sender)
         if member is not None and member.state in _LIVE and not self._left:
             out += self._answer(member, kind, seq, target, now)
+        elif member is not None and member.state == DEAD and not self._left:
+            out += self._tell_buried(member, now)
         self._settle(now)
         return out
 
@@ -485,10 +489,10 @@ class Membership:
 
     # ------------------------------------------------------------------ rumors
 
-    def _apply(self, rumor: Rumor, now: float, their_live: int = -1) -> list[Action]:
+    def _apply(self, rumor: Rumor, now: float) -> list[Action]:
         state, node_id, address, incarnation, accuser = rumor
         if node_id == self.me:
-            return self._about_me(state, incarnation, their_live)
+            return self._about_me(state, incarnation, accuser)
         member = self._members.get(node_id)
         if member is None:
             if len(self._members) >= _MAX_MEMBERS:
@@ -496,6 +500,7 @@ class Membership:
             # A death of someone we never knew is still kept: a tombstone, so stale news cannot bring it in.
             member = Member(node_id, address, incarnation, state, now)
             self._members[node_id] = member
+            self._saw(member)
             self._spread(rumor)
             if state in _LIVE:
                 self._enqueue(node_id)
@@ -509,13 +514,21 @@ class Membership:
                     self._spread(rumor)  # others may count this accuser too
             return []
         previous = member.state
+        buried_at = member.incarnation
         member.incarnation = incarnation
         if state != previous:
             member.state = state
             member.since = now
         if state == ALIVE:
             member.address = address  # the node's own word on where it listens
+        self._saw(member)
         self._spread(rumor)
+        out: list[Action] = []
+        if previous == DEAD and state in _LIVE:
+            # It refuted a suspicion we had already turned into its death (it stalled past it): its
+            # refutation overrides the death, so tell it that it was buried, or it never learns.
+            rumor_of_death = [DEAD, node_id, member.address, buried_at, self.me]
+            out.append(Send(node_id, member.address, {"k": "ping", "seq": 0, "r": [rumor_of_death]}))
         if state == SUSPECT:
             self._suspect(member, accuser, now)
         else:
@@ -523,22 +536,34 @@ class Membership:
         if state in _LIVE and previous not in _LIVE:
             self._enqueue(node_id)
         if state == previous:
-            return []
-        return [Changed(node_id, member.address, state, previous, incarnation)]
+            return out
+        return [*out, Changed(node_id, member.address, state, previous, incarnation)]
 
-    def _about_me(self, state: str, incarnation: int, their_live: int) -> list[Action]:
+    def _saw(self, member: Member) -> None:
+        """Remember that we held ``member`` dead while at our present incarnation: news of our own death from it is mutual."""
+        if member.state == DEAD:
+            self._saw_dead.pop(member.node_id, None)
+            self._saw_dead[member.node_id] = self.incarnation
+            if len(self._saw_dead) > _MAX_RELAYS:
+                del self._saw_dead[next(iter(self._saw_dead))]
+
+    def _about_me(self, state: str, incarnation: int, accuser: str) -> list[Action]:
         if self._left:
             return []
+        buried: list[Action] = []
+        if state == DEAD and incarnation > self._buried_at and accuser and self._saw_dead.get(accuser, -1) < incarnation:
+            # Declared dead by a member we never declared dead ourselves at that incarnation: the mesh went on without us.
+            self._buried_at = incarnation
+            buried.append(Buried(incarnation))
         if state == ALIVE:
             if incarnation <= self.incarnation:
                 return []  # our own news coming back
             # An ALIVE of ours we never sent (a forged or stale one) would outrank us: outbid it too.
         elif incarnation < self.incarnation:
-            return []  # already refuted
+            return buried  # already refuted
         else:
             self.refutations += 1
             self._raise_health()  # they could not hear us: we may be the slow one
-        buried: list[Action] = [Buried(incarnation)] if state in (DEAD, LEFT) and their_live > len(self.live()) else []
         self.incarnation = max(self.incarnation, incarnation) + 1
         rumor: Rumor = (ALIVE, self.me, self.address, self.incarnation, self.me)
         self._spread(rumor)
@@ -597,12 +622,20 @@ class Membership:
 
     def _send(self, member: Member, message: dict[str, Any], first: list[Rumor] | None = None) -> Send:
         message["r"] = self._piggyback(first or [])
-        message["n"] = len(self.live())
         return Send(member.node_id, member.address, message)
 
     def _tell_everyone(self, rumor: Rumor) -> list[Send]:
-        live = self.live()
-        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [list(rumor)], "n": len(live)}) for m in live]
+        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [list(rumor)]}) for m in self.live()]
+
+    def _tell_buried(self, member: Member, now: float) -> list[Action]:
+        """``member`` speaks though we buried it (it stalled, or was cut off): tell it, at most once per probe interval."""
+        if now - self._told_buried.get(member.node_id, -1e18) < self.timings.probe_interval_s:
+            return []
+        self._told_buried[member.node_id] = now
+        if len(self._told_buried) > _MAX_RELAYS:
+            del self._told_buried[next(iter(self._told_buried))]
+        rumor = [DEAD, member.node_id, member.address, member.incarnation, self.me]
+        return [Send(member.node_id, member.address, {"k": "ping", "seq": 0, "r": [rumor]})]
 
 
 def _overrides(state: str, incarnation: int, old_state: str, old_incarnation: int) -> bool:
@@ -610,8 +643,8 @@ def _overrides(state: str, incarnation: int, old_state: str, old_incarnation: in
     return (incarnation, _RANK[state]) > (old_incarnation, _RANK[old_state])
 
 
-def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None, int]:
-    """Check a whole message before any of it is used: ``(kind, seq, rumors, ping_req target, sender's live count)``."""
+def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None]:
+    """Check a whole message before any of it is used: ``(kind, seq, rumors, ping_req target)``."""
     _check(isinstance(message, dict), "a membership message is not a dict")
     kind = message.get("k")
     _check(isinstance(kind, str) and kind in _KINDS, f"unknown membership message kind {str(kind)[:40]!r}")
@@ -626,9 +659,7 @@ def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None, int]:
         _check(_is_id(target), "a ping_req's target is not a node id")
         address = message.get("address")
         _check(isinstance(address, str) and len(address) <= _MAX_ADDRESS, "a ping_req's address is not a str")
-    their_live = message.get("n", -1)  # absent: a peer that does not say (it cannot bury us)
-    _check(_is_int(their_live) or their_live == -1, "n is not an int in range")
-    return kind, seq, rumors, target, their_live
+    return kind, seq, rumors, target
 
 
 def _rumor(item: Any) -> Rumor:

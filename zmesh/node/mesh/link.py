@@ -256,7 +256,7 @@ class Mesh:
             # We buried it at an incarnation it has not passed (a partition, a long stall): tell it, so it
             # refutes with a higher one and comes back as itself.
             rumor = [membership.DEAD, sender, address, member.incarnation, self.node_id]
-            self._send_to(address, SWIM, {"k": "ping", "seq": 0, "r": [rumor], "n": len(self.membership.live())})
+            self._send_to(address, SWIM, {"k": "ping", "seq": 0, "r": [rumor]})
             return False
         self._run([self.gossip.sync_with(sender, address)])
         return True
