@@ -23,7 +23,7 @@ import zmq
 
 from zmesh.exceptions import NodeUnavailableError, ObjectLostError, TaskError, ZmeshError
 from zmesh.runtime import calls, objects, ownership
-from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_state
+from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_state, refuse
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.node_client import TO_NODE, NodeClient, node_error
 from zmesh.runtime.peers import ConnectFailed, Peers
@@ -395,7 +395,7 @@ class Runtime:
                     conn.state, conn.error = DEAD, dead
             if conn.state is ALIVE and not conn.queue:
                 alone = not conn.inflight
-                conn.inflight[oids[0]] = call
+                conn.send(call)
                 dest = conn.address
             elif conn.state is DEAD:
                 failed = conn.error
@@ -426,7 +426,7 @@ class Runtime:
                 sock = self.peers.get(dest)
             except ConnectFailed:
                 return False  # the I/O thread fails the call with the reason
-            sockets.send(sock, calls.message(_CALL, [call.header], call.frames))
+            sockets.send(sock, calls.message(_CALL, [call.header], call.frames, call.target))
             self._sync_call = (call.oids[0], sock)
             # Sending may have consumed the signal of an answer already waiting on this socket.
             if sockets.readable(sock):
@@ -478,6 +478,10 @@ class Runtime:
         self._loop.push((_TO_PEER, owner, protocol.encode(protocol.LOG, (prefix, stream, text))))
         return True
 
+    def send_to_caller(self, identity: bytes, frames: list[Any]) -> None:
+        """Send ``frames`` at once to the peer ``identity``, on the ROUTER it reached us by (any thread)."""
+        self._send_or_push_router([identity, *frames])
+
     def send_result(self, identity: bytes, header: tuple[Any, ...], frames: list[Any]) -> None:
         """Queue one call's result for its caller; ``header`` is a ``calls.result_entry``."""
         self._loop.push((_RESULT, identity, (header, frames)))
@@ -523,7 +527,7 @@ class Runtime:
             while outbox:
                 command, dest, body = outbox.popleft()
                 if command is _CALL:
-                    batcher.add(_CALL, dest, body.header, body.frames)
+                    batcher.add(_CALL, dest, body.header, body.frames, body.target)
                     continue
                 if command is _RESULT:
                     batcher.add(_RESULT, dest, body[0], body[1])
@@ -580,8 +584,10 @@ class Runtime:
             if message.address not in self.peers.gone:
                 self._send_to_peer(message.address, message.frames)
 
-    def _send_batch(self, kind: bytes, dest: Any, entries: list[tuple[Any, ...]], payload: list[Any]) -> None:
-        frames = calls.message(kind, entries, payload)
+    def _send_batch(
+        self, kind: bytes, dest: Any, target: calls.CallTarget | None, entries: list[tuple[Any, ...]], payload: list[Any]
+    ) -> None:
+        frames = calls.message(kind, entries, payload, target)
         if kind is _RESULT:
             self._send_router([dest, *frames])
             return
@@ -719,6 +725,8 @@ class Runtime:
         msg = protocol.decode(frames)
         if msg.type == protocol.RESULT:
             self._on_results(address, calls.split_results(msg))
+        elif msg.type == protocol.REFUSED:
+            self._on_refused(address, *calls.split_refusal(msg))
         elif msg.type == protocol.OBJECT and len(msg.header) == 2:
             oid, ok = msg.header
             with self._lock:
@@ -754,6 +762,16 @@ class Runtime:
         self._complete(results)
         del finished
 
+    def _on_refused(self, address: str, target: calls.CallTarget, refused: list[tuple[bytes, ...]]) -> None:
+        """The worker at ``address`` is not ``target``: the calls did not run; the node says what became of the actor."""
+        actor_id = ActorId(target[0])
+        with self._lock:
+            conn = self._actors.get(actor_id)
+            ask = conn is not None and refuse(conn, address, target[1], [ObjectId(oids[0]) for oids in refused])
+        if ask:
+            logger.info("the worker at %s refused calls for actor %s incarnation %d; asking the node", address, *target)
+            self._resolve(actor_id)
+
     def _serve_object(self, identity: bytes, oid: ObjectId) -> None:
         with self._lock:
             entry = self.objects.get_locked(oid)
@@ -785,11 +803,16 @@ class Runtime:
             step = apply_state(conn, state, incarnation, address, error) if conn is not None else None
             if step is None or conn is None:
                 return
+            for left in (step.gone, step.detach):
+                if left is not None and self._actor_at.get(left) is conn:
+                    del self._actor_at[left]
+            if step.gone is not None and step.gone in self._actor_at:
+                step.gone = None  # another actor's worker took that address since: its connection stays
             if step.gone is not None:
                 self.peers.mark_gone(step.gone)
-                self._actor_at.pop(step.gone, None)
             if conn.state is ALIVE and conn.address is not None:
                 self._actor_at[conn.address] = conn
+                self.peers.gone.discard(conn.address)  # a new worker may bind the address of a dead one
             elif conn.state is DEAD and conn.error is not None:
                 # Nothing is queued or in flight any more: keep only the error, for late calls.
                 del self._actors[actor_id]
@@ -801,7 +824,7 @@ class Runtime:
         if step.send and address is not None and on_io_thread:
             # The I/O thread holds the I/O lock: later calls can only queue behind these, never overtake them.
             for call in step.send:
-                self._batcher.add(_CALL, address, call.header, call.frames)
+                self._batcher.add(_CALL, address, call.header, call.frames, call.target)
             self._batcher.flush()
         for oids, err in step.fail:
             self._fail(oids, err)
