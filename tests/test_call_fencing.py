@@ -73,17 +73,27 @@ def _conn(handle: Any) -> Any:
     return rt._actors[handle._zmesh_actor_id]
 
 
-def _forge(handle: Any, *, address: str | None = None, incarnation: int | None = None) -> None:
-    """Make this process believe the actor lives at ``address`` / as ``incarnation``: a stale view, as after an unseen death."""
+def _stale_news(handle: Any, address: str | None) -> None:
+    """Tell this process, as its node would, that the actor lives at ``address``: news of a world that is gone.
+
+    As after the actor died unseen and another actor's worker bound its address.
+    """
+    rt = zmesh.runtime.current()
+    assert rt is not None
+    conn = _conn(handle)
+    assert conn.state == "ALIVE" and not conn.inflight and not conn.queue
+    rt._on_actor_state(handle._zmesh_actor_id, "ALIVE", conn.incarnation, address, None)
+    assert _conn(handle).address == address
+
+
+def _forge_incarnation(handle: Any, incarnation: int) -> None:
+    """Make this process believe the worker of the actor is ``incarnation`` (the node never reports an older one)."""
     rt = zmesh.runtime.current()
     assert rt is not None
     with rt._lock:
         conn = _conn(handle)
         assert conn.state == "ALIVE" and not conn.inflight and not conn.queue
-        if address is not None:
-            conn.address = address
-        if incarnation is not None:
-            conn.incarnation = incarnation
+        conn.incarnation = incarnation
 
 
 # ---------------------------------------------------------------------- a caller's stale view
@@ -97,11 +107,12 @@ def test_calls_for_an_actor_sent_to_another_actors_address_are_refused(driver: N
     b = cls.options(**options).remote(0)
     assert _get(a.get.remote()) == 100 and _get(b.get.remote()) == 0
     a_address = _conn(a).address
-    _forge(a, address=_conn(b).address)  # B bound A's old address after A died unseen
+    _stale_news(a, _conn(b).address)  # B bound A's old address after A died unseen
 
     with pytest.raises(ACTOR_GONE, match=a._zmesh_actor_id):
         _get(a.add.remote(1))
-    _forge_when_alive_again(a, a_address, b)
+    wait_for(lambda: _conn(a).state == "ALIVE" and _conn(a).address == a_address, timeout=20, what="A to be re-resolved")
+    _stale_news(a, _conn(b).address)
     refs = [a.add.remote(1) for _ in range(20)]
     answers = []
     for ref in refs:
@@ -118,12 +129,6 @@ def test_calls_for_an_actor_sent_to_another_actors_address_are_refused(driver: N
     assert _conn(a).address == a_address  # the caller asked the node and found A where it is
 
 
-def _forge_when_alive_again(handle: Any, address: str | None, other: Any) -> None:
-    """Once the caller has re-resolved ``handle`` (back at ``address``), make its view stale again: ``other``'s address."""
-    wait_for(lambda: _conn(handle).state == "ALIVE" and _conn(handle).address == address, timeout=20, what="A to be re-resolved")
-    _forge(handle, address=_conn(other).address)
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_call_tagged_with_an_older_incarnation_is_refused(driver: NodeProcess, kind: str) -> None:
@@ -133,7 +138,7 @@ def test_a_call_tagged_with_an_older_incarnation_is_refused(driver: NodeProcess,
     zmesh.kill(a, no_restart=False)
     assert _get(a.get.remote()) == 10  # restarted: __init__ ran again
     assert _conn(a).incarnation == 1
-    _forge(a, incarnation=0)
+    _forge_incarnation(a, 0)
 
     with pytest.raises(ActorUnavailableError, match=a._zmesh_actor_id):
         _get(a.add.remote(5))
@@ -147,7 +152,7 @@ def test_a_refused_call_with_retries_left_runs_once_on_the_actors_current_incarn
     assert _get(a.add.remote(1)) == 11
     zmesh.kill(a, no_restart=False)
     assert _get(a.get.remote()) == 10
-    _forge(a, incarnation=0)
+    _forge_incarnation(a, 0)
 
     assert _get(a.add.remote(5)) == 15  # refused by incarnation 1, re-resolved, sent again: ran once
     assert _get(a.get.remote()) == 15

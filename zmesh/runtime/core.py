@@ -77,7 +77,8 @@ class Runtime:
         self._lock = threading.Lock()
         self.objects = objects.ObjectStore(self._lock)
         self._actors: dict[ActorId, ActorConn] = {}
-        self._actor_at: dict[str, ActorConn] = {}
+        # The actors believed to live at each address: one, unless a stale view shares it with the actor there now.
+        self._actor_at: dict[str, list[ActorConn]] = {}
         # Dead actors remembered for late calls; bounded, so a long-lived driver stays small.
         self._dead_actors: Recent[ActorId, BaseException] = Recent(_REMEMBER_DEAD)
         self._oid_counter = itertools.count(1)
@@ -604,8 +605,7 @@ class Runtime:
     def _fail_unsent(self, address: str, entries: list[tuple[Any, ...]], error: BaseException) -> None:
         """Calls that could not be sent fail with the reason; they leave the in-flight table."""
         with self._lock:
-            conn = self._actor_at.get(address)
-            if conn is not None:
+            for conn in self._actor_at.get(address, ()):
                 for entry in entries:
                     conn.inflight.pop(entry[0][0], None)
         for entry in entries:
@@ -747,9 +747,13 @@ class Runtime:
         results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
         finished = []  # dropped after the lock: the refs they kept are released then
         with self._lock:
-            conn = self._actor_at.get(address)
+            at = self._actor_at.get(address, ())
             for oids, ok, parts, lent in items:
-                call = conn.inflight.pop(ObjectId(oids[0]), None) if conn is not None else None
+                call = None
+                for conn in at:
+                    call = conn.inflight.pop(ObjectId(oids[0]), None)
+                    if call is not None:
+                        break
                 if call is None:
                     continue  # a late answer from a worker already declared dead
                 finished.append(call)
@@ -804,14 +808,19 @@ class Runtime:
             if step is None or conn is None:
                 return
             for left in (step.gone, step.detach):
-                if left is not None and self._actor_at.get(left) is conn:
-                    del self._actor_at[left]
+                at = self._actor_at.get(left or "")
+                if left is not None and at is not None and conn in at:
+                    at.remove(conn)
+                    if not at:
+                        del self._actor_at[left]
             if step.gone is not None and step.gone in self._actor_at:
                 step.gone = None  # another actor's worker took that address since: its connection stays
             if step.gone is not None:
                 self.peers.mark_gone(step.gone)
             if conn.state is ALIVE and conn.address is not None:
-                self._actor_at[conn.address] = conn
+                at = self._actor_at.setdefault(conn.address, [])
+                if conn not in at:
+                    at.append(conn)
                 self.peers.gone.discard(conn.address)  # a new worker may bind the address of a dead one
             elif conn.state is DEAD and conn.error is not None:
                 # Nothing is queued or in flight any more: keep only the error, for late calls.
