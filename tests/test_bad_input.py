@@ -441,11 +441,11 @@ def test_garbage_to_node_is_dropped_and_node_keeps_serving(driver: NodeProcess) 
     assert zmesh_status_json()["dropped_messages"] >= 5
 
 
-def probe_call(sock: zmq.Socket, method: str, *args: Any) -> Any:
-    """Send one well-formed CALL as the runtime encodes it, and return the value of its RESULT."""
+def probe_call(sock: zmq.Socket, actor: Any, method: str, *args: Any) -> Any:
+    """Send one well-formed CALL to ``actor`` (incarnation 0) as the runtime encodes it, and return the value of its RESULT."""
     oid = os.urandom(16)
     slot, arg_frames = protocol.pack(serialization.dumps_args(args, {}))
-    sock.send_multipart(protocol.encode(protocol.CALL, (((oid,), method, None, slot),), arg_frames))
+    sock.send_multipart(protocol.encode(protocol.CALL, (actor._zmesh_actor_id, 0, ((oid,), method, None, slot)), arg_frames))
     msg = replies_until(sock, lambda m: m.type == protocol.RESULT and any(oid in h[0] for h in m.header))[-1]
     pos = 0
     for oids, ok, counts, result_slot in msg.header:
@@ -494,7 +494,7 @@ def test_garbage_to_actor_worker_is_dropped_and_actor_keeps_serving(driver: Node
         for frames in GARBAGE:
             sock.send_multipart(frames)
         # A well-formed call after the garbage is answered: the worker handled everything before it and lives.
-        assert probe_call(sock, "add", 10) == 11
+        assert probe_call(sock, counter, "add", 10) == 11
     assert pid_alive(worker_pid)
     assert zmesh.get([counter.add.remote(1) for _ in range(5)], timeout=10) == [12, 13, 14, 15, 16]
     assert actor_pid(counter) == worker_pid
@@ -506,11 +506,11 @@ def test_call_with_garbage_arguments_gets_an_error_result(driver: NodeProcess) -
     assert zmesh.get(counter.add.remote(1), timeout=10) == 1
     with raw_dealer(actor_address(counter)) as sock:
         oid = os.urandom(16)
-        sock.send_multipart(protocol.encode(protocol.CALL, (((oid,), "add", None, 1),), [UNPICKLABLE]))
+        sock.send_multipart(protocol.encode(protocol.CALL, (counter._zmesh_actor_id, 0, ((oid,), "add", None, 1)), [UNPICKLABLE]))
         header = replies_until(sock, lambda m: m.type == protocol.RESULT)[-1].header
         assert header[0][0] == (oid,) and header[0][1] is False
         with pytest.raises(AttributeError, match="no_such_method"):
-            probe_call(sock, "no_such_method")
+            probe_call(sock, counter, "no_such_method")
     assert zmesh.get(counter.add.remote(1), timeout=10) == 2
 
 

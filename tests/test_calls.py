@@ -19,23 +19,28 @@ oids = st.lists(st.binary(min_size=1, max_size=24), min_size=1, max_size=3).map(
 call = st.tuples(st.sampled_from(["a", "b"]), oids, st.sampled_from(["echo", "go"]), st.none() | st.just("io"), frames)
 
 
-def _wire(kind: bytes, dest: Any, entries: list[tuple[Any, ...]], payload: list[Any]) -> list[Any]:
+TARGET = ("a1b2c3d4e5f60718", 0)
+
+
+def _wire(kind: bytes, dest: Any, entries: list[tuple[Any, ...]], payload: list[Any], target: Any = None) -> list[Any]:
     """What a receiver gets: the frames as bytes, the header decoded as a peer would."""
-    return [b if type(b) is bytes else bytes(b) for b in calls.message(kind, entries, payload)]
+    return [b if type(b) is bytes else bytes(b) for b in calls.message(kind, entries, payload, target)]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(call, max_size=40))
 def test_calls_batched_and_split_come_back_whole_and_in_order(items: list[Any]) -> None:
     sent: list[tuple[str, list[Any]]] = []
-    batcher = calls.Batcher(lambda kind, dest, entries, payload: sent.append((dest, _wire(kind, dest, entries, payload))))
+    batcher = calls.Batcher(lambda kind, dest, target, entries, payload: sent.append((dest, _wire(kind, dest, entries, payload, target))))
     for dest, ids, method, group, args in items:
         entry, payload = calls.call_entry(ids, method, group, args)
-        batcher.add(calls.CALL, dest, entry, payload)
+        batcher.add(calls.CALL, dest, entry, payload, TARGET)
     batcher.flush()
     got = []
     for dest, wire in sent:
-        for _, ids, method, group, args in calls.split_calls(b"caller", protocol.decode(wire)):
+        target, split = calls.split_calls(b"caller", protocol.decode(wire))
+        assert target == TARGET
+        for _, ids, method, group, args in split:
             got.append((dest, ids, method, group, [bytes(f) for f in args]))
     assert got == [(d, i, m, g, a) for d, i, m, g, a in items]
     # Consecutive calls to one peer share a message: a new message starts only where the peer changes.
@@ -44,9 +49,9 @@ def test_calls_batched_and_split_come_back_whole_and_in_order(items: list[Any]) 
 
 def test_a_batch_holds_at_most_max_batch_entries() -> None:
     sent: list[int] = []
-    batcher = calls.Batcher(lambda kind, dest, entries, payload: sent.append(len(entries)))
+    batcher = calls.Batcher(lambda kind, dest, target, entries, payload: sent.append(len(entries)))
     for i in range(2 * calls.MAX_BATCH + 1):
-        batcher.add(calls.CALL, "a", *calls.call_entry((i.to_bytes(4, "big"),), "f", None, [b"x"]))
+        batcher.add(calls.CALL, "a", *calls.call_entry((i.to_bytes(4, "big"),), "f", None, [b"x"]), TARGET)
     batcher.flush()
     assert sent == [calls.MAX_BATCH, calls.MAX_BATCH, 1]
 
@@ -81,7 +86,7 @@ def test_results_batched_and_split_come_back_whole(items: list[Any]) -> None:
 )
 def test_malformed_call_batches_are_refused(entry: Any, payload: list[Any]) -> None:
     with pytest.raises(protocol.ProtocolError):
-        calls.split_calls(b"caller", protocol.decode(protocol.encode(protocol.CALL, (entry,), payload)))
+        calls.split_calls(b"caller", protocol.decode(protocol.encode(protocol.CALL, (*TARGET, entry), payload)))
 
 
 @pytest.mark.parametrize(

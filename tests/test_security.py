@@ -56,7 +56,7 @@ def _exploit_messages(path: str) -> list[list[bytes]]:
         [blob],
         [v + protocol.REQUEST + blob],
         [v + protocol.CALL + blob, blob],
-        [v + protocol.CALL + pickle.dumps((((b"x" * 16,), "echo", None, 1),)), blob],
+        [v + protocol.CALL + pickle.dumps(("a" * 16, 0, ((b"x" * 16,), "echo", None, 1))), blob],
         [protocol.HELLO_TAG, blob],
     ]
 
@@ -219,11 +219,11 @@ def test_no_secret_in_status_run_record_handle_or_process_arguments(driver: Node
         assert secret not in " ".join(f"{k}={v}" for k, v in proc.environ().items())
 
 
-def _fuzz_messages(rng: random.Random, count: int) -> Iterator[list[bytes]]:
+def _fuzz_messages(rng: random.Random, count: int, actor_id: str) -> Iterator[list[bytes]]:
     """Random, truncated, oversized and reordered messages, built from valid ones."""
     v = bytes([protocol.PROTOCOL_VERSION])
     valid = [
-        protocol.encode(protocol.CALL, (((b"f" * 16,), "double", None, 1),), [b"P" + pickle.dumps(((1,), {}))]),
+        protocol.encode(protocol.CALL, (actor_id, 0, ((b"f" * 16,), "double", None, 1)), [b"P" + pickle.dumps(((1,), {}))]),
         protocol.encode(protocol.REQUEST, (7, "status", ())),
         protocol.encode(protocol.GET_OBJECT, (b"o" * 16,)),
         protocol.encode(protocol.RESULT, (((b"r" * 16,), True, [1], (b"x",)),)),
@@ -296,7 +296,7 @@ def test_fuzz_node_and_worker_while_a_driver_keeps_calling(driver: NodeProcess) 
             member.client(sock)
             sock.connect(address)
             targets.append(sock)
-        for n, frames in enumerate(_fuzz_messages(rng, 10_000)):
+        for n, frames in enumerate(_fuzz_messages(rng, 10_000, echo._zmesh_actor_id)):
             targets[n % 2].send_multipart(frames)
         # The node answers the fuzzer's last valid-looking request only after all before it: a barrier.
         targets[0].send_multipart(protocol.encode(protocol.REQUEST, (99, "status", ())))

@@ -5,6 +5,12 @@ the next one's begin. A batch is one message: a header frame holding one entry
 per call (or result), then the payload frames the entries point into. Small
 frames travel inside their entry (``protocol.pack``), large ones as frames of
 their own, which ZeroMQ sends without a copy.
+
+A CALL batch names its target once, ahead of its entries: the actor id and the
+incarnation the caller believes the worker at that address hosts. Addresses are
+reused (a new worker may bind a dead one's port); the target is what a worker
+checks before it runs anything, and a batch meant for another target is answered
+with one REFUSED message listing the result ids of its calls.
 """
 
 from __future__ import annotations
@@ -20,14 +26,18 @@ MAX_BATCH = 512
 
 CALL = protocol.CALL
 RESULT = protocol.RESULT
+REFUSED = protocol.REFUSED
+
+# (actor id, incarnation): the one actor incarnation a CALL batch is meant for
+CallTarget = tuple[str, int]
 
 # (caller identity, result object ids, method name, concurrency group, argument frames)
 CallItem = tuple[bytes, tuple[bytes, ...], str, "str | None", list[Any]]
 # (result object ids, ok, the frames of each return value, whether the worker lent refs inside it)
 ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]], bool]
 
-# send(kind, destination, entries, payload frames)
-SendBatch = Callable[[bytes, Any, list[tuple[Any, ...]], list[Any]], None]
+# send(kind, destination, target (None for results), entries, payload frames)
+SendBatch = Callable[[bytes, Any, "CallTarget | None", list[tuple[Any, ...]], list[Any]], None]
 
 
 def call_entry(oids: tuple[bytes, ...], method: str, group: str | None, args: list[Any]) -> tuple[tuple[Any, ...], list[Any]]:
@@ -46,49 +56,69 @@ def result_entry(oids: tuple[bytes, ...], ok: bool, parts: list[list[Any]], lent
     return ((*entry, True) if lent else entry), frames
 
 
-def message(kind: bytes, entries: list[tuple[Any, ...]], payload: list[Any]) -> list[Any]:
-    """The frames of one batch."""
-    return [protocol.header_frame(kind, tuple(entries)), *payload]
+def message(kind: bytes, entries: list[tuple[Any, ...]], payload: list[Any], target: CallTarget | None = None) -> list[Any]:
+    """The frames of one batch; a CALL batch names its ``target`` first."""
+    header = tuple(entries) if target is None else (*target, *entries)
+    return [protocol.header_frame(kind, header), *payload]
 
 
 class Batcher:
-    """Consecutive entries of one kind for one destination leave as one message of at most MAX_BATCH entries."""
+    """Consecutive entries of one kind for one destination and target leave as one message of at most MAX_BATCH entries."""
 
-    __slots__ = ("_dest", "_entries", "_kind", "_payload", "_send")
+    __slots__ = ("_dest", "_entries", "_kind", "_payload", "_send", "_target")
 
     def __init__(self, send: SendBatch) -> None:
         self._send = send
         self._kind: bytes | None = None
         self._dest: Any = None
+        self._target: CallTarget | None = None
         self._entries: list[tuple[Any, ...]] = []
         self._payload: list[Any] = []
 
-    def add(self, kind: bytes, dest: Any, entry: tuple[Any, ...], frames: list[Any]) -> None:
-        if kind is not self._kind or dest != self._dest or len(self._entries) >= MAX_BATCH:
+    def add(self, kind: bytes, dest: Any, entry: tuple[Any, ...], frames: list[Any], target: CallTarget | None = None) -> None:
+        # Two actors may hold one address over time: a batch never mixes their calls.
+        if kind is not self._kind or dest != self._dest or target != self._target or len(self._entries) >= MAX_BATCH:
             self.flush()
-            self._kind, self._dest = kind, dest
+            self._kind, self._dest, self._target = kind, dest, target
         self._entries.append(entry)
         self._payload.extend(frames)
 
     def flush(self) -> None:
         if self._entries:
-            kind, dest, entries, payload = self._kind, self._dest, self._entries, self._payload
+            kind, dest, target, entries, payload = self._kind, self._dest, self._target, self._entries, self._payload
             self._entries, self._payload = [], []
             assert kind is not None
-            self._send(kind, dest, entries, payload)
-        self._kind = self._dest = None
+            self._send(kind, dest, target, entries, payload)
+        self._kind = self._dest = self._target = None
 
 
-def split_calls(identity: bytes, msg: protocol.Message) -> list[CallItem]:
-    """The calls of one CALL batch, in their order; ProtocolError if any entry is malformed."""
+def _target(header: tuple[Any, ...]) -> CallTarget:
+    """The (actor id, incarnation) a CALL or REFUSED header opens with; ProtocolError if it has none."""
+    if len(header) < 3:
+        raise protocol.ProtocolError("a call batch is not (actor id, incarnation, entry, ...)")
+    actor_id, incarnation = header[0], header[1]
+    if type(actor_id) is not str or type(incarnation) is not int or incarnation < 0:
+        raise protocol.ProtocolError("a call batch's target is not (actor id string, incarnation >= 0)")
+    return actor_id, incarnation
+
+
+def _oids_ok(oids: Any) -> bool:
+    return isinstance(oids, tuple) and bool(oids) and all(isinstance(o, bytes) for o in oids)
+
+
+def split_calls(identity: bytes, msg: protocol.Message) -> tuple[CallTarget, list[CallItem]]:
+    """The target of one CALL batch and its calls, in their order; ProtocolError if anything is malformed."""
+    header = msg.header
+    target = _target(header)
     items: list[CallItem] = []
     payload = msg.payload
     pos = 0
-    for entry in msg.header:
+    for index in range(2, len(header)):
+        entry = header[index]
         if not isinstance(entry, tuple) or len(entry) != 4:
             raise protocol.ProtocolError("a call entry is not (oids, method, group, frame count)")
         oids, method, group, slot = entry
-        if not isinstance(oids, tuple) or not oids or not all(isinstance(o, bytes) for o in oids):
+        if not _oids_ok(oids):
             raise protocol.ProtocolError("a call's result ids are not a non-empty tuple of bytes")
         if not isinstance(method, str) or not (group is None or isinstance(group, str)):
             raise protocol.ProtocolError("a call's method or group is not a string")
@@ -96,7 +126,22 @@ def split_calls(identity: bytes, msg: protocol.Message) -> list[CallItem]:
         items.append((identity, oids, method, group, frames))
     if pos != len(payload):
         raise protocol.ProtocolError("a call batch has frames no entry accounts for")
-    return items
+    return target, items
+
+
+def refusal(target: CallTarget, items: list[CallItem]) -> list[Any]:
+    """The REFUSED message answering a batch for ``target`` (not the receiver's actor and incarnation): none of it ran."""
+    return [protocol.header_frame(REFUSED, (*target, *(item[1] for item in items)))]
+
+
+def split_refusal(msg: protocol.Message) -> tuple[CallTarget, list[tuple[bytes, ...]]]:
+    """The target a worker refused and the result ids of the refused calls; ProtocolError if malformed."""
+    header = msg.header
+    target = _target(header)
+    refused = [header[index] for index in range(2, len(header))]
+    if msg.payload or not all(_oids_ok(oids) for oids in refused):
+        raise protocol.ProtocolError("a refusal is not (actor id, incarnation, result ids, ...)")
+    return target, refused
 
 
 def split_results(msg: protocol.Message) -> list[ResultItem]:

@@ -23,7 +23,7 @@ import zmq
 
 from zmesh.exceptions import NodeUnavailableError, ObjectLostError, TaskError, ZmeshError
 from zmesh.runtime import calls, objects, ownership
-from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_state
+from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_state, refuse
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.node_client import TO_NODE, NodeClient, node_error
 from zmesh.runtime.peers import ConnectFailed, Peers
@@ -77,7 +77,8 @@ class Runtime:
         self._lock = threading.Lock()
         self.objects = objects.ObjectStore(self._lock)
         self._actors: dict[ActorId, ActorConn] = {}
-        self._actor_at: dict[str, ActorConn] = {}
+        # The actors believed to live at each address: one, unless a stale view shares it with the actor there now.
+        self._actor_at: dict[str, list[ActorConn]] = {}
         # Dead actors remembered for late calls; bounded, so a long-lived driver stays small.
         self._dead_actors: Recent[ActorId, BaseException] = Recent(_REMEMBER_DEAD)
         self._oid_counter = itertools.count(1)
@@ -395,7 +396,7 @@ class Runtime:
                     conn.state, conn.error = DEAD, dead
             if conn.state is ALIVE and not conn.queue:
                 alone = not conn.inflight
-                conn.inflight[oids[0]] = call
+                conn.send(call)
                 dest = conn.address
             elif conn.state is DEAD:
                 failed = conn.error
@@ -426,7 +427,7 @@ class Runtime:
                 sock = self.peers.get(dest)
             except ConnectFailed:
                 return False  # the I/O thread fails the call with the reason
-            sockets.send(sock, calls.message(_CALL, [call.header], call.frames))
+            sockets.send(sock, calls.message(_CALL, [call.header], call.frames, call.target))
             self._sync_call = (call.oids[0], sock)
             # Sending may have consumed the signal of an answer already waiting on this socket.
             if sockets.readable(sock):
@@ -478,6 +479,10 @@ class Runtime:
         self._loop.push((_TO_PEER, owner, protocol.encode(protocol.LOG, (prefix, stream, text))))
         return True
 
+    def send_to_caller(self, identity: bytes, frames: list[Any]) -> None:
+        """Send ``frames`` at once to the peer ``identity``, on the ROUTER it reached us by (any thread)."""
+        self._send_or_push_router([identity, *frames])
+
     def send_result(self, identity: bytes, header: tuple[Any, ...], frames: list[Any]) -> None:
         """Queue one call's result for its caller; ``header`` is a ``calls.result_entry``."""
         self._loop.push((_RESULT, identity, (header, frames)))
@@ -523,7 +528,7 @@ class Runtime:
             while outbox:
                 command, dest, body = outbox.popleft()
                 if command is _CALL:
-                    batcher.add(_CALL, dest, body.header, body.frames)
+                    batcher.add(_CALL, dest, body.header, body.frames, body.target)
                     continue
                 if command is _RESULT:
                     batcher.add(_RESULT, dest, body[0], body[1])
@@ -580,8 +585,10 @@ class Runtime:
             if message.address not in self.peers.gone:
                 self._send_to_peer(message.address, message.frames)
 
-    def _send_batch(self, kind: bytes, dest: Any, entries: list[tuple[Any, ...]], payload: list[Any]) -> None:
-        frames = calls.message(kind, entries, payload)
+    def _send_batch(
+        self, kind: bytes, dest: Any, target: calls.CallTarget | None, entries: list[tuple[Any, ...]], payload: list[Any]
+    ) -> None:
+        frames = calls.message(kind, entries, payload, target)
         if kind is _RESULT:
             self._send_router([dest, *frames])
             return
@@ -598,8 +605,7 @@ class Runtime:
     def _fail_unsent(self, address: str, entries: list[tuple[Any, ...]], error: BaseException) -> None:
         """Calls that could not be sent fail with the reason; they leave the in-flight table."""
         with self._lock:
-            conn = self._actor_at.get(address)
-            if conn is not None:
+            for conn in self._actor_at.get(address, ()):
                 for entry in entries:
                     conn.inflight.pop(entry[0][0], None)
         for entry in entries:
@@ -719,6 +725,8 @@ class Runtime:
         msg = protocol.decode(frames)
         if msg.type == protocol.RESULT:
             self._on_results(address, calls.split_results(msg))
+        elif msg.type == protocol.REFUSED:
+            self._on_refused(address, *calls.split_refusal(msg))
         elif msg.type == protocol.OBJECT and len(msg.header) == 2:
             oid, ok = msg.header
             with self._lock:
@@ -739,9 +747,13 @@ class Runtime:
         results: list[tuple[ObjectId, list[Any] | None, bool, BaseException | None]] = []
         finished = []  # dropped after the lock: the refs they kept are released then
         with self._lock:
-            conn = self._actor_at.get(address)
+            at = self._actor_at.get(address, ())
             for oids, ok, parts, lent in items:
-                call = conn.inflight.pop(ObjectId(oids[0]), None) if conn is not None else None
+                call = None
+                for conn in at:
+                    call = conn.inflight.pop(ObjectId(oids[0]), None)
+                    if call is not None:
+                        break
                 if call is None:
                     continue  # a late answer from a worker already declared dead
                 finished.append(call)
@@ -753,6 +765,16 @@ class Runtime:
                 results.extend((ObjectId(oid), part, ok, None) for oid, part in zip(oids, parts, strict=True))
         self._complete(results)
         del finished
+
+    def _on_refused(self, address: str, target: calls.CallTarget, refused: list[tuple[bytes, ...]]) -> None:
+        """The worker at ``address`` is not ``target``: the calls did not run; the node says what became of the actor."""
+        actor_id = ActorId(target[0])
+        with self._lock:
+            conn = self._actors.get(actor_id)
+            ask = conn is not None and refuse(conn, address, target[1], [ObjectId(oids[0]) for oids in refused])
+        if ask:
+            logger.info("the worker at %s refused calls for actor %s incarnation %d; asking the node", address, *target)
+            self._resolve(actor_id)
 
     def _serve_object(self, identity: bytes, oid: ObjectId) -> None:
         with self._lock:
@@ -785,11 +807,21 @@ class Runtime:
             step = apply_state(conn, state, incarnation, address, error) if conn is not None else None
             if step is None or conn is None:
                 return
+            for left in (step.gone, step.detach):
+                at = self._actor_at.get(left or "")
+                if left is not None and at is not None and conn in at:
+                    at.remove(conn)
+                    if not at:
+                        del self._actor_at[left]
+            if step.gone is not None and step.gone in self._actor_at:
+                step.gone = None  # another actor's worker took that address since: its connection stays
             if step.gone is not None:
                 self.peers.mark_gone(step.gone)
-                self._actor_at.pop(step.gone, None)
             if conn.state is ALIVE and conn.address is not None:
-                self._actor_at[conn.address] = conn
+                at = self._actor_at.setdefault(conn.address, [])
+                if conn not in at:
+                    at.append(conn)
+                self.peers.gone.discard(conn.address)  # a new worker may bind the address of a dead one
             elif conn.state is DEAD and conn.error is not None:
                 # Nothing is queued or in flight any more: keep only the error, for late calls.
                 del self._actors[actor_id]
@@ -801,7 +833,7 @@ class Runtime:
         if step.send and address is not None and on_io_thread:
             # The I/O thread holds the I/O lock: later calls can only queue behind these, never overtake them.
             for call in step.send:
-                self._batcher.add(_CALL, address, call.header, call.frames)
+                self._batcher.add(_CALL, address, call.header, call.frames, call.target)
             self._batcher.flush()
         for oids, err in step.fail:
             self._fail(oids, err)

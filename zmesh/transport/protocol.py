@@ -35,9 +35,10 @@ REPLY = b"R"  # (req_id, ok, value); value is (error kind, message) when not ok
 ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
 PEER_GONE = b"g"  # (address,): a process this client may talk to has exited
 MEMBERSHIP = b"M"  # (node_id, address, state): a member joined, is suspected, died or left (to subscribers)
-# caller -> worker and back; each header is a batch of entries
-CALL = b"C"  # ((oids, method, group, packed arg frames), ...) + arg frames
+# caller -> worker and back; each header is a batch of entries for one actor incarnation
+CALL = b"C"  # (actor_id, incarnation, (oids, method, group, packed arg frames), ...) + arg frames
 RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
+REFUSED = b"f"  # (actor_id, incarnation, oids, ...): calls for another actor or incarnation, not run
 # borrower -> owner and back
 GET_OBJECT = b"G"  # (object_id,)
 OBJECT = b"O"  # (object_id, ok) + value frames
@@ -61,6 +62,7 @@ KNOWN_TYPES = frozenset(
         MEMBERSHIP,
         CALL,
         RESULT,
+        REFUSED,
         GET_OBJECT,
         OBJECT,
         LOG,

@@ -30,6 +30,10 @@ class Target(Protocol):
 
     rt: Runtime
     limits: dict[str, int]  # concurrency group -> how many of its calls may run at once
+    call_target: calls.CallTarget  # the actor and incarnation a CALL batch must name to run here
+
+    def refusal(self, target: calls.CallTarget, items: list[CallItem]) -> list[Any]:
+        """The frames refusing a batch meant for ``target`` (another actor or incarnation), unrun."""
 
     def group_of(self, method_name: str, group: str | None) -> str | None:
         """The group a call runs in; None for a group the target does not define."""
@@ -112,9 +116,15 @@ class Inline:
                 return
             if msg.type != protocol.CALL:
                 raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
-            items = calls.split_calls(frames[0], msg)
+            target, items = calls.split_calls(frames[0], msg)
         except (protocol.ProtocolError, serialization.DeserializationError) as exc:
             rt.drop(frames[0], exc)
+            return
+        if target != self.target.call_target:
+            try:
+                sockets.send(sock, [frames[0], *self.target.refusal(target, items)])
+            except zmq.ZMQError:
+                pass  # the caller is gone
             return
         last = len(items) - 1
         for index, item in enumerate(items):

@@ -92,6 +92,8 @@ class ActorWorker:
         self.rt = rt
         self.actor_id = actor_id
         self.incarnation = incarnation
+        # What every CALL batch must name to run here: calls for any other actor or incarnation are refused unrun.
+        self.call_target: calls.CallTarget = (str(actor_id), int(incarnation))
         adopt_code_path(spec.get("sys_path") or [])
         self.cls: type = serialization.loads_code(payload[0])
         self.class_name = spec["class_name"]
@@ -122,8 +124,17 @@ class ActorWorker:
     # --- receiving (I/O thread)
 
     def on_call(self, identity: bytes, msg: protocol.Message) -> None:
-        """A batch of calls from one caller, split into items in their order."""
-        self.executor.submit(calls.split_calls(identity, msg))
+        """A batch of calls from one caller, split into items in their order (on the I/O thread)."""
+        target, items = calls.split_calls(identity, msg)
+        if target != self.call_target:
+            self.rt.send_to_caller(identity, self.refusal(target, items))
+            return
+        self.executor.submit(items)
+
+    def refusal(self, target: calls.CallTarget, items: list[CallItem]) -> list[Any]:
+        """The answer to a batch meant for another actor or incarnation (a caller's stale view): none of it runs."""
+        logger.debug("refusing %d call(s) for actor %s incarnation %d: this is %s incarnation %d", len(items), *target, *self.call_target)
+        return calls.refusal(target, items)
 
     def log_direct(self, prefix: str, stream: str, text: str) -> bool:
         """Send a line printed during a call from the actor's creator ahead of that call's result.
