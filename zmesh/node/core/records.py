@@ -79,6 +79,10 @@ class ActorRecord:
         return "PENDING", self.incarnation, None, None
 
     def describe(self) -> dict[str, Any]:
+        # Detached is the lifetime the creator asked for (Ray's lifetime="detached"). ``owner`` is None on
+        # every node but the owner's, so it cannot tell; the mesh's rule (no owner client, no owner node)
+        # stands for records whose spec does not say (stubs mirrored from gossip).
+        detached = self.spec.get("detached")
         return {
             "node_id": self.host,
             "actor_id": self.actor_id,
@@ -88,7 +92,7 @@ class ActorRecord:
             "state": self.state,
             "pid": self.pid,
             "restarts": self.restarts,
-            "detached": self.owner is None,
+            "detached": bool(detached) if detached is not None else self.owner is None and not self.owner_node,
             "resources": self.demand,
             "error": self.error,
         }
