@@ -262,5 +262,11 @@ def format_status(status: dict[str, Any]) -> str:
             f"{m['actors']:>6} {m['pending']:>7}"
         )
     lines.append(f"clients: {status['clients']}   {counts}")
+    if "loop_lag_ms" in status:  # a node of an older version does not measure it
+        late, busy = status["loop_lag_ms"], status.get("loop_busy_ms") or {}
+        lines.append(
+            f"loop lag (last 60 s, ms): late p50 {late['p50']:g} p99 {late['p99']:g} max {late['max']:g}   "
+            f"busy p50 {busy.get('p50', 0):g} p99 {busy.get('p99', 0):g} max {busy.get('max', 0):g}"
+        )
     lines.append(f"security: {'CurveZMQ, cluster ' + status['cluster'] if status['secure'] else 'NONE (--insecure)'}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import zmq
 
 from zmesh.node.config import NodeConfig
 from zmesh.node.core import lifecycle, records
+from zmesh.node.core.lag import LoopLag
 from zmesh.node.core.records import ActorRecord, Client
 from zmesh.node.core.resources import Resources
 from zmesh.node.discovery import sources as discovery
@@ -83,6 +84,7 @@ class Node(MeshActors):
         self._dead: deque[ActorId] = deque()
         self._thread: threading.Thread | None = None
         self._poller = zmq.Poller()
+        self._lag = LoopLag()  # how late and how busy _loop runs, for status()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         if self._zap is not None:
@@ -204,7 +206,10 @@ class Node(MeshActors):
             wait_s = min(
                 0.5, max(0.0, min(self.mesh.next_deadline(), self._next_publish if self._entry_dirty else 1e18) - time.monotonic())
             )
-            events = self._poller.poll(int(wait_s * 1000) + 1)
+            timeout_ms = int(wait_s * 1000) + 1
+            due = time.monotonic() + timeout_ms / 1000
+            events = self._poller.poll(timeout_ms)
+            woke = time.monotonic()
             for sock, _ in events:
                 try:
                     if sock is self._router:
@@ -237,6 +242,7 @@ class Node(MeshActors):
             except Exception:
                 logger.exception("zmesh node: error in the mesh's timers; continuing")
             self._zygote.before_poll()
+            self._lag.iteration(due, woke, time.monotonic())
 
     def _shutdown(self) -> None:
         if self.mesh is not None:
@@ -817,6 +823,7 @@ class Node(MeshActors):
             "refused_connections": self._zap.refused if self._zap is not None else 0,
             "secure": not self.security.insecure,
             "cluster": self.security.key.fingerprint if self.security.key is not None else None,
+            **self._lag.summary(time.monotonic()),
         }
 
 
