@@ -46,14 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zmesh", description="A peer-to-peer actor mesh with Ray's actor API.")
     sub = parser.add_subparsers(dest="command", required=True)
     node = sub.add_parser("node", help="run a node in the foreground (Ctrl-C or SIGTERM stops it and its workers)")
-    node.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS", help="IP address to listen on (default 127.0.0.1)")
-    node.add_argument("--port", type=int, default=6390, help="TCP port (0 picks a free one; default 6390)")
+    # Flags that set a NodeConfig field default to None, so that --config can give the field instead (not both).
+    node.add_argument("--listen", default=None, metavar="ADDRESS", help="IP address to listen on (default 127.0.0.1)")
+    node.add_argument("--port", type=int, default=None, help="TCP port (0 picks a free one; default 6390)")
     node.add_argument(
         "--cluster-key", metavar="PATH", help="cluster key file (default: $ZMESH_CLUSTER_KEY_FILE, else your own per-user key)"
     )
-    node.add_argument("--insecure", action="store_true", help="no encryption or authentication at all: loopback only, for measuring")
+    node.add_argument(
+        "--insecure", action="store_true", default=None, help="no encryption or authentication at all: loopback only, for measuring"
+    )
     node.add_argument("--num-cpus", type=_amount_arg, default=None, help="CPUs to advertise (default: all)")
-    node.add_argument("--num-gpus", type=_amount_arg, default=0, help="GPUs to advertise (default 0)")
+    node.add_argument("--num-gpus", type=_amount_arg, default=None, help="GPUs to advertise (default 0)")
     node.add_argument("--resources", type=_resources, default=None, help="custom resources as JSON, e.g. '{\"special\": 1}'")
     node.add_argument("--log-level", type=_log_level, default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     node.add_argument("--cluster", metavar="NAME", help="cluster name: nodes of this host with the same name find each other")
@@ -66,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any node setting, e.g. probe_interval_s=0.1 (also $ZMESH_<KEY>); see zmesh/node/config.py",
+        help="any node setting, e.g. probe_interval_s=0.1 (also $ZMESH_<KEY>); see zmesh/node/config.py. "
+        "A setting with a flag of its own (port, num_cpus, cluster, ...) may be given either way, not both",
     )
     keygen = sub.add_parser("keygen", help="write a new cluster key file (mode 0600)")
     keygen.add_argument("path", nargs="?", help="where to write it (default: your per-user key file)")
@@ -122,33 +126,36 @@ def _keygen(path: str | None) -> int:
     return 0
 
 
+# The flags that set a NodeConfig field: argparse dest -> (flag, field).
+_NODE_FLAGS = {
+    "listen": ("--listen", "host"),
+    "port": ("--port", "port"),
+    "cluster_key": ("--cluster-key", "cluster_key"),
+    "insecure": ("--insecure", "insecure"),
+    "num_cpus": ("--num-cpus", "num_cpus"),
+    "num_gpus": ("--num-gpus", "num_gpus"),
+    "resources": ("--resources", "resources"),
+    "cluster": ("--cluster", "cluster"),
+    "join": ("--join", "join"),
+    "mdns": ("--mdns", "mdns"),
+}
+# What those flags mean when neither they nor --config give the setting; as always, these beat $ZMESH_<KEY>.
+_NODE_DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 6390, "num_gpus": 0.0, "resources": {}, "insecure": False}
+
+
 def _run_node(args: argparse.Namespace) -> int:
-    from zmesh.node.config import NodeConfig, parse_field
+    from zmesh.node.config import NodeConfig, cli_settings, parse_field
     from zmesh.node.daemon import Node
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings: dict[str, Any] = {}
-        for item in args.config:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--config takes KEY=VALUE, got {item!r}")
-            settings[key.strip()] = parse_field(key.strip(), value)
-        if args.join is not None:
-            settings["join"] = parse_field("join", args.join)
-        if args.mdns is not None:
-            settings["mdns"] = None if args.mdns == "auto" else args.mdns == "on"
-        config = NodeConfig.from_env(
-            **settings,
-            cluster=args.cluster,
-            host=args.listen,
-            port=args.port,
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            resources=args.resources or {},
-            cluster_key=args.cluster_key,
-            insecure=args.insecure,
-        )
+        given = {dest: getattr(args, dest) for dest in _NODE_FLAGS if getattr(args, dest) is not None}
+        for dest in ("join", "mdns"):  # given as text, as --config would give them
+            if dest in given:
+                given[dest] = parse_field(dest, given[dest])
+        flags = {field: (flag, given[dest]) for dest, (flag, field) in _NODE_FLAGS.items() if dest in given}
+        settings = {**_NODE_DEFAULTS, **cli_settings(args.config, flags)}
+        config = NodeConfig.from_env(**settings)
         node = Node(config)
     except (ValueError, OSError) as exc:
         print(f"zmesh node: {exc}", file=sys.stderr)
@@ -255,5 +262,11 @@ def format_status(status: dict[str, Any]) -> str:
             f"{m['actors']:>6} {m['pending']:>7}"
         )
     lines.append(f"clients: {status['clients']}   {counts}")
+    if "loop_lag_ms" in status:  # a node of an older version does not measure it
+        late, busy = status["loop_lag_ms"], status.get("loop_busy_ms") or {}
+        lines.append(
+            f"loop lag (last 60 s, ms): late p50 {late['p50']:g} p99 {late['p99']:g} max {late['max']:g}   "
+            f"busy p50 {busy.get('p50', 0):g} p99 {busy.get('p99', 0):g} max {busy.get('max', 0):g}"
+        )
     lines.append(f"security: {'CurveZMQ, cluster ' + status['cluster'] if status['secure'] else 'NONE (--insecure)'}")
     return "\n".join(lines)

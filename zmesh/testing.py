@@ -43,8 +43,11 @@ class NodeProcess:
     def __init__(self, run_dir: str, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.run_dir = run_dir
         self.env = {**os.environ, "ZMESH_RUN_DIR": run_dir, **(env or {})}
+        # A free port unless the caller chose one (the node refuses a setting given both as a flag and --config).
+        given = [a for i, a in enumerate(args) if a == "--port" or (i > 0 and args[i - 1] == "--config" and a.startswith("port="))]
+        port = [] if given else ["--port", "0"]
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "zmesh", "node", "--port", "0", *args],
+            [*(prefix or []), sys.executable, "-m", "zmesh", "node", *port, *args],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -145,6 +148,21 @@ FAST_MESH = {
 }
 
 
+def _config_text(value: Any) -> str:
+    """A node setting as ``--config KEY=VALUE`` takes it."""
+    import json
+
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "auto"  # the one setting that takes None (mdns)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 class LocalCluster:
     """N real `zmesh node` processes on 127.0.0.1 that form one mesh: for testing actor code across nodes.
 
@@ -157,17 +175,18 @@ class LocalCluster:
 
     The nodes share a private run directory and cluster name, so they find each other
     with no other setting; every process is stopped and the directory removed on exit,
-    also when the test fails. ``config`` overrides node settings (``zmesh/node/config.py``);
-    ``fast=True`` (the default) shrinks the failure-detection timings for quick tests.
+    also when the test fails. ``config`` sets any node setting (``zmesh/node/config.py``),
+    those with an argument here too (``num_cpus``, ``num_gpus``, ``resources``, ``cluster``), but
+    not both ways at once; ``fast=True`` (the default) shrinks the failure-detection timings for quick tests.
     """
 
     def __init__(
         self,
         nodes: int = 3,
-        num_cpus: float = 2,
+        num_cpus: float | None = None,
         resources: dict[str, float] | list[dict[str, float]] | None = None,
         *,
-        num_gpus: float = 0,
+        num_gpus: float | None = None,
         config: dict[str, Any] | None = None,
         fast: bool = True,
         env: dict[str, str] | None = None,
@@ -175,14 +194,17 @@ class LocalCluster:
     ) -> None:
         if nodes < 1:
             raise ValueError(f"a LocalCluster needs at least one node, got {nodes}")
+        for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resources", resources)):
+            if value is not None and key in (config or {}):
+                raise ValueError(f"{key} is given both as an argument and in config; give only one")
         self.size = nodes
-        self.num_cpus = num_cpus
-        self.num_gpus = num_gpus
+        self.num_cpus = num_cpus if num_cpus is not None else 2
+        self.num_gpus = num_gpus if num_gpus is not None else 0
         self.resources = resources
-        self.config = {**(FAST_MESH if fast else {}), **{k: str(v) for k, v in (config or {}).items()}}
+        self.config = {**(FAST_MESH if fast else {}), **{k: _config_text(v) for k, v in (config or {}).items()}}
         self.env = dict(env or {})
         self.timeout = timeout
-        self.name = f"lc-{os.getpid()}-{os.urandom(3).hex()}"
+        self.name = self.config.get("cluster") or f"lc-{os.getpid()}-{os.urandom(3).hex()}"
         self.nodes: list[NodeProcess] = []
         self.run_dir = ""
         self._frozen: set[int] = set()
@@ -211,11 +233,17 @@ class LocalCluster:
             resources = resources if resources is not None else (self.resources[i] if i < len(self.resources) else None)
         elif resources is None:
             resources = self.resources
-        args = ["--cluster", self.name, "--num-cpus", str(self.num_cpus), "--num-gpus", str(self.num_gpus)]
+        if resources and "resources" in self.config:
+            raise ValueError("resources are given both as an argument and in config; give only one")
+        flags = {"cluster": self.name, "num_cpus": str(self.num_cpus), "num_gpus": str(self.num_gpus)}
         if resources:
             import json
 
-            args += ["--resources", json.dumps(resources)]
+            flags["resources"] = json.dumps(resources)
+        args = []
+        for key, value in flags.items():
+            if key not in self.config:  # config gives it instead
+                args += ["--" + key.replace("_", "-"), value]
         for key, value in self.config.items():
             args += ["--config", f"{key}={value}"]
         return args
@@ -251,6 +279,8 @@ class LocalCluster:
         """Make this process a driver of node ``i`` (``zmesh.init``); ``close()`` shuts it down."""
         import zmesh
 
+        if "cluster_key" in self.config:
+            init_options.setdefault("cluster_key", self.config["cluster_key"])
         info = zmesh.init(address=self.nodes[i].address, **init_options)
         self._connected = True
         return info
@@ -267,10 +297,15 @@ class LocalCluster:
 
     def _ask(self, i: int, op: str, *args: Any, timeout: float = 5.0) -> Any:
         from zmesh.node.admin import request
+        from zmesh.node.config import parse_field
         from zmesh.transport.security import Security, resolve_key
 
-        key, _ = resolve_key(self.env.get("ZMESH_CLUSTER_KEY_FILE") or os.environ.get("ZMESH_CLUSTER_KEY_FILE"))
-        return request(f"tcp://{self.nodes[i].address}", op, args, security=Security(key), timeout=timeout)
+        if parse_field("insecure", self.config.get("insecure", "off")):
+            security = Security(None)
+        else:
+            path = self.config.get("cluster_key") or self.env.get("ZMESH_CLUSTER_KEY_FILE") or os.environ.get("ZMESH_CLUSTER_KEY_FILE")
+            security = Security(resolve_key(path)[0])
+        return request(f"tcp://{self.nodes[i].address}", op, args, security=security, timeout=timeout)
 
     def live_indexes(self) -> list[int]:
         return [i for i, n in enumerate(self.nodes) if n.proc.poll() is None and i not in self._frozen]

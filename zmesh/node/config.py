@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import math
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -94,8 +96,8 @@ class NodeConfig:
             parse_seed(seed)
         for name in ("num_cpus", "num_gpus", "memory"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         validate_resources(self.resources)
         if self.keep_dead_actors < 0:
             raise ValueError(f"keep_dead_actors must be >= 0, got {self.keep_dead_actors}")
@@ -108,7 +110,7 @@ class NodeConfig:
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
-            raise ValueError(f"listen address must be an IP address, got {self.host!r}") from None
+            raise ValueError(f"listen address (host) must be an IP address, got {self.host!r}") from None
         if self.insecure and not self.loopback:
             raise ValueError(f"--insecure is allowed on loopback only, not on {self.host}")
 
@@ -148,9 +150,11 @@ def parse_field(name: str, raw: str) -> Any:
             return json.loads(raw)
         if name == "join":
             return tuple(s.strip() for s in raw.split(",") if s.strip())
+        if name == "mdns" and raw.lower() == "auto":
+            return None
         if name in ("mdns", "advertise", "insecure"):
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError("expected on/off")
+                raise ValueError("expected on or off" + (" or auto" if name == "mdns" else ""))
             return raw.lower() in ("1", "true", "yes", "on")
         if name in ("cluster", "host", "cluster_key"):
             return raw
@@ -159,3 +163,23 @@ def parse_field(name: str, raw: str) -> Any:
         return float(raw)
     except ValueError as exc:
         raise ValueError(f"bad value {raw!r} for node setting {name}: {exc}") from None
+
+
+def cli_settings(items: Sequence[str], flags: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Node settings from ``--config KEY=VALUE`` items and from flags (``{field: (flag, value)}``, given ones only).
+
+    A setting given both ways is refused rather than one silently winning: which was meant is a guess.
+    Raises ValueError naming the bad item, key or value.
+    """
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--config takes KEY=VALUE, got {item!r}")
+        settings[key] = parse_field(key, raw)
+    for field, (flag, value) in flags.items():
+        if field in settings:
+            raise ValueError(f"{flag} and --config {field}=... both set {field}; give only one")
+        settings[field] = value
+    return settings

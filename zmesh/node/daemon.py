@@ -22,6 +22,7 @@ import zmq
 from zmesh.node.config import NodeConfig
 from zmesh.node.core import membership, records
 from zmesh.node.core.departures import Departures
+from zmesh.node.core.lag import LoopLag
 from zmesh.node.core.resources import Resources
 from zmesh.node.core.table import ActorTable, Chores
 from zmesh.node.discovery import sources as discovery
@@ -93,6 +94,7 @@ class Node:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._poller = zmq.Poller()
+        self._lag = LoopLag()  # how late and how busy _loop runs, for status()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         if self._zap is not None:
@@ -203,7 +205,10 @@ class Node:
         while not self._stopping:
             now = time.monotonic()
             deadline = min(self.mesh.next_deadline(), self._next_publish if chores.publish else 1e18, chores.schedule_at)
-            events = self._poller.poll(int(min(0.5, max(0.0, deadline - now)) * 1000) + 1)
+            timeout_ms = int(min(0.5, max(0.0, deadline - now)) * 1000) + 1
+            due = now + timeout_ms / 1000
+            events = self._poller.poll(timeout_ms)
+            woke = time.monotonic()
             for sock, _ in events:
                 try:
                     if sock is self._router:
@@ -223,6 +228,7 @@ class Node:
             except Exception:
                 logger.exception("zmesh node: error in the mesh's timers; continuing")
             self._zygote.before_poll()
+            self._lag.iteration(due, woke, time.monotonic())
 
     def _chores(self, now: float) -> None:
         chores = self.chores
@@ -419,4 +425,5 @@ class Node:
             "refused_connections": self._zap.refused if self._zap is not None else 0,
             "secure": not self.security.insecure,
             "cluster": self.security.key.fingerprint if self.security.key is not None else None,
+            **self._lag.summary(time.monotonic()),
         }

@@ -14,7 +14,7 @@ from zmq.utils import monitor as zmq_monitor
 from zmesh.exceptions import ActorAlreadyExistsError, ActorDiedError, NodeUnavailableError, ZmeshError
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.transport import protocol, sockets
-from zmesh.transport.security import Security
+from zmesh.transport.security import HANDSHAKE_FAILED, Security, handshake_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ _NODE_ERRORS: dict[str, type[Exception]] = {
 
 # The item pushed to the I/O thread for a message to the node.
 TO_NODE = b"N"
+
+# Handshakes the node ends, one after another, before we believe it will never let us in: a single one may
+# be a node going down; ZeroMQ retries every 50 ms, so two cost about that.
+_REFUSALS_TO_GIVE_UP = 2
 
 
 def node_error(value: Any) -> Exception:
@@ -85,9 +89,15 @@ class NodeClient:
         self._requests: dict[int, OnReply] = {}
         self._ids = itertools.count(1)
         self._welcome = Reply()
+        self._security = security
+        # Whether a handshake with the node ever succeeded: only then can it go away.
         self._connected = False
-        # The kernel tells us at once when a same-host node dies; we learn it from the monitor.
-        self.socket, monitor = sockets.dealer(ctx, security, address, identity, monitor=zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._refusals = 0
+        self._refused: str | None = None
+        # The kernel tells us at once when a same-host node dies, and the node's handshake tells us at once
+        # that it will not let us in; we learn both from the monitor.
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+        self.socket, monitor = sockets.dealer(ctx, security, address, identity, monitor=events)
         assert monitor is not None
         self._monitor = monitor
         loop.watch(self.socket, self._on_message)
@@ -105,6 +115,8 @@ class NodeClient:
     def hello(self, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Introduce this process; both sides check they can understand each other. Returns the node's welcome."""
         self._welcome = Reply()
+        if self._refused is not None:  # found before this Reply existed (the I/O thread sets it first)
+            self._welcome(False, self._refused, [])
         self._loop.push((TO_NODE, None, protocol.encode_json(protocol.HELLO_TAG, fields)))
         if not self._welcome.event.wait(timeout):
             raise NodeUnavailableError(
@@ -170,7 +182,15 @@ class NodeClient:
     # --- the I/O thread
 
     def send_now(self, frames: list[Any]) -> None:
-        sockets.send(self.socket, frames)
+        try:
+            # Never blocks while ZeroMQ keeps a queue to the node (unbounded, even before it connects): only
+            # when it gave the node up for good, after a protocol error in the handshake. Blocking then
+            # would hang this thread for ever.
+            sockets.send(self.socket, frames, zmq.NOBLOCK)
+        except zmq.Again:
+            if self._connected and self.lost is None:
+                self._lose(f"the zmesh node at {self.address} broke the connection (a protocol error)")
+            return  # not connected yet: the monitor says why, and hello() fails with it
         self._loop.touched(self.socket)
 
     def _on_message(self, frames: list[Any]) -> None:
@@ -197,9 +217,16 @@ class NodeClient:
                 event = zmq_monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_CONNECTED:
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._connected = True
-            elif event["event"] == zmq.EVENT_DISCONNECTED and self._connected and self.lost is None:
+                self._refusals = 0
+            elif kind & HANDSHAKE_FAILED and not self._connected and self._refused is None:
+                self._refusals += 1
+                if self._refusals >= _REFUSALS_TO_GIVE_UP or kind != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    self._refused = handshake_refusal(kind, self._security.key)
+                    self._welcome(False, self._refused, [])
+            elif kind == zmq.EVENT_DISCONNECTED and self._connected and self.lost is None:
                 self._lose(f"the zmesh node at {self.address} went away")
 
     def _lose(self, why: str) -> None:

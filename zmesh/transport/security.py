@@ -169,6 +169,28 @@ class Security:
         return cls(key, int(env["max_message_bytes"]))
 
 
+# Monitor events of a client whose handshake a server ended: the peer is there but will not talk to us.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+
+def handshake_refusal(event: int, key: ClusterKey | None) -> str:
+    """Why a server ended our handshake, for the user: the key is named by its fingerprint, never shown.
+
+    With CURVE, a server that holds another key cannot even read our hello and just hangs up
+    (no detail): the likely cause is the key, which is what the words say.
+    """
+    failed = "the CurveZMQ handshake failed"
+    if key is None:
+        return f"{failed}: it requires CurveZMQ and this process connects without ($ZMESH_INSECURE=1, or an --insecure node's record)"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f"{failed}: it does not speak CurveZMQ (it runs --insecure, or is not a zmesh node)"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        why = f"it does not accept the cluster key this process used (fingerprint {key.fingerprint})"
+    else:
+        why = f"it holds another cluster key than the one this process used (fingerprint {key.fingerprint}), or runs --insecure"
+    return f"{failed}: {why}; give the cluster's key file (cluster_key=, --cluster-key or ${KEY_ENV})"
+
+
 class ZapHandler:
     """Answers the ZAP requests of one ZeroMQ context: only CURVE clients holding the cluster key get in.
 

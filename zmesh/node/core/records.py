@@ -82,8 +82,13 @@ class ActorRecord:
         return "PENDING", self.incarnation, None, None
 
     def detached(self) -> bool:
-        """Ray's lifetime="detached": owned by no process (a record placed from another node has no local owner either)."""
-        return self.owner is None and not self.owner_node
+        """Ray's lifetime="detached", as the creator asked for it.
+
+        ``owner`` is None on every node but the owner's, so it cannot tell; the mesh's rule (no owner
+        client, no owner node) stands for records whose spec does not say (stubs mirrored from gossip).
+        """
+        asked = self.spec.get("detached")
+        return bool(asked) if asked is not None else self.owner is None and not self.owner_node
 
     def row(self) -> ActorRow:
         """What gossip tells the mesh of this actor."""
