@@ -64,6 +64,8 @@ class NodeConfig:
     affinity_wait_s: float = 10.0
     # A name's home frees a claim whose actor gossip has not shown for this long (its release was lost).
     name_grace_s: float = 5.0
+    # Two live holders of one name (a healed partition) must last this long before the younger loses it.
+    name_conflict_s: float = 2.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> NodeConfig:
@@ -103,7 +105,7 @@ class NodeConfig:
             raise ValueError(f"keep_dead_actors must be >= 0, got {self.keep_dead_actors}")
         if not isinstance(self.keepers, int) or not 0 <= self.keepers <= 8:
             raise ValueError(f"keepers must be an int in 0..8, got {self.keepers!r}")
-        if not (self.affinity_wait_s >= 0 and self.name_grace_s > 0):
+        if not (self.affinity_wait_s >= 0 and self.name_grace_s > 0 and self.name_conflict_s >= 0):
             raise ValueError(f"affinity_wait_s must be >= 0 and name_grace_s > 0, got {self.affinity_wait_s!r}, {self.name_grace_s!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")

@@ -154,6 +154,10 @@ class Node:
 
     def on_buried(self, incarnation: int) -> None:
         self.actors.on_buried(incarnation)
+        # At once, not at the next round: the refutation that follows re-sends our entry at a new
+        # incarnation, and it must not carry the buried actors back into the others' views.
+        self.chores.publish = False
+        self.mesh.set_entry(self.actors.entry(), time.monotonic())
 
     # ------------------------------------------------------------------ lifecycle
 

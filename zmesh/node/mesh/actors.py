@@ -134,7 +134,8 @@ class MeshActors:
         self.relay.follow(touched)
         self.deaths.fence_replaced(touched)
         self.names.resolve_conflicts(
-            {(row.namespace, row.name) for a in touched if (seen := self._view.actors.get(a)) and (row := seen[1]).name is not None}
+            {(row.namespace, row.name) for a in touched if (seen := self._view.actors.get(a)) and (row := seen[1]).name is not None},
+            time.monotonic(),
         )
         self._chores.schedule = True
 

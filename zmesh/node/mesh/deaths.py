@@ -135,6 +135,8 @@ class Deaths:
                 continue
             if record.host == node_id or (record.host is None and record.origin == node_id and record.state != records.WAITING):
                 self._host_died(record, node_id, how, live)
+            elif record.host is None and record.state == records.RESTARTING and node_id in record.keepers:
+                self._keeper_died(record, live)
 
     def _host_died(self, record: ActorRecord, node_id: str, how: str, live: set[str]) -> None:
         seen = self._view.actors.get(record.actor_id)
@@ -163,6 +165,21 @@ class Deaths:
             lifecycle.next_incarnation(record, records.RESTARTING)  # a keeper creates it; gossip shows where
             self._table.set_host(record, None)
             self._hosted.notify(record)
+
+    def _keeper_died(self, record: ActorRecord, live: set[str]) -> None:
+        """The keeper that was to create ``record`` again died too (two nodes lost together): the next one acts."""
+        if keepers.recreator(record.keepers, live) != self._me or not (record.class_key and record.class_key in self._table.classes):
+            return
+        logger.info(
+            "actor %s (%s): its host and the keepers before this node are gone; creating it again", record.class_name, record.actor_id
+        )
+        # Its restart was counted when its host died; the incarnation still rises, above any copy a dead keeper made.
+        record.incarnation = keepers.next_incarnation(record.incarnation, record.keepers.index(self._me))
+        record.state = records.WAITING
+        record.tried.clear()
+        record.keepers = []
+        self._placement.enqueue(record)
+        self._hosted.notify(record)
 
     # ------------------------------------------------------------------ fencing
 

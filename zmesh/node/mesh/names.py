@@ -49,6 +49,7 @@ class Names:
         self._chores = chores
         self.claims = registry.Claims()
         self._next_prune = 0.0
+        self._conflicts: dict[registry.Name, float] = {}  # names two live actors hold: since when
 
     def home(self, key: registry.Name) -> str:
         home = registry.home_of(key, self._mesh.live())
@@ -138,7 +139,9 @@ class Names:
             self._mesh.reply(sender, rid, True, None)
 
     def tick(self, now: float) -> None:
-        """Free the claims whose actor gossip stopped showing (its release was lost with its sender)."""
+        """Free the claims whose actor gossip stopped showing (its release was lost with its sender); settle conflicts."""
+        if self._conflicts:
+            self.resolve_conflicts(list(self._conflicts), now)
         if now < self._next_prune or not len(self.claims):
             return
         self._next_prune = now + self._config.sync_interval_s
@@ -202,15 +205,25 @@ class Names:
 
     # ------------------------------------------------------------------ after a heal
 
-    def resolve_conflicts(self, keys: Iterable[registry.Name]) -> None:
-        """Two live actors with one name (granted on both sides of a partition): the younger loses the name."""
+    def resolve_conflicts(self, keys: Iterable[registry.Name], now: float) -> None:
+        """Two live actors with one name (granted on both sides of a partition): the younger loses the name.
+
+        Only a conflict that lasts: a node that rejoins after a stall shows its old entry for a moment,
+        before it learns that the mesh buried what it lists, and that must not cost a live actor its name.
+        """
         for key in keys:
             record = self._table.named(key)
             seen = self._view.names.get(key)
             if record is None or record.host != self._me or seen is None or seen[0].actor_id == record.actor_id:
+                self._conflicts.pop(key, None)
                 continue
             mine = Holder(record.actor_id, record.created_at)
-            if registry.pick_winner([mine, seen[0]]) != mine:
+            if registry.pick_winner([mine, seen[0]]) == mine:
+                self._conflicts.pop(key, None)
+                continue
+            since = self._conflicts.setdefault(key, now)
+            if now - since >= self._config.name_conflict_s:
+                del self._conflicts[key]
                 logger.warning(
                     "actor %s (%s) loses the name %r in namespace %r to actor %s: both were created while the mesh was split; "
                     "it keeps running for the handles that reach it",
