@@ -142,7 +142,7 @@ class MeshActors:
         self._rebuild_view()
         self._reschedule = True
 
-    def on_entries(self, node_ids: list[str]) -> None:
+    def on_entries(self, changes: list[Any]) -> None:
         self._rebuild_view()
         self._follow_moved_actors()
         self._fence_replaced_actors()
