@@ -40,6 +40,7 @@ KEEP_VERSIONS = 100  # deletion markers older than this many versions are droppe
 MAX_MARKERS = 10_000  # and at most this many are kept per entry
 MAX_ITEMS = 100_000  # items of one entry, all sections together; also the most in one delta
 MAX_FIELDS = 256  # top-level fields of one entry
+MAX_KEY = 1024  # characters in an item's key (actor ids have 16)
 
 _FIELD = ""  # the "section" of top-level fields in the stamp log; a section's name is never empty
 _MISSING = object()
@@ -256,7 +257,7 @@ def split(data: dict[str, Any], sections: Collection[str]) -> tuple[dict[str, An
     for name, value in data.items():
         _check(isinstance(name, str), "an entry's field name is not a str")
         if name in sections:
-            _check(isinstance(value, dict) and all(map(_is_id, value)), f"section {name!r} is not a dict keyed by short strs")
+            _check(isinstance(value, dict) and all(map(_is_key, value)), f"section {name!r} is not a dict keyed by strs")
             parts[name] = value
         else:
             fields[name] = value
@@ -279,13 +280,17 @@ def parse(raw: Any, sections: Collection[str]) -> Delta:
     count = 0
     for section, part in items.items():
         _check(section in sections and isinstance(part, dict), "a delta's items are not {section: {key: value}}")
-        _check(all(map(_is_id, part)), "an item's key is not a short str")
+        _check(all(map(_is_key, part)), "an item's key is not a str of at most 1024")
         count += len(part)
     for section, keys in deleted.items():
         _check(section in sections and isinstance(keys, list), "a delta's deletions are not {section: [key, ...]}")
-        _check(all(map(_is_id, keys)), "a deleted key is not a short str")
+        _check(all(map(_is_key, keys)), "a deleted key is not a str of at most 1024")
         _check(not set(keys) & items.get(section, {}).keys(), "a delta both changes and deletes an item")
         count += len(keys)
     _check(count <= MAX_ITEMS, "a delta carries more than 100000 items")
     _check(since > 0 or not any(deleted.values()), "a full entry carries deletions")
     return Delta(node_id, incarnation, since, version, fields, items, deleted)
+
+
+def _is_key(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_KEY
