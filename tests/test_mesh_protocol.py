@@ -230,7 +230,7 @@ junk = st.recursive(
 )
 
 
-@given(junk, st.dictionaries(st.sampled_from(["k", "seq", "r", "target", "address", "entries", "digest", "want"]), junk, max_size=5))
+@given(junk, st.dictionaries(st.sampled_from(["k", "seq", "r", "target", "address", "deltas", "digest", "want"]), junk, max_size=5))
 def test_garbage_is_refused_with_a_value_error_and_changes_nothing(anything: Any, fields: dict[str, Any]) -> None:
     core = Membership("me", "a-me", MembershipTimings(), 0.0, random.Random(0))
     core.add("p", "a-p", 0, 0.0)
@@ -256,15 +256,20 @@ def test_gossip_spreads_deltas_and_sync_repairs_losses() -> None:
 
 def test_an_entry_never_goes_backwards_and_the_forgotten_stay_forgotten() -> None:
     g = Gossip("me", 0, {}, GossipTimings(), 0.0, random.Random(0))
-    g.receive("p", {"k": "push", "entries": [["x", 1, 5, {"v": 5}]]}, 0.0)
-    g.receive("p", {"k": "push", "entries": [["x", 1, 4, {"v": 4}], ["x", 0, 9, {"v": 9}]]}, 0.0)
+
+    def whole(node: str, incarnation: int, version: int, data: dict[str, Any]) -> dict[str, Any]:
+        return {"k": "push", "deltas": [[node, incarnation, 0, version, data, {}, {}]]}
+
+    g.receive("p", whole("x", 1, 5, {"v": 5}), 0.0)
+    g.receive("p", whole("x", 1, 4, {"v": 4}), 0.0)
+    g.receive("p", whole("x", 0, 9, {"v": 9}), 0.0)
     assert g.entry("x").data == {"v": 5}  # type: ignore[union-attr]
-    g.receive("p", {"k": "push", "entries": [["me", 9, 9, {"forged": True}]]}, 0.0)
+    g.receive("p", whole("me", 9, 9, {"forged": True}), 0.0)
     assert g.entry("me").data == {}  # type: ignore[union-attr]
     g.forget("x", 1)
-    g.receive("p", {"k": "push", "entries": [["x", 1, 99, {"v": 99}]]}, 0.0)
+    g.receive("p", whole("x", 1, 99, {"v": 99}), 0.0)
     assert g.entry("x") is None
-    g.receive("p", {"k": "push", "entries": [["x", 2, 1, {"v": "reborn"}]]}, 0.0)
+    g.receive("p", whole("x", 2, 1, {"v": "reborn"}), 0.0)
     assert g.entry("x").data == {"v": "reborn"}  # type: ignore[union-attr]
 
 

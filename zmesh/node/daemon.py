@@ -22,6 +22,7 @@ import zmq
 from zmesh.node.config import NodeConfig
 from zmesh.node.core import membership, records
 from zmesh.node.core.departures import Departures
+from zmesh.node.core.entry import EntryChange
 from zmesh.node.core.lag import LoopLag
 from zmesh.node.core.resources import Resources
 from zmesh.node.core.table import ActorTable, Chores
@@ -146,8 +147,8 @@ class Node:
     def on_member(self, change: membership.Changed) -> None:
         self.actors.on_member(change)
 
-    def on_entries(self, node_ids: list[str]) -> None:
-        self.actors.on_entries(node_ids)
+    def on_entries(self, changes: list[EntryChange]) -> None:
+        self.actors.on_entries(changes)
 
     def on_app(self, sender: str, kind: str, body: dict[str, Any], payload: list[Any], rid: int | None) -> None:
         self.actors.on_app(sender, kind, body, payload, rid)

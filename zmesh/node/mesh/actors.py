@@ -21,6 +21,7 @@ from typing import Any
 
 from zmesh.node.core import membership, records
 from zmesh.node.core.departures import Departures
+from zmesh.node.core.entry import EntryChange
 from zmesh.node.core.records import Client
 from zmesh.node.core.resources import Resources
 from zmesh.node.core.table import ActorTable, Chores
@@ -114,17 +115,20 @@ class MeshActors:
         self.placement.rechoose_keepers()
         self._chores.schedule = True
 
-    def on_entries(self, node_ids: list[str]) -> None:
+    def on_entries(self, changes: list[EntryChange]) -> None:
         live = set(self._mesh.live())
         touched: set[str] = set()
-        for node_id in node_ids:
+        for change in changes:
+            node_id = change.node_id
             entry = self._mesh.gossip.entry(node_id)
             if node_id == self._me:
                 continue
             if entry is None or node_id not in live:
                 self._view.drop(node_id)
                 continue
-            touched |= self._view.update(node_id, entry.data)
+            # A delta names the rows it touched: only those are read again (a whole entry: all of them).
+            rows = None if change.full else change.items.get("actors", frozenset())
+            touched |= self._view.update(node_id, entry.data, rows)
             self._departures.remember(self._view.gone, time.monotonic())
         for actor_id in touched:
             record = self._table.get(actor_id)

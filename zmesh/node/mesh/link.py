@@ -20,7 +20,7 @@ import zmq
 
 from zmesh.node.config import NodeConfig
 from zmesh.node.core import membership
-from zmesh.node.core.gossip import Gossip, GossipTimings
+from zmesh.node.core.gossip import EntryChange, Gossip, GossipTimings
 from zmesh.node.core.membership import Changed, Membership, MembershipTimings, Send
 from zmesh.node.discovery import sources as discovery
 from zmesh.transport import protocol, sockets
@@ -41,7 +41,7 @@ Reply = Callable[[bool, Any, list[Any]], None]
 class MeshHooks(Protocol):
     def on_member(self, change: Changed) -> None: ...
 
-    def on_entries(self, node_ids: list[str]) -> None: ...
+    def on_entries(self, changes: list[EntryChange]) -> None: ...
 
     def on_app(self, sender: str, kind: str, body: dict[str, Any], payload: list[Any], rid: int | None) -> None: ...
 
@@ -201,10 +201,10 @@ class Mesh:
             self._run(self.membership.receive(sender, body, now))
             self.gossip.set_incarnation(self.membership.incarnation)
         elif channel == GOSSIP:
-            sends, changed = self.gossip.receive(sender, body, now)
+            sends, changes = self.gossip.receive(sender, body, now)
             self._run(list(sends))
-            if changed:
-                self._hooks.on_entries(changed)
+            if changes:
+                self._hooks.on_entries(changes)
         elif channel == REPLY:
             rid = body.get("_rid")
             entry = self._requests.pop(rid, None) if isinstance(rid, int) else None

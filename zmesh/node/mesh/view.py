@@ -30,20 +30,29 @@ class MeshView:
         self.clients: dict[str, str] = {}  # process address or client id (hex) -> its node
         self.gone: list[str] = []  # processes other members said exited lately (the caller keeps them)
 
-    def update(self, node_id: str, data: Mapping[str, Any]) -> set[str]:
-        """``node_id``'s entry is now ``data``; the ids of the actors whose rows changed."""
+    def update(self, node_id: str, data: Mapping[str, Any], touched: Iterable[str] | None = None) -> set[str]:
+        """``node_id``'s entry is now ``data``; the ids of the actors whose rows changed.
+
+        ``touched``: the only rows that may have changed (a gossip delta's); None: compare them all.
+        """
         raw = data.get("actors")
         raw = raw if isinstance(raw, dict) else {}
-        before = self._raw.get(node_id, {})
+        before = self._raw.setdefault(node_id, {})
         rows = self._rows.setdefault(node_id, {})
-        changed = [a for a, wire in raw.items() if before.get(a) != wire] + [a for a in before if a not in raw]
+        if touched is None:
+            changed = [a for a, wire in raw.items() if before.get(a) != wire] + [a for a in before if a not in raw]
+        else:
+            changed = [a for a in touched if raw.get(a) != before.get(a)]
         for actor_id in changed:
             rows.pop(actor_id, None)
             row = ActorRow.from_wire(raw.get(actor_id)) if actor_id in raw else None
             if row is not None and isinstance(actor_id, str):
                 rows[actor_id] = row
             self._relist(actor_id, node_id, row)
-        self._raw[node_id] = dict(raw)
+            if actor_id in raw:
+                before[actor_id] = raw[actor_id]
+            else:
+                before.pop(actor_id, None)
         self._set_clients(node_id, data.get("clients") or [])
         self.gone = [a for a in data.get("gone") or () if isinstance(a, str)]
         return {a for a in changed if isinstance(a, str)}
