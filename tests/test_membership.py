@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zmesh.node.core import membership as ms
+from zmesh.node.core import swim
 from zmesh.node.core.membership import ALIVE, DEAD, LEFT, SUSPECT, Action, Changed, Membership, MembershipTimings, Send
 
 TICK = 0.02
@@ -605,7 +606,7 @@ def test_rumors_ride_a_bounded_number_of_messages_at_most_twenty_at_a_time() -> 
     carried: dict[str, int] = {}
     for i in range(200):
         for s in sends(core.receive("p0", ping(i), i * 0.001), "ack"):
-            assert len(s.message["r"]) <= ms.MAX_RUMORS_PER_MESSAGE
+            assert len(s.message["r"]) <= swim.MAX_RUMORS_PER_MESSAGE
             for rumor in s.message["r"]:
                 carried[rumor[1]] = carried.get(rumor[1], 0) + 1
     limit = max(3, math.ceil(4 * math.log10(52)) + 1)  # n = 51 nodes
@@ -632,7 +633,7 @@ def snapshot(core: Membership) -> Any:
         [(m.node_id, m.address, m.incarnation, m.state) for m in core.members()],
         core.incarnation,
         core.local_health,
-        dict(core._rumors),
+        core._rumors.snapshot(),
         core.next_deadline(),
     )
 

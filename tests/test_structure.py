@@ -162,3 +162,25 @@ def test_node_core_is_pure(path: Path) -> None:
 def test_there_are_pure_cores() -> None:
     names = {module_name(p) for p in CORE}
     assert {"zmesh.node.core.membership", "zmesh.node.core.gossip", "zmesh.node.core.registry", "zmesh.node.core.scheduler"} <= names
+
+
+NODE = [p for p in MODULE_FILES if p.relative_to(PACKAGE).parts[0] == "node"]
+
+
+@pytest.mark.parametrize("path", NODE, ids=[module_name(p) for p in NODE])
+def test_node_modules_stay_small(path: Path) -> None:
+    """One job per module: none of the node's over 500 lines."""
+    lines = len(path.read_text().splitlines())
+    assert lines <= 500, f"{module_name(path)} has {lines} lines; split it by job"
+
+
+@pytest.mark.parametrize("path", NODE, ids=[module_name(p) for p in NODE])
+def test_node_has_no_mixins(path: Path) -> None:
+    """Components get their dependencies in their constructor: a node class derives from nothing but errors and protocols."""
+    allowed_bases = {"Exception", "Protocol", "ValueError", "RuntimeError"}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef):
+            bases = {b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases}
+            assert bases <= allowed_bases or any(b.endswith("Error") for b in bases), (
+                f"{module_name(path)}.{node.name} derives from {bases}"
+            )

@@ -34,7 +34,7 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from zmesh.node.core.membership import _check, _is_id, _is_int
+from zmesh.node.core.swim import _check, _is_id, _is_int
 
 KEEP_VERSIONS = 100  # deletion markers older than this many versions are dropped (see above)
 MAX_MARKERS = 10_000  # and at most this many are kept per entry

@@ -50,7 +50,7 @@ from typing import Any
 from zmesh.node.core.entry import Delta, Entry, EntryChange, parse
 
 # One set of wire-field checks for both cores.
-from zmesh.node.core.membership import Send, _check, _is_id, _is_int
+from zmesh.node.core.swim import Send, _check, _is_id, _is_int
 
 __all__ = ["Delta", "Entry", "EntryChange", "Gossip", "GossipTimings"]
 
