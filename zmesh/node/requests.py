@@ -14,14 +14,14 @@ from typing import Any
 
 from zmesh.node.config import NodeConfig
 from zmesh.node.core import records, scheduler
-from zmesh.node.core.records import FINAL_INCARNATION, ActorRecord, Client
+from zmesh.node.core.records import ActorRecord, Client
 from zmesh.node.core.registry import Card, Granted
 from zmesh.node.core.table import ActorTable
 from zmesh.node.hosted import HostedActors, InitRefused
 from zmesh.node.mesh.actors import MeshActors
 from zmesh.node.mesh.names import Verdict
 from zmesh.transport import protocol
-from zmesh.transport.ids import ActorId, ClientId
+from zmesh.transport.ids import FINAL_INCARNATION, ActorId, ClientId
 
 logger = logging.getLogger(__name__)
 

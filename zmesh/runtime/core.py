@@ -29,7 +29,7 @@ from zmesh.runtime.node_client import TO_NODE, NodeClient, node_error
 from zmesh.runtime.peers import ConnectFailed, Peers
 from zmesh.runtime.spin import SpinPolicy, default_limit_ns
 from zmesh.transport import protocol, serialization, sockets
-from zmesh.transport.ids import ActorId, ClientId, ObjectId, new_client_id
+from zmesh.transport.ids import FINAL_INCARNATION, ActorId, ClientId, ObjectId, new_client_id
 from zmesh.transport.security import Security, ZapHandler
 
 logger = logging.getLogger(__name__)
@@ -355,12 +355,12 @@ class Runtime:
                 if isinstance(exc, NodeUnavailableError):
                     with self._lock:
                         self._sent_classes.discard(class_key)
-                self._on_actor_state(actor_id, DEAD, 1 << 30, None, str(exc))
+                self._on_actor_state(actor_id, DEAD, FINAL_INCARNATION, None, str(exc))
                 raise
 
         def on_reply(ok: bool, value: Any, payload: list[Any]) -> None:
             if not ok:
-                self._on_actor_state(actor_id, DEAD, 1 << 30, None, str(node_error(value)))
+                self._on_actor_state(actor_id, DEAD, FINAL_INCARNATION, None, str(node_error(value)))
 
         self.request_nowait("create", args, payload, on_reply)
         return None
@@ -442,7 +442,7 @@ class Runtime:
             if ok:
                 self._on_actor_state(actor_id, *value)
             else:
-                self._on_actor_state(actor_id, DEAD, 1 << 30, None, str(node_error(value)))
+                self._on_actor_state(actor_id, DEAD, FINAL_INCARNATION, None, str(node_error(value)))
 
         self.request_nowait("resolve", (actor_id,), [], on_reply)
 
@@ -797,7 +797,7 @@ class Runtime:
         with self._lock:
             actor_ids = [a for a, conn in self._actors.items() if conn.state is not DEAD]
         for actor_id in actor_ids:
-            self._on_actor_state(actor_id, DEAD, 1 << 30, None, f"actor {actor_id} is lost: {why}")
+            self._on_actor_state(actor_id, DEAD, FINAL_INCARNATION, None, f"actor {actor_id} is lost: {why}")
 
     def _on_actor_state(self, actor_id: ActorId, state: str, incarnation: int, address: str | None, error: str | None) -> None:
         """Apply the node's news about an actor: flush, fail or retry calls accordingly."""

@@ -10,6 +10,9 @@ ClientId = NewType("ClientId", bytes)
 ActorId = NewType("ActorId", str)
 ObjectId = NewType("ObjectId", bytes)
 
+# The incarnation of an actor dead for good: it outranks any real one, so no later report revives it.
+FINAL_INCARNATION = 1 << 30
+
 
 def new_client_id() -> ClientId:
     return ClientId(os.urandom(8))

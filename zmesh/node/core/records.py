@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from zmesh.node.core.resources import Reservation
-from zmesh.transport.ids import ActorId, ClientId
+from zmesh.transport.ids import FINAL_INCARNATION, ActorId, ClientId
 
 # Node-side actor states; clients see ALIVE, DEAD, or anything else as PENDING.
 WAITING = "PENDING_CREATION"  # waiting for resources
@@ -15,9 +15,6 @@ STARTING = "STARTING"
 ALIVE = "ALIVE"
 RESTARTING = "RESTARTING"
 DEAD = "DEAD"
-
-# The incarnation of "dead for good": outranks any real one, so no later report revives the actor.
-FINAL_INCARNATION = 1 << 30
 
 
 @dataclasses.dataclass

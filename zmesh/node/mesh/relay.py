@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from zmesh.node.core import records
-from zmesh.node.core.records import FINAL_INCARNATION, ActorRecord, ActorRow
+from zmesh.node.core.records import ActorRecord, ActorRow
 from zmesh.node.core.registry import Card
 from zmesh.node.core.table import ActorTable
 from zmesh.node.hosted import HostedActors, state_body
 from zmesh.node.mesh.link import Mesh
 from zmesh.node.mesh.view import MeshView
-from zmesh.transport.ids import ActorId, ClientId
+from zmesh.transport.ids import FINAL_INCARNATION, ActorId, ClientId
 
 
 class Relay:
