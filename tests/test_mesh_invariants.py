@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, note, seed, settings
 from hypothesis import strategies as st
-from sim.history import Create, Die, Freeze, Join, Kill, Lookup, MessageFaults, Op, Partition, Pick, Wait, play
+from sim.history import Create, Die, Freeze, Join, Kill, Lookup, MessageFaults, Op, Partition, Pick, Together, Wait, play
 from sim.invariants import KNOWN_BUGS, Violation
 
 SIM_MINUTES = float(os.environ.get("ZMESH_SIM_MINUTES") or 0)
@@ -44,6 +44,7 @@ waits = st.builds(Wait, seconds=st.sampled_from([0.1, 0.5, 2.0, 6.0, 12.0]))
 operations: st.SearchStrategy[Op] = st.one_of(
     creations,
     creations,
+    st.builds(Together, st.lists(creations, min_size=2, max_size=3).map(tuple)),
     kills,
     st.builds(Lookup, name=st.integers(0, 2)),
     waits,
@@ -80,21 +81,39 @@ def check_deaths(history: list[Op], sim_seed: int) -> None:
 
 
 # Histories that exercise each invariant on purpose (and catch the mutants of test_mesh_invariants_mutants.py).
-NAMED_TWICE = [Create(0, 0, True, False), Create(1, 0, True, True), Create(2, 0, False, False), Wait(3.0), Lookup(0)]
+NAMED_TWICE = [
+    Together((Create(0, 0, True, False), Create(1, 0, True, True), Create(2, 0, False, False))),
+    Create(3, 0, True, False),
+    Wait(3.0),
+    Lookup(0),
+]
 KILL_AND_RECLAIM = [Create(0, 1, False, True), Wait(2.0), Kill(0, 2), Wait(3.0), Create(3, 1, True, False), Wait(2.0), Lookup(1)]
+# The host of a restartable actor dies with its first keeper; later, with two newcomers, another host with its last.
 HOST_AND_KEEPER_DIE = [
     Create(1, None, False, True),
     Create(2, 2, False, True),
     Wait(12.0),
     Die((Pick("host", 0), Pick("keeper", 0, 0))),
     Wait(10.0),
-    Create(3, None, False, True),
-    Wait(10.0),
-    Die((Pick("host", 2), Pick("keeper", 2, 2))),
+    Join(),
+    Join(),
+    Wait(12.0),
+    Die((Pick("host", 1), Pick("keeper", 1, 2))),
 ]
 HOLDER_DIES = [Create(0, 2, False, False), Wait(10.0), Die((Pick("host", 0),)), Wait(12.0), Lookup(2)]
 SHORT_FREEZE = [Create(0, 0, False, True), Create(1, 1, False, False), Wait(10.0), Freeze((Pick("host", 0), Pick("host", 1)), 1.5)]
 AFFINITY_TO_A_NEWCOMER = [Join(after=0.0), Create(0, None, False, False, Pick("node", 5), False), Wait(2.0)]
+# The first keeper freezes just as the host dies: it reads the host's DEAD when it thaws, before gossip shows that
+# the second keeper (which saw both dead) made the actor again; both act, at incarnations 16 and 17, and 16 stops.
+KEEPER_FROZEN_AS_HOST_DIES = [
+    Create(0, None, False, True),
+    Wait(10.0),
+    Die((Pick("host", 0),)),
+    Wait(1.3),
+    Freeze((Pick("keeper", 0, 0),), 4.0),
+]
+# A node holding a named actor is cut off: the rest bury it, and it stops the actor when it learns so.
+PARTITIONED_HOLDER = [Create(0, 0, False, False), Create(1, None, False, False), Wait(10.0), Partition((Pick("host", 0),), 8.0)]
 FAULTY_NETWORK = [MessageFaults(0.3, 0.2, 0.05, 4.0), Create(0, 0, True, True), Create(1, 0, True, False), Kill(0, 2), Wait(6.0)]
 FIXED = {
     "named-twice": NAMED_TWICE,
@@ -104,6 +123,8 @@ FIXED = {
     "short-freeze": SHORT_FREEZE,
     "affinity-to-a-newcomer": AFFINITY_TO_A_NEWCOMER,
     "faulty-network": FAULTY_NETWORK,
+    "keeper-frozen-as-host-dies": KEEPER_FROZEN_AS_HOST_DIES,
+    "partitioned-holder": PARTITIONED_HOLDER,
 }
 
 

@@ -79,6 +79,13 @@ class World:
     def actor(self, index: int) -> str | None:
         return self.actor_ids[index % len(self.actor_ids)] if self.actor_ids else None
 
+    def keepers_of(self, actor_id: str) -> tuple[str, ...]:
+        """The keepers its latest copy chose (that copy's node may have died since)."""
+        copies = [
+            n.layer.hosted[actor_id] for n in self.net.nodes.values() if isinstance(n.layer, ActorLayer) and actor_id in n.layer.hosted
+        ]
+        return max(copies, key=lambda h: h.spec.incarnation).spec.keepers if copies else ()
+
     def host_of(self, actor_id: str) -> str | None:
         hosts = [n for n in self.awake() if actor_id in self.layer(n).hosted]
         return hosts[0] if hosts else None
@@ -98,11 +105,12 @@ class Pick:
         if not awake:
             return None
         actor_id = world.actor(self.index)
-        host = world.host_of(actor_id) if actor_id is not None and self.kind != "node" else None
-        if host is not None and self.kind == "host":
-            return host
-        if host is not None and self.kind == "keeper" and actor_id is not None:
-            chosen = [k for k in world.layer(host).hosted[actor_id].spec.keepers if k in awake]
+        if actor_id is not None and self.kind == "host":
+            host = world.host_of(actor_id)
+            if host is not None:
+                return host
+        if actor_id is not None and self.kind == "keeper":
+            chosen = [k for k in world.keepers_of(actor_id) if k in awake]
             if chosen:
                 return chosen[self.rank % len(chosen)]
         return awake[self.index % len(awake)]
@@ -267,6 +275,17 @@ class MessageFaults:
 
 
 @dataclasses.dataclass(frozen=True)
+class Together:
+    """Creations at the same instant from several nodes: they race to the name's home, not to gossip."""
+
+    creations: tuple[Create, ...] = ()
+
+    def apply(self, world: World) -> None:
+        for creation in self.creations:
+            creation.apply(world)
+
+
+@dataclasses.dataclass(frozen=True)
 class Wait:
     seconds: float = 1.0
 
@@ -274,9 +293,9 @@ class Wait:
         world.run(self.seconds)
 
 
-Op = Create | Kill | Lookup | Join | Die | Freeze | Partition | MessageFaults | Wait
+Op = Create | Together | Kill | Lookup | Join | Die | Freeze | Partition | MessageFaults | Wait
 
-WARM_UP_S = 6.0  # the nodes find each other and converge before the history starts
+WARM_UP_S = 10.0  # the nodes find each other, and the mesh is calm (invariants.SETTLE_S) when the history starts
 GAP_S = 0.2  # time between two operations
 SETTLE_END_S = 20.0  # after the history: every fault is over, and the mesh must converge and hold its invariants
 

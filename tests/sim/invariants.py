@@ -251,7 +251,8 @@ class Checker:
             if len(actors) > 1:
                 self.fail(f"(a) the name {name!r} has {len(actors)} live holders: {sorted(actors)}")
         views = {layer.me: layer.view().names for layer in layers}
-        names = sorted({key for v in views.values() for key in v} | {(NS, n) for n in holders})
+        asked = {(NS, t.name) for t in world.ledger.tickets if t.name is not None}
+        names = sorted({key for v in views.values() for key in v} | {(NS, n) for n in holders} | asked)
         for key in names:
             resolved = {node: (v[key].actor_id if key in v else None) for node, v in views.items()}
             if len(set(resolved.values())) > 1:
