@@ -13,6 +13,8 @@ histories tolerate exactly their signature (``invariants.KNOWN_BUGS``) so that t
 
 from __future__ import annotations
 
+import collections
+import faulthandler
 import os
 import time
 from typing import Any
@@ -69,10 +71,14 @@ def death_histories(draw: Any) -> list[Op]:
     return history
 
 
+MET: collections.Counter[str] = collections.Counter()  # histories played, and known bugs met, for the summary
+
+
 def check_history(history: list[Op], sim_seed: int) -> None:
     note(f"play({history!r}, seed={sim_seed})")
     world = play(history, seed=sim_seed, tolerate=KNOWN_BUGS)
-    note(f"known bugs met: {sorted(world.checker.excused)}")
+    MET["histories"] += 1
+    MET.update({bug for bug, _, _ in world.checker.excused})
 
 
 def check_deaths(history: list[Op], sim_seed: int) -> None:
@@ -81,15 +87,15 @@ def check_deaths(history: list[Op], sim_seed: int) -> None:
 
 
 # Histories that exercise each invariant on purpose (and catch the mutants of test_mesh_invariants_mutants.py).
-NAMED_TWICE = [
+NAMED_TWICE: list[Op] = [
     Together((Create(0, 0, True, False), Create(1, 0, True, True), Create(2, 0, False, False))),
     Create(3, 0, True, False),
     Wait(3.0),
     Lookup(0),
 ]
-KILL_AND_RECLAIM = [Create(0, 1, False, True), Wait(2.0), Kill(0, 2), Wait(3.0), Create(3, 1, True, False), Wait(2.0), Lookup(1)]
+KILL_AND_RECLAIM: list[Op] = [Create(0, 1, False, True), Wait(2.0), Kill(0, 2), Wait(3.0), Create(3, 1, True, False), Wait(2.0), Lookup(1)]
 # The host of a restartable actor dies with its first keeper; later, with two newcomers, another host with its last.
-HOST_AND_KEEPER_DIE = [
+HOST_AND_KEEPER_DIE: list[Op] = [
     Create(1, None, False, True),
     Create(2, 2, False, True),
     Wait(12.0),
@@ -100,12 +106,17 @@ HOST_AND_KEEPER_DIE = [
     Wait(12.0),
     Die((Pick("host", 1), Pick("keeper", 1, 2))),
 ]
-HOLDER_DIES = [Create(0, 2, False, False), Wait(10.0), Die((Pick("host", 0),)), Wait(12.0), Lookup(2)]
-SHORT_FREEZE = [Create(0, 0, False, True), Create(1, 1, False, False), Wait(10.0), Freeze((Pick("host", 0), Pick("host", 1)), 1.5)]
-AFFINITY_TO_A_NEWCOMER = [Join(after=0.0), Create(0, None, False, False, Pick("node", 5), False), Wait(2.0)]
+HOLDER_DIES: list[Op] = [Create(0, 2, False, False), Wait(10.0), Die((Pick("host", 0),)), Wait(12.0), Lookup(2)]
+SHORT_FREEZE: list[Op] = [
+    Create(0, 0, False, True),
+    Create(1, 1, False, False),
+    Wait(10.0),
+    Freeze((Pick("host", 0), Pick("host", 1)), 1.5),
+]
+AFFINITY_TO_A_NEWCOMER: list[Op] = [Join(after=0.0), Create(0, None, False, False, Pick("node", 5), False), Wait(2.0)]
 # The first keeper freezes just as the host dies: it reads the host's DEAD when it thaws, before gossip shows that
 # the second keeper (which saw both dead) made the actor again; both act, at incarnations 16 and 17, and 16 stops.
-KEEPER_FROZEN_AS_HOST_DIES = [
+KEEPER_FROZEN_AS_HOST_DIES: list[Op] = [
     Create(0, None, False, True),
     Wait(10.0),
     Die((Pick("host", 0),)),
@@ -113,8 +124,8 @@ KEEPER_FROZEN_AS_HOST_DIES = [
     Freeze((Pick("keeper", 0, 0),), 4.0),
 ]
 # A node holding a named actor is cut off: the rest bury it, and it stops the actor when it learns so.
-PARTITIONED_HOLDER = [Create(0, 0, False, False), Create(1, None, False, False), Wait(10.0), Partition((Pick("host", 0),), 8.0)]
-FAULTY_NETWORK = [MessageFaults(0.3, 0.2, 0.05, 4.0), Create(0, 0, True, True), Create(1, 0, True, False), Kill(0, 2), Wait(6.0)]
+PARTITIONED_HOLDER: list[Op] = [Create(0, 0, False, False), Create(1, None, False, False), Wait(10.0), Partition((Pick("host", 0),), 8.0)]
+FAULTY_NETWORK: list[Op] = [MessageFaults(0.3, 0.2, 0.05, 4.0), Create(0, 0, True, True), Create(1, 0, True, False), Kill(0, 2), Wait(6.0)]
 FIXED = {
     "named-twice": NAMED_TWICE,
     "kill-and-reclaim": KILL_AND_RECLAIM,
@@ -138,10 +149,15 @@ def test_a_fixed_history_keeps_every_invariant(history: list[Op]) -> None:
 # A node frozen past its detection thaws, reads the SUSPECT rumors queued in its socket, refutes them at
 # incarnation 1, and the others take that ALIVE over their DEAD at 0: membership never emits Buried(0) there
 # (the DEAD rumor went to live members only), so the actor the others buried runs on.
-FROZEN_PAST_DETECTION = [Create(0, 1, False, False), Wait(10.0), Freeze((Pick("host", 0),), 6.0), Wait(10.0)]
+FROZEN_PAST_DETECTION: list[Op] = [Create(0, 1, False, False), Wait(10.0), Freeze((Pick("host", 0),), 6.0), Wait(10.0)]
 # One node cut off for 8 s declares every other DEAD; on the heal, the join handshake tells each of them so, and
 # every node is Buried: every actor of the mesh stops, restartable ones too, though nobody re-created them.
-ISOLATED_NODE_BURIES_THE_MESH = [Create(0, None, False, True), Create(1, None, False, True), Wait(12.0), Partition((Pick(),), 8.0)]
+ISOLATED_NODE_BURIES_THE_MESH: list[Op] = [
+    Create(0, None, False, True),
+    Create(1, None, False, True),
+    Wait(12.0),
+    Partition((Pick(),), 8.0),
+]
 
 
 @pytest.mark.timeout(TIMEOUT)
@@ -165,18 +181,20 @@ def explore(test: Any, strategy: st.SearchStrategy[list[Op]], examples: int, fix
         prop = settings(max_examples=examples, deadline=None, database=None, suppress_health_check=HEALTH, phases=PHASES)(prop)
         seed(fixed_seed)(prop)()
         return
+    faulthandler.cancel_dump_traceback_later()  # pytest's faulthandler_timeout would dump the stacks of a healthy run
     stop = time.monotonic() + SIM_MINUTES * 30
     while time.monotonic() < stop:
         # A full hypothesis run per round with a fresh seed; a failure is shrunk and printed as a play(...) call.
         chunk = settings(max_examples=50, deadline=None, database=None, suppress_health_check=HEALTH, phases=PHASES, print_blob=True)
         chunk(given(strategy, st.integers(0, 2**16))(test))()
+    print(f"\n{test.__name__}: every invariant held; histories and known bugs met: {dict(MET)}")
 
 
 @pytest.mark.timeout(TIMEOUT)
 def test_drawn_histories_keep_every_invariant() -> None:
-    explore(check_history, histories, 30, 20240611, [NAMED_TWICE + KILL_AND_RECLAIM, FROZEN_PAST_DETECTION])
+    explore(check_history, histories, 80, 20240611, [NAMED_TWICE + KILL_AND_RECLAIM, FROZEN_PAST_DETECTION])
 
 
 @pytest.mark.timeout(TIMEOUT)
 def test_drawn_deaths_leave_every_restartable_actor_running() -> None:
-    explore(check_deaths, death_histories(), 12, 20240612, [HOST_AND_KEEPER_DIE])
+    explore(check_deaths, death_histories(), 30, 20240612, [HOST_AND_KEEPER_DIE])

@@ -34,9 +34,13 @@ from zmesh.node.core.resources import Reservation, Resources
 PRUNE_GRACE_S = 3 * CONFIG.sync_interval_s  # a granted name's trip through gossip, with room for a lost push
 RETRY_S = 0.5  # how often a waiting creation is decided again with no news
 KILL_RETRY_S = CONFIG.sync_interval_s  # a kill is sent again while gossip still shows the actor
+# A keeper that has not re-created an orphan (its copy of the creation was lost) for this long per rank is passed over.
+ESCALATE_S = 2 * CONFIG.sync_interval_s
 
 
 class ActorLayer:
+    """One node's actor layer: its hosted actors, the creations it waits to place, the ones it keeps, its claims."""
+
     def __init__(self, node: SimNode, total: dict[str, float], ledger: lg.Ledger) -> None:
         self.node = node
         self.me = node.id
@@ -219,6 +223,9 @@ class ActorLayer:
                     self._let_go(actor_id, lg.FAILED)
                     self.node.publish()
                 break
+            else:
+                w.retry_at = now + RETRY_S  # every choice refused at once: decide again later
+                self.schedule_at = min(self.schedule_at, w.retry_at)
 
     def _offer(self, w: Waiting, target: str) -> None:
         actor_id = w.spec.actor_id
@@ -362,17 +369,28 @@ class ActorLayer:
         self.schedule_at = self.node.now
 
     def _recreate_orphans(self) -> None:
+        """Creations whose host died: the first live keeper makes them again, the others follow through gossip.
+
+        A keeper ahead of us that does not show the actor again within ``ESCALATE_S`` per rank may never have
+        received the creation (its keep was lost with the host): it is passed over, so the next one acts.
+        """
+        now = self.node.now
         live = self.node.live()
         view = self.view()
         for actor_id, kept in list(self.kept.items()):
             if kept.host in live:
+                kept.orphaned_at = None
                 continue
             seen = view.actors.get(actor_id)
             if seen is not None and seen[0] in live and seen[1].incarnation > kept.spec.incarnation:
                 del self.kept[actor_id]  # another keeper made it again already: follow it through gossip
                 self._let_go(actor_id, lg.SUPERSEDED)
                 continue
-            if keepers.recreator(kept.spec.keepers, live) != self.me:
+            if kept.orphaned_at is None:
+                kept.orphaned_at = now
+            waited = now - kept.orphaned_at
+            candidates = [k for rank, k in enumerate(kept.spec.keepers) if k == self.me or waited < ESCALATE_S * (rank + 1)]
+            if keepers.recreator(candidates, live) != self.me:
                 continue
             rank = kept.spec.keepers.index(self.me)
             spec = dataclasses.replace(
@@ -401,7 +419,8 @@ class ActorLayer:
             seen = view.actors.get(actor_id)
             if seen is not None and seen[0] != self.me and seen[1].state != WAITING and seen[1].incarnation > hosted.spec.incarnation:
                 self._stop(actor_id, lg.SUPERSEDED, release_name=False)  # fenced: the higher incarnation is the actor
-        for record in [*self.hosted.values(), *self.waiting.values()]:
+        records: list[Hosted | Waiting] = [*self.hosted.values(), *self.waiting.values()]
+        for record in records:
             key = record.spec.key
             winner = view.names.get(key) if key is not None else None
             if key is not None and winner is not None and winner.actor_id != record.spec.actor_id:
@@ -446,6 +465,8 @@ class ActorLayer:
             view = self.view()
             self.claims.prune(view.names, now, PRUNE_GRACE_S)
             self._pull_creations(view)
+            if any(k.host not in self.node.live() for k in self.kept.values()):
+                self._recreate_orphans()
         for actor_id, retry_at in list(self.kills.items()):
             if now >= retry_at:
                 if self._send_kill(actor_id, None):

@@ -244,9 +244,9 @@ class Checker:
         layers = [world.layer(n) for n in awake]
         holders: dict[str, set[str]] = {}
         for layer in layers:
-            for actor_id, record in [*layer.hosted.items(), *layer.waiting.items()]:
-                if record.spec.name is not None:
-                    holders.setdefault(record.spec.name, set()).add(actor_id)
+            for actor_id, spec in [*((a, h.spec) for a, h in layer.hosted.items()), *((a, w.spec) for a, w in layer.waiting.items())]:
+                if spec.name is not None:
+                    holders.setdefault(spec.name, set()).add(actor_id)
         for name, actors in sorted(holders.items()):
             if len(actors) > 1:
                 self.fail(f"(a) the name {name!r} has {len(actors)} live holders: {sorted(actors)}")

@@ -63,6 +63,7 @@ class Kept:
     spec: Spec
     host: str
     seen: bool = False  # the host's entry has listed it: its row vanishing from a live host means it stopped
+    orphaned_at: float | None = None  # when this node first saw its host gone
 
 
 @dataclasses.dataclass
