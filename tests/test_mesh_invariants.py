@@ -123,7 +123,8 @@ KEEPER_FROZEN_AS_HOST_DIES: list[Op] = [
     Wait(1.3),
     Freeze((Pick("keeper", 0, 0),), 4.0),
 ]
-# A node holding a named actor is cut off: the rest bury it, and it stops the actor when it learns so.
+# A node holding a named actor is cut off: the rest bury it, and it stops the actor when it learns so (it buries the
+# rest too, see ISOLATED_NODE_BURIES_THE_MESH; they host only actors that may die with their node here).
 PARTITIONED_HOLDER: list[Op] = [Create(0, 0, False, False), Create(1, None, False, False), Wait(10.0), Partition((Pick("host", 0),), 8.0)]
 FAULTY_NETWORK: list[Op] = [MessageFaults(0.3, 0.2, 0.05, 4.0), Create(0, 0, True, True), Create(1, 0, True, False), Kill(0, 2), Wait(6.0)]
 FIXED = {
