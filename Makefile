@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check bench bench-mesh soak torture clean
+.PHONY: demo test lint check bench bench-mesh soak torture sim clean
 
 MINUTES ?= 10
 
@@ -47,6 +47,10 @@ soak: $(STAMP)
 # Not in CI: the workload-space test with fresh seeds for MINUTES minutes; failures print as minimal reproducers.
 torture: $(STAMP)
 	ZMESH_TORTURE_MINUTES=$(MINUTES) $(PY) -m pytest -q tests/test_torture.py -x --timeout=0
+
+# Not in CI: the simulated mesh's invariants (tests/sim/) over fresh drawn histories for MINUTES minutes; a failure prints its shrunk history.
+sim: $(STAMP)
+	ZMESH_SIM_MINUTES=$(MINUTES) $(PY) -m pytest -q -s tests/test_mesh_invariants.py -k drawn -x --timeout=0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
