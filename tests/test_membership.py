@@ -739,7 +739,7 @@ def test_a_member_we_buried_hears_so_at_once_and_at_most_once_per_probe_interval
     core.receive("b", {"k": "ping", "seq": 0, "r": [[DEAD, "a", "addr-a", 0, "b"]]}, 0.0)
     assert core.get("a").state == DEAD
     told = sends(core.receive("a", {"k": "ping", "seq": 7, "r": []}, 0.01))
-    assert [(s.to, s.message["r"]) for s in told] == [("a", [[DEAD, "a", "addr-a", 0, "me"]])]
+    assert [(s.to, s.message["r"]) for s in told] == [("a", [[DEAD, "a", "addr-a", 0, "me", 1]])]
     assert not sends(core.receive("a", {"k": "ping", "seq": 8, "r": []}, 0.02))  # not again so soon
     assert sends(core.receive("a", {"k": "ping", "seq": 9, "r": []}, 0.02 + core.timings.probe_interval_s))
 
@@ -752,3 +752,38 @@ def test_news_of_our_death_from_a_member_we_buried_ourselves_refutes_but_does_no
     assert not [a for a in actions if isinstance(a, ms.Buried)] and core.incarnation == 1
     actions = core.receive("b", {"k": "ping", "seq": 0, "r": [[DEAD, "me", "addr-me", 1, "b"]]}, 0.2)
     assert [a for a in actions if isinstance(a, ms.Buried)] == [ms.Buried(1)] and core.incarnation == 2
+
+
+def test_when_both_sides_buried_each_other_the_lighter_side_is_buried() -> None:
+    """A node cut off alone suspects everyone at once: its declarations weigh 1, the larger side's more."""
+    alone = core_with(["a", "b", "c"])
+    for peer in "abc":
+        alone.receive("x", ping(0, [DEAD, peer, f"addr-{peer}", 0, "me", 1]), 0.0)
+    heavy = alone.receive("a", ping(0, [DEAD, "me", "addr-me", 0, "a", 3]), 0.1)
+    assert [a for a in heavy if isinstance(a, ms.Buried)] == [ms.Buried(0)]
+    big = core_with(["a", "b", "c"])
+    big.receive("b", ping(0, [DEAD, "a", "addr-a", 0, "b", 3]), 0.0)
+    light = big.receive("a", ping(0, [DEAD, "me", "addr-me", 0, "a", 1]), 0.1)
+    assert not [a for a in light if isinstance(a, ms.Buried)] and big.incarnation == 1  # refuted, not buried
+    even = core_with(["a", "b", "c"])
+    even.receive("b", ping(0, [DEAD, "a", "addr-a", 0, "b", 2]), 0.0)
+    tie = even.receive("a", ping(0, [DEAD, "me", "addr-me", 0, "a", 2]), 0.1)
+    assert not [a for a in tie if isinstance(a, ms.Buried)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_node_cut_off_alone_is_buried_when_it_heals_and_no_one_else_is(seed: int) -> None:
+    sim = Sim(4, seed=seed)
+    sim.join_all()
+    sim.run(1.0)
+    sim.partition(["n3"], ["n0", "n1", "n2"])
+    sim.run(10.0)
+    assert all(sim.nodes[n].get("n3").state == DEAD for n in ("n0", "n1", "n2"))
+    sim.cut.clear()
+    # Discovery knocks again once the network heals; a node knocked by one it holds dead tells it so (link.py).
+    for peer in ("n0", "n1", "n2"):
+        for teller, told in ((peer, "n3"), ("n3", peer)):
+            news = {"k": "ping", "seq": 0, "r": [sim.nodes[teller].death_rumor(told, 0)]}
+            sim.route(teller, [Send(told, f"addr-{told}", news)])
+    sim.run(5.0)
+    assert {who for _, who, _ in sim.buried} == {"n3"}

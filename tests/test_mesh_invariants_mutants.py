@@ -73,8 +73,8 @@ def plus_one(current: int, rank: int) -> int:
 REAL_ABOUT_ME = Membership._about_me
 
 
-def bury_nothing(self: Membership, state: str, incarnation: int) -> list[Any]:
-    return [a for a in REAL_ABOUT_ME(self, state, incarnation) if not isinstance(a, Buried)]
+def bury_nothing(self: Membership, state: str, incarnation: int, accuser: str, weight: int) -> list[Any]:
+    return [a for a in REAL_ABOUT_ME(self, state, incarnation, accuser, weight) if not isinstance(a, Buried)]
 
 
 REAL_PLACE = scheduler.place

@@ -213,7 +213,7 @@ class SimNode:
         member = self.membership.get(sender)
         if member is not None and member.state in _GONE:
             # We buried it at an incarnation it has not passed: tell it, so it refutes and comes back as itself.
-            rumor = [ms.DEAD, sender, address, member.incarnation, self.id]
+            rumor = self.membership.death_rumor(sender, member.incarnation)
             self.net.transmit(self.id, address, SWIM, {"k": "ping", "seq": 0, "r": [rumor]})
             return False
         self.run([self.gossip.sync_with(sender, address)])
@@ -279,7 +279,10 @@ class Net:
         self.events = 0
         # Ground truth the invariants read: who declared whom dead when, at which incarnation, and the burials.
         self.declared: dict[tuple[str, str], float] = {}  # (observer, node) -> when it last saw node DEAD or LEFT
-        self.dead_at_incarnation: dict[str, int] = {}  # node -> highest incarnation anyone declared it dead at
+        # node -> highest incarnation the mesh declared it dead at: by more members than the rest (its own side).
+        # A node cut off alone declares everyone dead too; that is not the mesh's word (membership weighs them).
+        self.dead_at_incarnation: dict[str, int] = {}
+        self.declarers: dict[tuple[str, int], set[str]] = {}
         self.burials: list[tuple[float, str, int]] = []
         self._indexes = itertools.count()
 
@@ -339,7 +342,10 @@ class Net:
     def changed(self, observer: str, change: Changed) -> None:
         if change.state in _GONE:
             self.declared[(observer, change.node_id)] = self.now
-            self.dead_at_incarnation[change.node_id] = max(change.incarnation, self.dead_at_incarnation.get(change.node_id, -1))
+            declarers = self.declarers.setdefault((change.node_id, change.incarnation), set())
+            declarers.add(observer)
+            if len(declarers) > len(self.nodes) - len(declarers):
+                self.dead_at_incarnation[change.node_id] = max(change.incarnation, self.dead_at_incarnation.get(change.node_id, -1))
 
     def buried(self, node_id: str, incarnation: int) -> None:
         self.burials.append((self.now, node_id, incarnation))

@@ -43,6 +43,7 @@ from zmesh.node.core.swim import (
     LEFT,
     SUSPECT,
     Action,
+    Burials,
     Buried,
     Changed,
     Member,
@@ -56,6 +57,7 @@ from zmesh.node.core.swim import (
     _Relay,
     _Suspicion,
     suspicion_timeout,
+    wire,
 )
 
 __all__ = ["ALIVE", "DEAD", "LEFT", "SUSPECT", "Action", "Buried", "Changed", "Member", "Membership", "MembershipTimings", "Send"]
@@ -78,9 +80,7 @@ class Membership:
         self._probe: _Probe | None = None
         self._suspicions: dict[str, _Suspicion] = {}
         self._relays: dict[int, _Relay] = {}
-        self._told_buried: dict[str, float] = {}  # node id -> when we last told it that we buried it
-        self._saw_dead: dict[str, int] = {}  # node id -> our incarnation when we last held it dead
-        self._buried_at = -1  # the highest incarnation of ours the mesh buried (reported once)
+        self._burials = Burials()
         self._seq = 0
         # node id -> (rumor, times sent, generation): one rumor per node, the newest replacing the older.
         self._rumors = RumorQueue()
@@ -121,7 +121,7 @@ class Membership:
         self._check_lag(now)
         out: list[Action] = []
         if node_id != self.me and not self._left:
-            out = self._apply((ALIVE, node_id, address, incarnation, node_id), now)
+            out = self._apply((ALIVE, node_id, address, incarnation, node_id, 0), now)
         self._settle(now)
         return out
 
@@ -188,7 +188,7 @@ class Membership:
         self._probe = None
         self._relays.clear()
         self.incarnation += 1
-        rumor: Rumor = (LEFT, self.me, self.address, self.incarnation, self.me)
+        rumor: Rumor = (LEFT, self.me, self.address, self.incarnation, self.me, 0)
         return self._tell_everyone(rumor)
 
     # ------------------------------------------------------------------ probing
@@ -250,7 +250,7 @@ class Membership:
         self._probe = None
         # Lifeguard: helpers that did not even nack suggest that our own messages are slow.
         self._raise_health(len(probe.helpers - probe.nacks) if probe.helpers else 1)
-        accusation: Rumor = (SUSPECT, target.node_id, target.address, target.incarnation, self.me)
+        accusation: Rumor = (SUSPECT, target.node_id, target.address, target.incarnation, self.me, 0)
         if target.state == ALIVE:
             return self._apply(accusation, now)
         # A suspect we could not reach either: our failed probe is an independent confirmation.
@@ -271,11 +271,11 @@ class Membership:
         )
         # Our own ALIVE rides on every probe, so a member that has not heard of us (a rumor that ran out
         # of retransmits before reaching it) learns us from our first ping and can answer it.
-        first: list[Rumor] = [(ALIVE, self.me, self.address, self.incarnation, self.me)]
+        first: list[Rumor] = [(ALIVE, self.me, self.address, self.incarnation, self.me, 0)]
         suspicion = self._suspicions.get(target.node_id)
         if target.state == SUSPECT and suspicion is not None:
             # Lifeguard's buddy system: a suspect we probe learns of the suspicion now, and can refute.
-            first.append((SUSPECT, target.node_id, target.address, target.incarnation, next(iter(suspicion.accusers), "")))
+            first.append((SUSPECT, target.node_id, target.address, target.incarnation, next(iter(suspicion.accusers), ""), 0))
         return [self._send(target, {"k": "ping", "seq": self._seq}, first)]
 
     def _next_target(self) -> Member | None:
@@ -347,7 +347,10 @@ class Membership:
             member = self._members.get(node_id)
             if member is None or member.state != SUSPECT or member.incarnation != suspicion.incarnation:
                 continue
-            rumor: Rumor = (DEAD, node_id, member.address, member.incarnation, self.me)
+            # Its weight: the members we still hold ALIVE, ourselves included. A node cut off alone suspects
+            # everyone at once and declares with weight 1; the side that buries it, with its own size.
+            weight = 1 + sum(1 for m in self._members.values() if m.state == ALIVE)
+            rumor: Rumor = (DEAD, node_id, member.address, member.incarnation, self.me, weight)
             out += self._apply(rumor, now)
             # A death must not wait for piggybacks: every live member hears it now, so all agree within a timeout.
             out += self._tell_everyone(rumor)
@@ -375,9 +378,9 @@ class Membership:
     # ------------------------------------------------------------------ rumors
 
     def _apply(self, rumor: Rumor, now: float) -> list[Action]:
-        state, node_id, address, incarnation, accuser = rumor
+        state, node_id, address, incarnation, accuser, weight = rumor
         if node_id == self.me:
-            return self._about_me(state, incarnation, accuser)
+            return self._about_me(state, incarnation, accuser, weight)
         member = self._members.get(node_id)
         if member is None:
             if len(self._members) >= _MAX_MEMBERS:
@@ -385,7 +388,7 @@ class Membership:
             # A death of someone we never knew is still kept: a tombstone, so stale news cannot bring it in.
             member = Member(node_id, address, incarnation, state, now)
             self._members[node_id] = member
-            self._saw(member)
+            self._burials.saw(member, self.incarnation, 0)
             self._spread(rumor)
             if state in _LIVE:
                 self._enqueue(node_id)
@@ -406,14 +409,13 @@ class Membership:
             member.since = now
         if state == ALIVE:
             member.address = address  # the node's own word on where it listens
-        self._saw(member)
+        self._burials.saw(member, self.incarnation, weight)
         self._spread(rumor)
         out: list[Action] = []
         if previous == DEAD and state in _LIVE:
             # It refuted a suspicion we had already turned into its death (it stalled past it): its
             # refutation overrides the death, so tell it that it was buried, or it never learns.
-            rumor_of_death = [DEAD, node_id, member.address, buried_at, self.me]
-            out.append(Send(node_id, member.address, {"k": "ping", "seq": 0, "r": [rumor_of_death]}))
+            out.append(Send(node_id, member.address, {"k": "ping", "seq": 0, "r": [self.death_rumor(node_id, buried_at)]}))
         if state == SUSPECT:
             self._suspect(member, accuser, now)
         else:
@@ -424,21 +426,16 @@ class Membership:
             return out
         return [*out, Changed(node_id, member.address, state, previous, incarnation)]
 
-    def _saw(self, member: Member) -> None:
-        """Remember that we held ``member`` dead while at our present incarnation: news of our own death from it is mutual."""
-        if member.state == DEAD:
-            self._saw_dead.pop(member.node_id, None)
-            self._saw_dead[member.node_id] = self.incarnation
-            if len(self._saw_dead) > _MAX_RELAYS:
-                del self._saw_dead[next(iter(self._saw_dead))]
+    def death_rumor(self, node_id: str, incarnation: int) -> list[Any]:
+        """The news that we buried ``node_id`` at ``incarnation``, to tell it (with the weight we buried it with)."""
+        member = self._members.get(node_id)
+        return self._burials.death_rumor(node_id, member.address if member is not None else "", incarnation, self.me)
 
-    def _about_me(self, state: str, incarnation: int, accuser: str) -> list[Action]:
+    def _about_me(self, state: str, incarnation: int, accuser: str, weight: int) -> list[Action]:
         if self._left:
             return []
         buried: list[Action] = []
-        if state == DEAD and incarnation > self._buried_at and accuser and self._saw_dead.get(accuser, -1) < incarnation:
-            # Declared dead by a member we never declared dead ourselves at that incarnation: the mesh went on without us.
-            self._buried_at = incarnation
+        if state == DEAD and accuser and self._burials.buries_us(accuser, incarnation, weight):
             buried.append(Buried(incarnation))
         if state == ALIVE:
             if incarnation <= self.incarnation:
@@ -450,7 +447,7 @@ class Membership:
             self.refutations += 1
             self._raise_health()  # they could not hear us: we may be the slow one
         self.incarnation = max(self.incarnation, incarnation) + 1
-        rumor: Rumor = (ALIVE, self.me, self.address, self.incarnation, self.me)
+        rumor: Rumor = (ALIVE, self.me, self.address, self.incarnation, self.me, 0)
         self._spread(rumor)
         # Told at once to everyone, not only piggybacked: a node that just woke from a stall must
         # reach its suspectors before their timers run out.
@@ -487,14 +484,10 @@ class Membership:
         return Send(member.node_id, member.address, message)
 
     def _tell_everyone(self, rumor: Rumor) -> list[Send]:
-        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [list(rumor)]}) for m in self.live()]
+        return [Send(m.node_id, m.address, {"k": "ping", "seq": 0, "r": [wire(rumor)]}) for m in self.live()]
 
     def _tell_buried(self, member: Member, now: float) -> list[Action]:
         """``member`` speaks though we buried it (it stalled, or was cut off): tell it, at most once per probe interval."""
-        if now - self._told_buried.get(member.node_id, -1e18) < self.timings.probe_interval_s:
+        if not self._burials.may_tell(member.node_id, now, self.timings.probe_interval_s):
             return []
-        self._told_buried[member.node_id] = now
-        if len(self._told_buried) > _MAX_RELAYS:
-            del self._told_buried[next(iter(self._told_buried))]
-        rumor = [DEAD, member.node_id, member.address, member.incarnation, self.me]
-        return [Send(member.node_id, member.address, {"k": "ping", "seq": 0, "r": [rumor]})]
+        return [Send(member.node_id, member.address, {"k": "ping", "seq": 0, "r": [self.death_rumor(member.node_id, member.incarnation)]})]

@@ -7,7 +7,8 @@ Messages are plain dicts; ``k`` is the kind, ``r`` the piggybacked rumors::
     {"k": "ack", "seq": int, "r": [...]}
     {"k": "ping_req", "seq": int, "target": id, "address": str, "r": [...]}
     {"k": "nack", "seq": int, "r": [...]}                     the helper got no ack in time
-    rumor: [state, node_id, address, incarnation, accuser]   (accuser may be omitted or "")
+    rumor: [state, node_id, address, incarnation, accuser, weight]   (accuser and weight may be omitted)
+    weight: of a DEAD, how many members its declarer held ALIVE (itself included) when it declared it
 
 A refutation, a death and a goodbye are also sent at once to every live
 member as ``{"k": "ping", "seq": 0, "r": [rumor]}``.
@@ -35,7 +36,7 @@ _MAX_ADDRESS = 300
 _MAX_INT = 2**62
 _SWEEP_S = 1.0  # how often forgotten tombstones are looked for
 
-Rumor = tuple[str, str, str, int, str]
+Rumor = tuple[str, str, str, int, str, int]  # state, node, address, incarnation, accuser, weight
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,10 +96,11 @@ class Buried:
 
     It refutes and rejoins, but whatever it hosted then was buried with it and must stop, as Ray
     makes a node it declared dead exit. A node learns it was buried from a member that hears from it
-    while holding it dead, or that sees its refutation override its death (``_apply``). News of our
-    death from a member we ourselves held dead at that incarnation is mutual (both sides of a
-    partition buried each other): neither side is the mesh, nothing is fenced, and names and copies
-    are reconciled instead.
+    while holding it dead, or that sees its refutation override the death. When both sides of a
+    partition buried each other, the larger side is the mesh: every DEAD carries the weight of its
+    declaration (how many members its declarer still held ALIVE, itself included), and a node alone
+    suspects everyone at once, so its declarations weigh 1. The lighter side is buried; an even
+    split buries neither (names are then reconciled, see ``docs/mesh.md``).
     """
 
     incarnation: int
@@ -175,16 +177,23 @@ def _parse(message: Any) -> tuple[str, int, list[Rumor], str | None]:
 
 
 def _rumor(item: Any) -> Rumor:
-    _check(isinstance(item, list | tuple) and len(item) in (4, 5), "a rumor is not [state, node, address, incarnation, accuser]")
+    _check(isinstance(item, list | tuple) and 4 <= len(item) <= 6, "a rumor is not [state, node, address, incarnation, accuser, weight]")
     state, node_id, address, incarnation = item[:4]
-    accuser = item[4] if len(item) == 5 else ""
+    accuser = item[4] if len(item) >= 5 else ""
+    weight = item[5] if len(item) == 6 else 0
+    _check(_is_int(weight) and weight <= _MAX_MEMBERS, "a rumor's weight is not a member count")
     _check(isinstance(state, str) and state in _STATES, f"unknown member state {str(state)[:20]!r}")
     _check(_is_id(node_id), "a rumor's node id is not a short str")
     _check(isinstance(address, str) and len(address) <= _MAX_ADDRESS, "a rumor's address is not a short str")
     _check(bool(address) or state not in _LIVE, "a live member's rumor has no address")
     _check(_is_int(incarnation), "a rumor's incarnation is not an int in range")
     _check(isinstance(accuser, str) and len(accuser) <= _MAX_ID, "a rumor's accuser is not a short str")
-    return (state, node_id, address, incarnation, accuser)
+    return (state, node_id, address, incarnation, accuser, weight)
+
+
+def wire(rumor: Rumor) -> list[Any]:
+    """A rumor as it travels: the weight only where there is one (a DEAD)."""
+    return list(rumor) if rumor[5] else list(rumor[:5])
 
 
 def suspicion_timeout(t: MembershipTimings, live: int, accusers: int) -> float:
@@ -216,15 +225,56 @@ class RumorQueue:
 
     def take(self, first: list[Rumor], limit: int) -> list[list[Any]]:
         """``first``, then as many queued rumors as a message holds; each is dropped once told ``limit`` times."""
-        out = [list(r) for r in first]
+        out = [wire(r) for r in first]
         if not self._rumors:
             return out
         # Least sent first, then newest: a fresh rumor overtakes the ones already told many times.
         chosen = sorted(self._rumors.items(), key=lambda item: (item[1][1], -item[1][2]))[: MAX_RUMORS_PER_MESSAGE - len(out)]
         for node_id, (rumor, sent, generation) in chosen:
-            out.append(list(rumor))
+            out.append(wire(rumor))
             if sent + 1 >= limit:
                 del self._rumors[node_id]
             else:
                 self._rumors[node_id] = (rumor, sent + 1, generation)
         return out
+
+
+class Burials:
+    """Who we buried (at which incarnation of ours, with what weight), and whether news of our own death buries us.
+
+    See ``Buried``: news from a member we never held dead at that incarnation buries us (we stalled, or
+    were cut off before we could decide anything); news from one we buried too (a partition both sides
+    decided) buries us only if its side was the larger, by the weights of the two declarations.
+    """
+
+    def __init__(self) -> None:
+        self._saw_dead: dict[str, tuple[int, int]] = {}  # node id -> (our incarnation, weight) when we last held it dead
+        self._told: dict[str, float] = {}  # node id -> when we last told it that we buried it
+        self._buried_at = -1  # the highest incarnation of ours the mesh buried (reported once)
+
+    def saw(self, member: Member, our_incarnation: int, weight: int) -> None:
+        if member.state == DEAD:
+            self._saw_dead.pop(member.node_id, None)
+            self._saw_dead[member.node_id] = (our_incarnation, max(1, weight))
+            if len(self._saw_dead) > _MAX_RELAYS:
+                del self._saw_dead[next(iter(self._saw_dead))]
+
+    def death_rumor(self, node_id: str, address: str, incarnation: int, me: str) -> list[Any]:
+        return [DEAD, node_id, address, incarnation, me, self._saw_dead.get(node_id, (0, 1))[1]]
+
+    def buries_us(self, accuser: str, incarnation: int, weight: int) -> bool:
+        if incarnation <= self._buried_at:
+            return False  # reported already
+        ours = self._saw_dead.get(accuser)
+        if ours is not None and ours[0] >= incarnation and weight <= ours[1]:
+            return False
+        self._buried_at = incarnation
+        return True
+
+    def may_tell(self, node_id: str, now: float, interval: float) -> bool:
+        if now - self._told.get(node_id, -1e18) < interval:
+            return False
+        self._told[node_id] = now
+        if len(self._told) > _MAX_RELAYS:
+            del self._told[next(iter(self._told))]
+        return True

@@ -112,6 +112,8 @@ class MeshActors:
                     self._send_to_client(client.client_id, frames)
         if change.state in (membership.DEAD, membership.LEFT):
             self.deaths.member_gone(change.node_id, change.state.lower())
+        elif change.previous not in (membership.ALIVE, membership.SUSPECT):
+            self.names.member_came(change.node_id)
         self.placement.rechoose_keepers()
         self._chores.schedule = True
 

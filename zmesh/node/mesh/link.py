@@ -255,8 +255,7 @@ class Mesh:
         if member is not None and member.state in (membership.DEAD, membership.LEFT):
             # We buried it at an incarnation it has not passed (a partition, a long stall): tell it, so it
             # refutes with a higher one and comes back as itself.
-            rumor = [membership.DEAD, sender, address, member.incarnation, self.node_id]
-            self._send_to(address, SWIM, {"k": "ping", "seq": 0, "r": [rumor]})
+            self._send_to(address, SWIM, {"k": "ping", "seq": 0, "r": [self.membership.death_rumor(sender, member.incarnation)]})
             return False
         self._run([self.gossip.sync_with(sender, address)])
         return True

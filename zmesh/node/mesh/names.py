@@ -33,6 +33,8 @@ from zmesh.node.mesh.view import MeshView
 logger = logging.getLogger(__name__)
 
 Verdict = Granted | Taken
+_MAX_RECENT_RELEASES = 10_000
+_RELEASE_AGAIN_S = 60.0
 Found = tuple[str, str, bytes, str]  # (actor id, class name, metadata, node to watch it at)
 
 
@@ -50,6 +52,9 @@ class Names:
         self.claims = registry.Claims()
         self._next_prune = 0.0
         self._conflicts: dict[registry.Name, float] = {}  # names two live actors hold: since when
+        # Names released lately: told again to the name's home whenever members come back, since the home
+        # that should hear it may have been out of reach (a node buried while cut off releases alone).
+        self._released: dict[registry.Name, tuple[str, float]] = {}
 
     def home(self, key: registry.Name) -> str:
         home = registry.home_of(key, self._mesh.live())
@@ -122,6 +127,10 @@ class Names:
         key = (record.namespace, record.name)
         self._table.drop_name(record)
         self.claims.release(key, record.actor_id)
+        self._released.pop(key, None)
+        self._released[key] = (record.actor_id, time.monotonic())
+        while len(self._released) > _MAX_RECENT_RELEASES:
+            del self._released[next(iter(self._released))]
         home = self.home(key)
         if home == self._me:
             if then is not None:
@@ -132,6 +141,15 @@ class Names:
             self._mesh.send(home, "release", body)
         else:
             self._mesh.request(home, "release", body, [], lambda ok, value, payload: then(), time.monotonic())
+
+    def member_came(self, node_id: str) -> None:
+        """A member joined or came back: the releases of the last minute whose home it is now are told to it."""
+        now = time.monotonic()
+        for key, (actor_id, when) in list(self._released.items()):
+            if now - when > _RELEASE_AGAIN_S:
+                del self._released[key]
+            elif self.home(key) == node_id:
+                self._mesh.send(node_id, "release", {"ns": key[0], "name": key[1], "actor_id": actor_id})
 
     def on_release(self, sender: str, body: dict[str, Any], rid: int | None) -> None:
         self.claims.release((str(body["ns"]), str(body["name"])), str(body["actor_id"]))
