@@ -31,6 +31,10 @@ class NodeConfig:
     insecure: bool = False
     # Dead actors remembered for status and late callers; the oldest are forgotten first.
     keep_dead_actors: int = 1000
+    # Workers kept forked and connected while creations keep coming, each for one actor (node/pool/warm.py).
+    warm_workers: int = 4
+    # Seconds without a creation after which the warm workers are sent away.
+    warm_idle_s: float = 2.0
 
     # ---- the mesh (see docs/mesh.md)
     # Nodes of one host with the same cluster name find each other through the run directory.
@@ -92,6 +96,8 @@ class NodeConfig:
         validate_resources(self.resources)
         if self.keep_dead_actors < 0:
             raise ValueError(f"keep_dead_actors must be >= 0, got {self.keep_dead_actors}")
+        if isinstance(self.warm_workers, bool) or not isinstance(self.warm_workers, int) or self.warm_workers < 0:
+            raise ValueError(f"warm_workers must be an int >= 0, got {self.warm_workers!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         try:

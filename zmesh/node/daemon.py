@@ -26,6 +26,8 @@ from zmesh.node.core.resources import Resources
 from zmesh.node.discovery import sources as discovery
 from zmesh.node.mesh.actors import Deferred, MeshActors, ReplyError, _state_body, _stub_from_row
 from zmesh.node.mesh.link import Mesh
+from zmesh.node.pool.door import WorkerDoor
+from zmesh.node.pool.warm import Parked, WarmPool
 from zmesh.node.pool.zygote_link import ZygoteDied, ZygoteLink
 from zmesh.node.sessions import Sessions
 from zmesh.transport import protocol, rundir, serialization, sockets
@@ -84,10 +86,13 @@ class Node(MeshActors):
         self._thread: threading.Thread | None = None
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
+        self._door = WorkerDoor(self._ctx, self.security.max_message_bytes)  # our workers come in here
+        self._poller.register(self._door.socket, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         if self._zap is not None:
             self._poller.register(self._zap.socket, zmq.POLLIN)
         self._zygote = ZygoteLink(self._poller)
+        self._warm = WarmPool(self.config.warm_workers, self.config.warm_idle_s)
         self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
         self._clients = self.sessions.by_id
         self._ops: dict[str, Callable[[Client, tuple[Any, ...], list[Any]], tuple[Any, list[Any]]]] = {
@@ -207,8 +212,8 @@ class Node(MeshActors):
             events = self._poller.poll(int(wait_s * 1000) + 1)
             for sock, _ in events:
                 try:
-                    if sock is self._router:
-                        self._drain_router()
+                    if sock is self._router or sock is self._door.socket:
+                        self._drain_router(sock)
                     elif self._zap is not None and sock is self._zap.socket:
                         self._zap.handle()
                     elif sock == self._wake_r:
@@ -231,6 +236,7 @@ class Node(MeshActors):
                     self._reschedule = False
                     self._schedule()
                 self._check_waiting()
+                self._tend_warm(now)
                 if self._drained():
                     logger.info("zmesh node %s: drained; leaving the mesh", self.node_id)
                     self._stopping = True
@@ -247,6 +253,9 @@ class Node(MeshActors):
         for pid, actor_id in list(self._by_pid.items()):
             self._kill_worker(pid)
             sockets.remove_ipc(self._actors[actor_id].address if actor_id in self._actors else None)
+        for pid in self._warm.reset():  # warm workers: no actor yet, but socket files already
+            _kill(pid)
+            rundir.remove_sockets_of(pid)
         for client in self._clients.values():
             if client.kind == "worker":  # killed with their actors above
                 sockets.remove_ipc(client.address)
@@ -259,6 +268,7 @@ class Node(MeshActors):
             self.mesh.close()
         # A moment for the answers already queued (the reply to `zmesh stop` among them) to leave.
         self._router.close(linger=200)
+        self._door.close()
         if self._zap is not None:
             self._zap.close()
         self._ctx.term()
@@ -280,6 +290,8 @@ class Node(MeshActors):
     def _zygote_died(self) -> None:
         """Its workers died with it (PDEATHSIG): restart or bury their actors, then start a new zygote."""
         self._zygote.restart()
+        for pid in self._warm.reset():  # they died with it (PDEATHSIG), before they had an actor
+            rundir.remove_sockets_of(pid)
         # Spawn requests the dead zygote had not answered; restarts below send their own (never twice).
         unanswered = [r for r in self._actors.values() if r.state in (records.STARTING, records.RESTARTING) and r.pid is None]
         for pid, actor_id in list(self._by_pid.items()):
@@ -293,6 +305,8 @@ class Node(MeshActors):
 
     def _on_zygote_event(self, event: dict[str, Any]) -> None:
         if event.get("ev") == "spawned":
+            if self._warm.spawned(event["token"], event["pid"]):
+                return
             token_owner = self._by_token.get(event["token"])
             spawned = self._actors.get(token_owner) if token_owner else None
             if spawned is not None and spawned.token == event["token"]:
@@ -305,32 +319,61 @@ class Node(MeshActors):
             rundir.remove_sockets_of(event["pid"])
             if actor_id is not None and actor_id in self._actors:
                 self._worker_exited(self._actors[actor_id], event["pid"], event["code"])
+            elif actor_id is None:
+                self._warm.exited(event["pid"], time.monotonic())
 
     def _spawn(self, record: ActorRecord) -> None:
         record.pid = None
+        if self._bind_warm(record):
+            return
         self._by_token[record.token] = record.actor_id
-        env = {}
-        if record.reservation is not None and record.reservation.gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, record.reservation.gpu_ids))
-        request = {
+        self._zygote.spawn(self._spawn_request(record.token, _worker_env(record)))
+
+    def _spawn_request(self, token: str, env: dict[str, str]) -> dict[str, Any]:
+        return {
             "op": "spawn",
-            "token": record.token,
-            "address": self.address,
+            "token": token,
+            "address": self._door.address,
             "host": self.config.host,
             "env": env,
             "security": self.security.spawn_env(),
+            "warm": self._warm.owns(token),
         }
-        self._zygote.spawn(request)
+
+    def _bind_warm(self, record: ActorRecord) -> bool:
+        """Give the actor a warm worker by answering its parked ``init``; False when none waits."""
+        while (worker := self._warm.take(time.monotonic())) is not None:
+            value, payload = self._init_reply(record)
+            if self._send(worker.identity, protocol.encode(protocol.REPLY, (worker.req_id, True, value), payload)):
+                record.pid = worker.pid
+                self._by_pid[worker.pid] = record.actor_id
+                return True
+            _kill(worker.pid)  # gone from the socket: never given anything, it is of no use
+        return False
+
+    def _tend_warm(self, now: float) -> None:
+        """Ask for the warm workers the pool wants, and send away those no creation came for."""
+        for token in self._warm.wanted(now):
+            self._zygote.spawn(self._spawn_request(token, {}))
+        for worker in self._warm.retire(now):
+            self._send_away(worker)
+
+    def _send_away(self, worker: Parked) -> None:
+        """Refuse a warm worker's ``init``: it closes its sockets and exits."""
+        if not self._send(worker.identity, protocol.encode(protocol.REPLY, (worker.req_id, False, _UNWANTED))):
+            _kill(worker.pid)
 
     # ------------------------------------------------------------------ messages
 
-    def _drain_router(self) -> None:
+    def _drain_router(self, router: sockets.Socket) -> None:
         for _ in range(1000):
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             identity = frames[0]
+            if router is self._door.socket:
+                self._door.came_in(identity)
             try:
                 hello = protocol.decode_json(frames[1:], protocol.HELLO_TAG)
                 if hello is not None:
@@ -363,7 +406,7 @@ class Node(MeshActors):
 
     def _send(self, identity: bytes, frames: list[Any]) -> bool:
         try:
-            self._router.send_multipart([identity, *frames], copy=False)
+            self._door.socket_for(identity, self._router).send_multipart([identity, *frames], copy=False)
             return True
         except zmq.ZMQError:
             return False  # the peer is gone
@@ -656,14 +699,24 @@ class Node(MeshActors):
 
     def _op_init(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         (token,) = args
+        if self._warm.owns(token):
+            # A warm worker: its request waits, unanswered, until an actor is given to it (_bind_warm).
+            identity, req_id = self._current
+            if self._warm.park(Parked(token, identity, req_id, client.pid), time.monotonic()):
+                raise Deferred
+            raise ReplyError(*_UNWANTED)
         actor_id = self._by_token.get(token)
         record = self._actors.get(actor_id) if actor_id else None
         if record is None or record.token != token or record.state not in (records.STARTING, records.RESTARTING):
-            raise ReplyError("ActorDiedError", "this worker is no longer wanted")
+            raise ReplyError(*_UNWANTED)
         if record.pid is None:
             record.pid = client.pid
             self._by_pid[client.pid] = record.actor_id
-        spec = dict(record.spec, owner_address=record.owner_address, creator_id=record.creator)
+        return self._init_reply(record)
+
+    def _init_reply(self, record: ActorRecord) -> tuple[Any, list[Any]]:
+        """What a worker needs to become ``record``'s: its spec (with its environment) and its class and arguments."""
+        spec = dict(record.spec, owner_address=record.owner_address, creator_id=record.creator, env=_worker_env(record))
         blob = self._classes[record.class_key]
         return (record.actor_id, record.incarnation, spec), [blob, record.meta_blob, *record.args_frames]
 
@@ -817,7 +870,18 @@ class Node(MeshActors):
             "refused_connections": self._zap.refused if self._zap is not None else 0,
             "secure": not self.security.insecure,
             "cluster": self.security.key.fingerprint if self.security.key is not None else None,
+            "warm_workers": self._warm.describe(),
         }
+
+
+_UNWANTED = ("ActorDiedError", "this worker is no longer wanted")
+
+
+def _worker_env(record: ActorRecord) -> dict[str, str]:
+    """The environment of the actor's worker, set before any of its code runs: the GPUs it reserved."""
+    if record.reservation is not None and record.reservation.gpu_ids:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, record.reservation.gpu_ids))}
+    return {}
 
 
 def _kill(pid: int) -> None:

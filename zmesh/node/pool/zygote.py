@@ -56,7 +56,7 @@ def _spawn(request: dict[str, Any], channel: LineChannel, wake_r: int, wake_w: i
         from zmesh.worker import main as worker
 
         security = Security.from_spawn_env(request["security"])
-        code = worker.main(request["address"], request["token"], security, request["host"])
+        code = worker.main(request["address"], request["token"], security, request["host"], warm=bool(request.get("warm")))
     except BaseException:
         import traceback
 
