@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ class Probe:
         return os.getpid(), self.visible_at_init, zmesh.get_gpu_ids()
 
 
+@contextlib.contextmanager
 def _start(run_dir: Path, *args: str, idle_s: float = 30.0) -> Iterator[NodeProcess]:
     env = {"ZMESH_WARM_WORKERS": str(POOL), "ZMESH_WARM_IDLE_S": str(idle_s)}
     node = NodeProcess(str(run_dir), "--num-cpus", "64", *args, env=env)
@@ -46,7 +48,8 @@ def _start(run_dir: Path, *args: str, idle_s: float = 30.0) -> Iterator[NodeProc
 @pytest.fixture
 def pooled(isolated_run_dir: Path) -> Iterator[NodeProcess]:
     """A node keeping POOL warm workers (for 30 s after the last creation); this process is its driver."""
-    yield from _start(isolated_run_dir)
+    with _start(isolated_run_dir) as node:
+        yield node
 
 
 def _pool() -> dict[str, Any]:
@@ -103,7 +106,7 @@ def test_a_burst_larger_than_the_pool(pooled: NodeProcess) -> None:
 @pytest.mark.timeout(90)
 def test_gpus_are_set_before_init_in_a_warm_worker(isolated_run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the node's workers inherit none: a leak would show
-    for _ in _start(isolated_run_dir, "--num-gpus", "2"):
+    with _start(isolated_run_dir, "--num-gpus", "2"):
         zmesh.get(Probe.remote().pid.remote(), timeout=30)
         warm = _full_pool()
         a = Probe.options(num_gpus=1).remote()
@@ -138,7 +141,7 @@ def test_killing_the_zygote_with_warm_workers_waiting(pooled: NodeProcess) -> No
 
 @pytest.mark.timeout(90)
 def test_warm_workers_leave_when_creations_stop(isolated_run_dir: Path) -> None:
-    for node in _start(isolated_run_dir, idle_s=0.5):
+    with _start(isolated_run_dir, idle_s=0.5) as node:
         probe = Probe.remote()
         zmesh.get(probe.pid.remote(), timeout=30)
         wait_for(lambda: _pool()["parked"], timeout=30, what="warm workers")
