@@ -35,6 +35,8 @@ class NodeConfig:
     warm_workers: int = 4
     # Seconds without a creation after which the warm workers are sent away.
     warm_idle_s: float = 2.0
+    # Workers starting at once (forked, not yet asking for their actor); 0: two per CPU core.
+    worker_start_limit: int = 0
 
     # ---- the mesh (see docs/mesh.md)
     # Nodes of one host with the same cluster name find each other through the run directory.
@@ -96,8 +98,10 @@ class NodeConfig:
         validate_resources(self.resources)
         if self.keep_dead_actors < 0:
             raise ValueError(f"keep_dead_actors must be >= 0, got {self.keep_dead_actors}")
-        if isinstance(self.warm_workers, bool) or not isinstance(self.warm_workers, int) or self.warm_workers < 0:
-            raise ValueError(f"warm_workers must be an int >= 0, got {self.warm_workers!r}")
+        for name in ("warm_workers", "worker_start_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         try:

@@ -27,6 +27,7 @@ from zmesh.node.discovery import sources as discovery
 from zmesh.node.mesh.actors import Deferred, MeshActors, ReplyError, _state_body, _stub_from_row
 from zmesh.node.mesh.link import Mesh
 from zmesh.node.pool.door import WorkerDoor
+from zmesh.node.pool.gate import StartGate
 from zmesh.node.pool.warm import Parked, WarmPool
 from zmesh.node.pool.zygote_link import ZygoteDied, ZygoteLink
 from zmesh.node.sessions import Sessions
@@ -93,6 +94,8 @@ class Node(MeshActors):
             self._poller.register(self._zap.socket, zmq.POLLIN)
         self._zygote = ZygoteLink(self._poller)
         self._warm = WarmPool(self.config.warm_workers, self.config.warm_idle_s)
+        start_limit = self.config.worker_start_limit or 2 * (os.cpu_count() or 1)
+        self._gate = StartGate(start_limit, lambda token: self._warm.expects(token) or token in self._by_token)
         self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
         self._clients = self.sessions.by_id
         self._ops: dict[str, Callable[[Client, tuple[Any, ...], list[Any]], tuple[Any, list[Any]]]] = {
@@ -290,6 +293,7 @@ class Node(MeshActors):
     def _zygote_died(self) -> None:
         """Its workers died with it (PDEATHSIG): restart or bury their actors, then start a new zygote."""
         self._zygote.restart()
+        self._gate.reset()
         for pid in self._warm.reset():  # they died with it (PDEATHSIG), before they had an actor
             rundir.remove_sockets_of(pid)
         # Spawn requests the dead zygote had not answered; restarts below send their own (never twice).
@@ -305,6 +309,7 @@ class Node(MeshActors):
 
     def _on_zygote_event(self, event: dict[str, Any]) -> None:
         if event.get("ev") == "spawned":
+            self._gate.spawned(event["token"], event["pid"])
             if self._warm.spawned(event["token"], event["pid"]):
                 return
             token_owner = self._by_token.get(event["token"])
@@ -315,6 +320,7 @@ class Node(MeshActors):
             elif event["pid"] not in self._by_pid:  # not already known from the worker's own init
                 _kill(event["pid"])  # its actor was killed before it even started
         elif event.get("ev") == "exited":
+            self._start_workers(self._gate.exited(event["pid"]))
             actor_id = self._by_pid.pop(event["pid"], None)
             rundir.remove_sockets_of(event["pid"])
             if actor_id is not None and actor_id in self._actors:
@@ -327,7 +333,11 @@ class Node(MeshActors):
         if self._bind_warm(record):
             return
         self._by_token[record.token] = record.actor_id
-        self._zygote.spawn(self._spawn_request(record.token, _worker_env(record)))
+        self._start_workers(self._gate.submit(record.token, self._spawn_request(record.token, _worker_env(record))))
+
+    def _start_workers(self, requests: list[dict[str, Any]]) -> None:
+        for request in requests:
+            self._zygote.spawn(request)
 
     def _spawn_request(self, token: str, env: dict[str, str]) -> dict[str, Any]:
         return {
@@ -354,7 +364,7 @@ class Node(MeshActors):
     def _tend_warm(self, now: float) -> None:
         """Ask for the warm workers the pool wants, and send away those no creation came for."""
         for token in self._warm.wanted(now):
-            self._zygote.spawn(self._spawn_request(token, {}))
+            self._start_workers(self._gate.submit(token, self._spawn_request(token, {})))
         for worker in self._warm.retire(now):
             self._send_away(worker)
 
@@ -699,6 +709,7 @@ class Node(MeshActors):
 
     def _op_init(self, client: Client, args: tuple[Any, ...], payload: list[Any]) -> tuple[Any, list[Any]]:
         (token,) = args
+        self._start_workers(self._gate.started(token))  # past its costly start: the next may start
         if self._warm.owns(token):
             # A warm worker: its request waits, unanswered, until an actor is given to it (_bind_warm).
             identity, req_id = self._current

@@ -62,6 +62,10 @@ class WarmPool:
     def __len__(self) -> int:
         return len(self._parked)
 
+    def expects(self, token: str) -> bool:
+        """Whether the worker of ``token`` was asked for and has not parked yet."""
+        return token in self._starting
+
     def pids(self) -> list[int]:
         """Every live worker of the pool whose pid is known: parked, or forked and not parked yet."""
         return [w.pid for w in self._parked.values()] + [pid for pid in self._starting.values() if pid is not None]
