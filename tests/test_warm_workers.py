@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ class Probe:
 
     def seen(self) -> tuple[int, str | None, list[int]]:
         return os.getpid(), self.visible_at_init, zmesh.get_gpu_ids()
+
+
+@zmesh.remote
+class SlowStart:
+    def __init__(self, marker: str) -> None:
+        Path(marker).write_text(str(os.getpid()))  # the test learns the pid while the constructor still runs
+        time.sleep(30)
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 @contextlib.contextmanager
@@ -90,6 +101,22 @@ def test_each_warm_worker_hosts_one_actor_and_dies_with_it(pooled: NodeProcess) 
         seen |= set(pids)
         for actor in actors:
             zmesh.kill(actor)
+
+
+@pytest.mark.timeout(90)
+def test_an_actor_killed_while_it_starts_takes_its_warm_worker_with_it(pooled: NodeProcess, tmp_path: Path) -> None:
+    zmesh.get(Probe.remote().pid.remote(), timeout=30)
+    warm = _full_pool()
+    marker = tmp_path / "pid"
+    slow = SlowStart.remote(str(marker))
+    pid = int(wait_for(lambda: marker.exists() and marker.read_text(), timeout=30, what="the constructor to start"))
+    assert pid == warm[0]
+    zmesh.kill(slow)
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="the warm worker of the killed actor to exit")
+    with pytest.raises(ActorDiedError):
+        zmesh.get(slow.pid.remote(), timeout=10)
+    others = zmesh.get([Probe.remote().pid.remote() for _ in range(POOL + 1)], timeout=30)
+    assert pid not in others
 
 
 @pytest.mark.timeout(90)
