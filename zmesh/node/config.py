@@ -33,6 +33,12 @@ class NodeConfig:
     insecure: bool = False
     # Dead actors remembered for status and late callers; the oldest are forgotten first.
     keep_dead_actors: int = 1000
+    # Workers kept forked and connected while creations keep coming, each for one actor (node/pool/warm.py).
+    warm_workers: int = 4
+    # Seconds without a creation after which the warm workers are sent away.
+    warm_idle_s: float = 2.0
+    # Workers starting at once (forked, not yet asking for their actor); 0: two per CPU core.
+    worker_start_limit: int = 0
 
     # ---- the mesh (see docs/mesh.md)
     # Nodes of one host with the same cluster name find each other through the run directory.
@@ -107,6 +113,10 @@ class NodeConfig:
             raise ValueError(f"keepers must be an int in 0..8, got {self.keepers!r}")
         if not (self.affinity_wait_s >= 0 and self.name_grace_s > 0 and self.name_conflict_s >= 0):
             raise ValueError(f"affinity_wait_s must be >= 0 and name_grace_s > 0, got {self.affinity_wait_s!r}, {self.name_grace_s!r}")
+        for name in ("warm_workers", "worker_start_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         try:

@@ -35,6 +35,9 @@ from zmesh.node.mesh.names import Names
 from zmesh.node.mesh.placement import Placement
 from zmesh.node.mesh.relay import Relay
 from zmesh.node.mesh.view import MeshView
+from zmesh.node.pool.door import WorkerDoor
+from zmesh.node.pool.gate import StartGate
+from zmesh.node.pool.warm import WarmPool
 from zmesh.node.pool.zygote_link import ZygoteDied, ZygoteLink
 from zmesh.node.requests import Reply, ReplyError, Requests
 from zmesh.node.sessions import Sessions
@@ -97,10 +100,15 @@ class Node:
         self._poller = zmq.Poller()
         self._lag = LoopLag()  # how late and how busy _loop runs, for status()
         self._poller.register(self._router, zmq.POLLIN)
+        self._door = WorkerDoor(self._ctx, self.security.max_message_bytes)  # our workers come in here
+        self._poller.register(self._door.socket, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         if self._zap is not None:
             self._poller.register(self._zap.socket, zmq.POLLIN)
         self._zygote = ZygoteLink(self._poller)
+        self._warm = WarmPool(self.config.warm_workers, self.config.warm_idle_s)
+        start_limit = self.config.worker_start_limit or 2 * (os.cpu_count() or 1)
+        self._gate = StartGate(start_limit, lambda token: self._warm.expects(token) or self.table.by_token(token) is not None)
         self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
         self.started_at = time.time()
         self._next_publish = 0.0
@@ -125,8 +133,8 @@ class Node:
         view = MeshView()
         names: list[Names] = []  # the name component, made below; a death frees its actor's name there
         self.hosted = HostedActors(
-            self.node_id, self.address, self.config.host, self.security.spawn_env(), self.table, self.resources, self._zygote,
-            self.chores, self._send, self.mesh.send, lambda record: names[0].released(record),
+            self.node_id, self._door.address, self.config.host, self.security.spawn_env(), self.table, self.resources,
+            self._zygote, self._warm, self._gate, self.chores, self._send, self.mesh.send, lambda record: names[0].released(record),
         )  # fmt: skip
         relay = Relay(self.node_id, self.table, view, self.mesh, self.hosted)
         names.append(Names(self.node_id, self.config, self.table, view, self.mesh, relay, self.chores))
@@ -216,8 +224,8 @@ class Node:
             woke = time.monotonic()
             for sock, _ in events:
                 try:
-                    if sock is self._router:
-                        self._drain_router()
+                    if sock is self._router or sock is self._door.socket:
+                        self._drain_router(sock)
                     elif self._zap is not None and sock is self._zap.socket:
                         self._zap.handle()
                     elif sock == self._wake_r:
@@ -250,6 +258,7 @@ class Node:
             self.actors.placement.schedule(now)
         self.actors.placement.check_waiting(now)
         self.actors.names.tick(now)
+        self.hosted.tend_warm(now)
         if self.actors.placement.drained():
             logger.info("zmesh node %s: drained; leaving the mesh", self.node_id)
             self._stopping = True
@@ -260,10 +269,8 @@ class Node:
                 self.mesh.leave(time.monotonic())
             except Exception:
                 logger.exception("zmesh node: saying goodbye to the mesh failed")
-        for pid, actor_id in self.table.pids().items():
-            kill_pid(pid)
-            record = self.table.get(actor_id)
-            sockets.remove_ipc(record.address if record is not None else None)
+        if self._started:
+            self.hosted.shutdown()
         for client in self.sessions.by_id.values():
             if client.kind == "worker":  # killed with their actors above
                 sockets.remove_ipc(client.address)
@@ -276,6 +283,7 @@ class Node:
             self.mesh.close()
         # A moment for the answers already queued (the reply to `zmesh stop` among them) to leave.
         self._router.close(linger=200)
+        self._door.close()
         if self._zap is not None:
             self._zap.close()
         self._ctx.term()
@@ -297,18 +305,20 @@ class Node:
 
     # ------------------------------------------------------------------ messages
 
-    def _drain_router(self) -> None:
-        """Handle what waits on the ROUTER, for one slice of time at most; the rest is read on the next turn."""
+    def _drain_router(self, router: sockets.Socket) -> None:
+        """Handle what waits on a ROUTER (the node's, or the workers' door), for one slice of time at most."""
         until = time.monotonic() + _SLICE_S
         for count in range(1000):
             if count % 16 == 15 and time.monotonic() > until:
                 self._wake()  # more may be waiting: come back after the timers
                 return
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             identity = frames[0]
+            if router is self._door.socket:
+                self._door.came_in(identity)
             try:
                 hello = protocol.decode_json(frames[1:], protocol.HELLO_TAG)
                 if hello is not None:
@@ -348,7 +358,7 @@ class Node:
 
     def _send(self, identity: bytes, frames: list[Any]) -> bool:
         try:
-            self._router.send_multipart([identity, *frames], copy=False)
+            self._door.socket_for(identity, self._router).send_multipart([identity, *frames], copy=False)
             return True
         except zmq.ZMQError:
             return False  # the peer is gone
@@ -430,5 +440,6 @@ class Node:
             "refused_connections": self._zap.refused if self._zap is not None else 0,
             "secure": not self.security.insecure,
             "cluster": self.security.key.fingerprint if self.security.key is not None else None,
+            "warm_workers": self.hosted.describe_warm() if self._started else {},
             **self._lag.summary(time.monotonic()),
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ from zmesh.node.core import lifecycle, records
 from zmesh.node.core.records import ActorRecord, Client
 from zmesh.node.core.resources import Resources
 from zmesh.node.core.table import ActorTable, Chores
+from zmesh.node.pool.gate import StartGate
+from zmesh.node.pool.warm import Parked, WarmPool
 from zmesh.node.pool.zygote_link import ZygoteLink
 from zmesh.transport import protocol, rundir, sockets
 from zmesh.transport.ids import ClientId
@@ -31,6 +34,9 @@ class InitRefused(Exception):
     """A worker asked for an actor that no longer wants it (killed, or already replaced)."""
 
 
+UNWANTED = ("ActorDiedError", "this worker is no longer wanted")
+
+
 class HostedActors:
     def __init__(
         self,
@@ -41,6 +47,8 @@ class HostedActors:
         table: ActorTable,
         resources: Resources,
         zygote: ZygoteLink,
+        warm: WarmPool,
+        gate: StartGate,
         chores: Chores,
         send_to_client: SendToClient,
         send_to_node: SendToNode,
@@ -53,6 +61,8 @@ class HostedActors:
         self._table = table
         self._resources = resources
         self._zygote = zygote
+        self._warm = warm  # forked, connected workers waiting for an actor: a creation skips the worker's start
+        self._gate = gate  # at most a few workers start at once; the rest of a burst queues here
         self._chores = chores
         self._send_to_client = send_to_client
         self._send_to_node = send_to_node
@@ -65,28 +75,84 @@ class HostedActors:
         record.pid = None
         record.node_incarnation = self.node_incarnation
         self._table.expect_worker(record)
-        env = {}
-        if record.reservation is not None and record.reservation.gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, record.reservation.gpu_ids))
-        self._zygote.spawn(
-            {"op": "spawn", "token": record.token, "address": self._address, "host": self._host, "env": env, "security": self._spawn_env}
-        )
+        if self._bind_warm(record):
+            return
+        self._start_workers(self._gate.submit(record.token, self._spawn_request(record.token, worker_env(record))))
+
+    def _start_workers(self, requests: list[dict[str, Any]]) -> None:
+        for request in requests:
+            self._zygote.spawn(request)
+
+    def _spawn_request(self, token: str, env: dict[str, str]) -> dict[str, Any]:
+        return {
+            "op": "spawn",
+            "token": token,
+            "address": self._address,
+            "warm": self._warm.owns(token),
+            "host": self._host,
+            "env": env,
+            "security": self._spawn_env,
+        }
+
+    def _bind_warm(self, record: ActorRecord) -> bool:
+        """Give the actor a warm worker by answering its parked ``init``; False when none waits."""
+        while (worker := self._warm.take(time.monotonic())) is not None:
+            value, payload = self._init_reply(record)
+            if self._send_to_client(ClientId(worker.identity), protocol.encode(protocol.REPLY, (worker.req_id, True, value), payload)):
+                self._table.set_pid(record, worker.pid)
+                return True
+            kill_pid(worker.pid)  # gone from the socket: never given anything, it is of no use
+        return False
+
+    def tend_warm(self, now: float) -> None:
+        """Ask for the warm workers the pool wants, and send away those no creation came for."""
+        for token in self._warm.wanted(now):
+            self._start_workers(self._gate.submit(token, self._spawn_request(token, {})))
+        for worker in self._warm.retire(now):
+            self._send_away(worker)
+
+    def _send_away(self, worker: Parked) -> None:
+        """Refuse a warm worker's ``init``: it closes its sockets and exits."""
+        if not self._send_to_client(ClientId(worker.identity), protocol.encode(protocol.REPLY, (worker.req_id, False, UNWANTED))):
+            kill_pid(worker.pid)
 
     def on_zygote_event(self, event: dict[str, Any]) -> None:
         if event.get("ev") == "spawned":
+            self._gate.spawned(event["token"], event["pid"])
+            if self._warm.spawned(event["token"], event["pid"]):
+                return
             spawned = self._table.by_token(event["token"])
             if spawned is not None:
                 self._table.set_pid(spawned, event["pid"])
             elif not self._table.has_pid(event["pid"]):  # not already known from the worker's own init
                 kill_pid(event["pid"])  # its actor was killed before it even started
         elif event.get("ev") == "exited":
+            self._start_workers(self._gate.exited(event["pid"]))
             record = self._table.pid_exited(event["pid"])
             rundir.remove_sockets_of(event["pid"])
             if record is not None:
                 self.worker_exited(record, event["pid"], event["code"])
+            else:
+                self._warm.exited(event["pid"], time.monotonic())
+
+    def shutdown(self) -> None:
+        """Kill every worker of ours (warm ones too) and remove their socket files."""
+        for pid in self._warm.reset():  # warm workers: no actor yet, but socket files already
+            kill_pid(pid)
+            rundir.remove_sockets_of(pid)
+        for pid, actor_id in self._table.pids().items():
+            kill_pid(pid)
+            record = self._table.get(actor_id)
+            sockets.remove_ipc(record.address if record is not None else None)
+
+    def describe_warm(self) -> dict[str, Any]:
+        return self._warm.describe()
 
     def zygote_died(self) -> None:
         """Its workers died with it (PDEATHSIG): restart or bury their actors; spawn what it had not answered."""
+        self._gate.reset()
+        for pid in self._warm.reset():  # they died with it (PDEATHSIG), before they had an actor
+            rundir.remove_sockets_of(pid)
         unanswered = [r for r in self._table.hosted() if r.state in (records.STARTING, records.RESTARTING) and r.pid is None]
         for pid in list(self._table.pids()):
             record = self._table.pid_exited(pid)
@@ -97,14 +163,26 @@ class HostedActors:
             if record.state in (records.STARTING, records.RESTARTING) and record.pid is None:
                 self.spawn(record)
 
-    def init(self, token: Any, client: Client) -> tuple[Any, list[Any]]:
-        """A new worker asks what to build: ``(actor id, incarnation, spec)`` and the class, metadata and arguments."""
+    def init(self, token: Any, client: Client, identity: bytes, req_id: Any) -> tuple[Any, list[Any]] | None:
+        """A new worker asks what to build: ``(actor id, incarnation, spec)`` and the class, metadata and arguments.
+
+        None: a warm worker, whose request waits unanswered until an actor is given to it (``_bind_warm``).
+        """
+        self._start_workers(self._gate.started(token))  # past its costly start: the next may start
+        if self._warm.owns(token):
+            if self._warm.park(Parked(str(token), identity, req_id, client.pid), time.monotonic()):
+                return None
+            raise InitRefused(UNWANTED[1])
         record = self._table.by_token(str(token))
         if record is None or record.state not in (records.STARTING, records.RESTARTING):
-            raise InitRefused("this worker is no longer wanted")
+            raise InitRefused(UNWANTED[1])
         if record.pid is None:
             self._table.set_pid(record, client.pid)
-        spec = dict(record.spec, owner_address=record.owner_address, creator_id=record.creator)
+        return self._init_reply(record)
+
+    def _init_reply(self, record: ActorRecord) -> tuple[Any, list[Any]]:
+        """What a worker needs to become ``record``'s: its spec (with its environment) and its class and arguments."""
+        spec = dict(record.spec, owner_address=record.owner_address, creator_id=record.creator, env=worker_env(record))
         return (record.actor_id, record.incarnation, spec), [self._table.classes[record.class_key], record.meta_blob, *record.args_frames]
 
     def started(self, actor_id: str, incarnation: int, ok: bool, error: Any, address: str) -> None:
@@ -194,6 +272,13 @@ class HostedActors:
                 if not self._send_to_node(node_id, "state", body):
                     record.watchers.discard(node_id)
         self._chores.publish = True
+
+
+def worker_env(record: ActorRecord) -> dict[str, str]:
+    """The environment of the actor's worker, set before any of its code runs: the GPUs it reserved."""
+    if record.reservation is not None and record.reservation.gpu_ids:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, record.reservation.gpu_ids))}
+    return {}
 
 
 def state_body(record: ActorRecord) -> dict[str, Any]:

@@ -45,6 +45,14 @@ class Reply:
         self._req_id = req_id
         self.answered = False
 
+    @property
+    def identity(self) -> bytes:
+        return self._identity
+
+    @property
+    def req_id(self) -> Any:
+        return self._req_id
+
     def ok(self, value: Any, payload: list[Any] | None = None) -> None:
         self._answer(True, value, payload or [])
 
@@ -230,10 +238,11 @@ class Requests:
 
     def _init(self, client: Client, args: tuple[Any, ...], payload: list[Any], reply: Reply) -> None:
         try:
-            value, frames = self._hosted.init(args[0], client)
+            answer = self._hosted.init(args[0], client, reply.identity, reply.req_id)
         except InitRefused as exc:
             raise ReplyError("ActorDiedError", str(exc)) from None
-        reply.ok(value, frames)
+        if answer is not None:  # else a warm worker: answered when an actor is given to it
+            reply.ok(*answer)
 
     def _started(self, client: Client, args: tuple[Any, ...], payload: list[Any], reply: Reply) -> None:
         actor_id, incarnation, ok, error, address = args

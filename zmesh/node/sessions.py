@@ -9,6 +9,7 @@ exit does to actors is the node's business, not this module's.
 from __future__ import annotations
 
 import os
+import select
 from typing import Any
 
 import zmq
@@ -52,8 +53,16 @@ class Sessions:
         return client
 
     def exited(self, fd: Any) -> ClientId | None:
-        """The client whose pidfd ``fd`` is (it has exited), or None for another descriptor."""
-        return self._by_fd.get(fd) if isinstance(fd, int) else None
+        """The client whose pidfd ``fd`` is, if it has exited; None for another descriptor.
+
+        A poll's events can be stale: a client that said goodbye earlier in the same loop round
+        had its pidfd closed, and a client that said hello after it may have got the same number.
+        Only a pidfd that is readable now tells of an exit.
+        """
+        client_id = self._by_fd.get(fd) if isinstance(fd, int) else None
+        if client_id is None or not select.select([fd], [], [], 0)[0]:
+            return None
+        return client_id
 
     def close(self, client_id: ClientId) -> Client | None:
         """End a session; returns it, or None if there was none."""

@@ -252,15 +252,21 @@ def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], di
     }
 
 
-def main(node_address: str, token: str, security: Security, listen_host: str) -> int:
-    """Entry point of a forked worker: returns the process exit code."""
+def main(node_address: str, token: str, security: Security, listen_host: str, *, warm: bool = False) -> int:
+    """Entry point of a forked worker: returns the process exit code.
+
+    ``warm``: forked ahead of demand; its ``init`` is answered when the node gives it an actor, however long that takes.
+    """
     rt = Runtime(node_address, kind="worker", token=token, security=security, listen_host=listen_host)
     runtime_mod.set_current(rt)
+    wait = threading.TIMEOUT_MAX if warm else None
     try:
-        (actor_id, incarnation, spec), payload = rt.request("init", (token,), with_payload=True)
+        (actor_id, incarnation, spec), payload = rt.request("init", (token,), timeout=wait, with_payload=True)
     except ActorDiedError:
         rt.close()
-        return 0  # the actor was killed before this worker got to it
+        return 0  # the actor was killed before this worker got to it, or a warm worker was sent away
+    # Before any of the actor's code runs (unpickling its class may import its module): its GPUs.
+    os.environ.update(spec.get("env") or {})
     rt.namespace = str(spec.get("job_namespace") or rt.namespace)
     worker = ActorWorker(rt, actor_id, incarnation, spec, payload)
     rt.actor_id, rt.actor_name, rt.actor_incarnation = actor_id, spec.get("name"), incarnation
