@@ -358,6 +358,7 @@ def test_restartable_actors_survive_their_host_and_their_creators_node_dying_tog
         cluster.kill_node(1)
         cluster.connect(3)
         back: dict[str, tuple[int, str]] = {}
+        last: dict[str, str] = {}  # why each actor not back yet was not reached, last time
 
         def all_back() -> bool:
             for name in names:
@@ -367,14 +368,14 @@ def test_restartable_actors_survive_their_host_and_their_creators_node_dying_tog
                     actor = zmesh.get_actor(name, timeout=5)
                     value, node = zmesh.get([actor.add.remote(0), actor.node.remote()], timeout=2)
                     back[name] = (value, node)
-                except _SETTLING:
-                    pass
+                except _SETTLING as exc:
+                    last[name] = repr(exc)[:300]
             return len(back) == len(names)
 
         try:
             wait_for(all_back, 30, interval=0.2, what="the six actors to come back")
         except TimeoutError:
-            pytest.fail(f"after nodes 0 and 1 died, only {sorted(back)} of {names} came back within 30 s")
+            pytest.fail(f"after nodes 0 and 1 died, only {sorted(back)} of {names} came back within 30 s; last errors: {last}")
         assert {name: value for name, (value, _) in back.items()} == dict.fromkeys(names, 7)  # __init__ ran again
         assert {node for _, node in back.values()} <= {ids[2], ids[3]}
 

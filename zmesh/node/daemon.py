@@ -27,7 +27,7 @@ from zmesh.node.core.lag import LoopLag
 from zmesh.node.core.resources import Resources
 from zmesh.node.core.table import ActorTable, Chores
 from zmesh.node.discovery import sources as discovery
-from zmesh.node.hosted import HostedActors, kill_pid
+from zmesh.node.hosted import HostedActors
 from zmesh.node.mesh.actors import MeshActors
 from zmesh.node.mesh.deaths import Deaths
 from zmesh.node.mesh.link import Mesh

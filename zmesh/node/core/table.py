@@ -98,6 +98,7 @@ class ActorTable:
         record.host = host
         if host == self.me and record.state != records.DEAD:
             self._hosted.add(record.actor_id)
+            self.set_name(record)  # a name's holder hosted here is found here (a keeper's re-creation too)
         else:
             self._hosted.discard(record.actor_id)
 
