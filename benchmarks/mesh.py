@@ -1,4 +1,4 @@
-"""The mesh's figures against the issue's targets: convergence, failure detection, names, restarts, calls, stalls.
+"""The mesh's figures against the issue's targets: convergence, failure detection, names, restarts, calls, stalls, bursts.
 
 Usage::
 
@@ -6,11 +6,13 @@ Usage::
     python benchmarks/mesh.py --quick                # fewer repetitions, a 30 s stall run
     python benchmarks/mesh.py --only sigkill,calls   # selected sections
     python benchmarks/mesh.py --stall-minutes 10     # the full stall-tolerance run
+    python benchmarks/mesh.py --only burst --burst 600   # a smaller burst of creations
 
 Every node is a real `zmesh node` process on 127.0.0.1 (``zmesh.testing.LocalCluster``)
 with the default timings of ``NodeConfig``. Views are read by polling each node's
 members (a fresh admin request, a few ms each), so times carry that resolution.
 Ray's single-node call rates are measured in a subprocess, for the ratios.
+The burst section runs 2,000 worker processes at once: about 12 GB of memory, 70 s on 2 cores.
 Figures are printed, never asserted: a missed target reads ``MISS`` in the table.
 """
 
@@ -31,6 +33,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 import zmesh
 from zmesh.exceptions import ZmeshError
 from zmesh.node.admin import AdminError
@@ -40,7 +44,7 @@ from zmesh.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 POLL_S = 0.02
 NAMESPACE = "mesh-bench"
 GONE = ("DEAD", "LEFT")
-SECTIONS = ("convergence", "sigkill", "sigstop", "sigterm", "names", "restart", "calls", "stalls")
+SECTIONS = ("convergence", "sigkill", "sigstop", "sigterm", "names", "restart", "calls", "stalls", "burst")
 # Keeps Ray on the loopback interface and stops it from reporting usage statistics.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -89,6 +93,7 @@ class Options:
     quick: bool
     kills: int
     stall_minutes: float
+    burst: int = 2000
 
 
 def say(text: str) -> None:
@@ -550,6 +555,180 @@ def stalls(opts: Options, period_s: float = 20.0, pause_s: float = 1.5) -> list[
 
 
 # --------------------------------------------------------------------------
+# A burst of creations
+# --------------------------------------------------------------------------
+
+# What a node logs when its view of a member changes (mesh/link.py) or when the others buried it.
+MEMBERSHIP_NEWS = (" is SUSPECT", " is DEAD", "declared this node dead")
+
+
+class BurstWatch:
+    """While a burst runs, in a thread: each node's view (false deaths), how slowly each answers, and memory."""
+
+    def __init__(self, cluster: LocalCluster, views: Views, every_s: float = 0.25, memory_every_s: float = 2.0) -> None:
+        self.cluster, self.views = cluster, views
+        self.every_s, self.memory_every_s = every_s, memory_every_s
+        self.live = views.live_ids(list(range(cluster.size)))
+        self.slowest = [0.0] * cluster.size  # slowest answer to a members request, per node [s]
+        self.unanswered = [0] * cluster.size
+        self.baseline_used = psutil.virtual_memory().used
+        self.peak_rss = self.peak_used = self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-bench-burst-watch", daemon=True)
+
+    def __enter__(self) -> BurstWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_memory = 0.0
+        while not self._stop.wait(self.every_s):
+            for i in range(self.cluster.size):
+                t = time.monotonic()
+                if self.views.states(i, self.live, timeout=2.0) is None:
+                    self.unanswered[i] += 1
+                self.slowest[i] = max(self.slowest[i], time.monotonic() - t)
+            if time.monotonic() >= next_memory:
+                next_memory = time.monotonic() + self.memory_every_s
+                self.memory()
+
+    def memory(self) -> None:
+        """RSS summed over every node, zygote and worker (shared pages count once per process), and the host's use."""
+        total = procs = 0
+        for node in self.cluster.nodes:
+            for proc in [psutil.Process(node.pid), *node.descendants()]:
+                try:
+                    total += proc.memory_info().rss
+                    procs += 1
+                except psutil.Error:
+                    continue
+        self.peak_rss, self.peak_procs = max(self.peak_rss, total), max(self.peak_procs, procs)
+        self.peak_used = max(self.peak_used, psutil.virtual_memory().used - self.baseline_used)
+
+
+def _membership_news(cluster: LocalCluster, since: list[int]) -> list[str]:
+    """The lines about suspicions, deaths and burials that the nodes logged after ``since`` (lengths of their output)."""
+    lines = []
+    for i, node in enumerate(cluster.nodes):
+        text = node.output_so_far()[since[i] :]
+        lines += [f"node {i}: {ln.strip()}" for ln in text.splitlines() if any(m in ln for m in MEMBERSHIP_NEWS)]
+    return lines
+
+
+def _answers(refs: list[Any], start: float, limit_s: float) -> tuple[int, float, dict[str, int]]:
+    """How many of ``refs`` answered, when the last did (inf if some never did), and the errors of the others."""
+    pending, done_at = list(refs), math.inf
+    next_report = start + 5
+    while pending and time.monotonic() < start + limit_s:
+        _, pending = zmesh.wait(pending, num_returns=len(pending), timeout=min(1.0, start + limit_s - time.monotonic()))
+        if time.monotonic() >= next_report:
+            next_report += 5
+            say(f"   ... {len(refs) - len(pending)}/{len(refs)} answered after {time.monotonic() - start:.1f} s")
+    if not pending:
+        done_at = time.monotonic() - start
+    errors: dict[str, int] = {}
+    answered = 0
+    left = set(map(id, pending))
+    for ref in refs:
+        if id(ref) in left:
+            errors["no answer"] = errors.get("no answer", 0) + 1
+            continue
+        try:
+            zmesh.get(ref, timeout=5)
+            answered += 1
+        except ZmeshError as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+    return answered, done_at, errors
+
+
+def _lag(status: dict[str, Any]) -> str:
+    lag, busy = status["loop_lag_ms"], status["loop_busy_ms"]
+    late = "/".join(f"{lag[q]:.1f}" for q in ("p50", "p99", "max"))
+    return f"lag p50/p99/max {late} ms, busy {'/'.join(f'{busy[q]:.1f}' for q in ('p50', 'p99', 'max'))} ms"
+
+
+def burst_mesh(n: int, limit_s: float = 300.0) -> list[Row]:
+    """``n`` actors created at once with SPREAD by one driver of node 0 of 3, then the first call of each."""
+    with LocalCluster(nodes=3, fast=False) as cluster:
+        views = Views(cluster)
+        ids = [views.node_id(i) for i in range(3)]
+        cluster.connect(0)
+        # One actor per node first: each zygote has forked once, each node has the class.
+        warm = [Pinger.options(scheduling_strategy=hard(node)).remote() for node in ids]
+        assert zmesh.get([a.node.remote() for a in warm], timeout=30) == ids
+        since = [len(node.output_so_far()) for node in cluster.nodes]
+        before = cluster.status(0)
+        with BurstWatch(cluster, views) as watch:
+            start = time.monotonic()
+            handles = [Pinger.options(scheduling_strategy="SPREAD").remote() for _ in range(n)]
+            submitted = time.monotonic() - start
+            refs = [h.ping.remote() for h in handles]
+            answered, done_at, errors = _answers(refs, start, limit_s)
+            # Right after: the 60 s window of each node's loop holds the whole burst.
+            statuses = [cluster.status(i, timeout=30) for i in range(3)]
+            watch.memory()
+        news = _membership_news(cluster, since)
+    # A node's status lists the creations it took too; the host says where each runs.
+    hosted = [sum(1 for a in s["actors"] if a["node_id"] == ids[i]) - 1 for i, s in enumerate(statuses)]  # less the warm-up
+    say(f"   before the burst, node 0 loop: {_lag(before)} (since it started)")
+    say(f"   {n} .remote() calls took {submitted:.3f} s; {answered} answered, all settled after {done_at:.1f} s; errors {errors or 'none'}")
+    say(f"   actors per node (less one warm-up each): {hosted}")
+    for i, s in enumerate(statuses):
+        say(f"   node {i} loop: {_lag(s)}; slowest answer to a poll {watch.slowest[i]:.3f} s, unanswered polls {watch.unanswered[i]}")
+    for line in news[:20]:
+        say(f"   !! {line}")
+    deaths = sum(1 for ln in news if " is DEAD" in ln or "declared this node dead" in ln) + len(views.false_deaths)
+    rss, used = watch.peak_rss / 1e6, watch.peak_used / 1e6
+    say(f"   peak: {watch.peak_procs} zmesh processes, RSS total {rss:,.0f} MB, host memory in use +{used:,.0f} MB")
+    lag, busy = statuses[0]["loop_lag_ms"], statuses[0]["loop_busy_ms"]
+    return [
+        Row(f"burst of {n} SPREAD actors on 3 nodes: answered", answered, "{:.0f}", ">=", n),
+        Row("  time until every first call answered or failed [s]", done_at, "{:.1f}"),
+        Row("  creations answered per second [actors/s]", answered / done_at if done_at else math.nan, "{:.0f}"),
+        Row("  false deaths (DEAD or buried while alive)", deaths, "{:.0f}", "<=", 0),
+        Row("  suspicions logged", sum(1 for ln in news if " is SUSPECT" in ln), "{:.0f}"),
+        Row("  origin node loop lag p99 [ms]", lag["p99"], "{:.1f}", "<=", 50),
+        Row("  origin node loop lag max [ms]", lag["max"], "{:.1f}"),
+        Row("  origin node loop busy turn p99 [ms]", busy["p99"], "{:.1f}"),
+        Row("  origin node loop busy turn max [ms]", busy["max"], "{:.1f}"),
+        Row("  origin node slowest answer to a members poll [s]", watch.slowest[0], "{:.3f}"),
+        Row("  peak RSS of all zmesh processes, summed [MB]", rss, "{:,.0f}"),
+        Row("  peak host memory in use over the start [MB]", used, "{:,.0f}"),
+    ]
+
+
+def burst_one_node(sequential: int = 100, at_once: int = 200) -> list[Row]:
+    """Creation with its first call on one node: one after another, then ``at_once`` together."""
+    with LocalCluster(nodes=1, fast=False) as cluster:
+        cluster.connect(0)
+        keep = [Pinger.remote()]  # handles are kept: an actor whose last handle goes is killed
+        zmesh.get(keep[0].ping.remote(), timeout=30)
+        start = time.perf_counter()
+        for _ in range(sequential):
+            keep.append(Pinger.remote())
+            zmesh.get(keep[-1].ping.remote(), timeout=30)
+        one_by_one = sequential / (time.perf_counter() - start)
+        start = time.perf_counter()
+        handles = [Pinger.remote() for _ in range(at_once)]
+        zmesh.get([h.ping.remote() for h in handles], timeout=120)
+        together = at_once / (time.perf_counter() - start)
+        lag = _lag(cluster.status(0))
+        say(f"   one node: {one_by_one:.0f} actors/s one after another, {together:.0f} actors/s {at_once} at once; {lag}")
+    return [
+        Row(f"one node, creation + first call, {sequential} one after another [actors/s]", one_by_one, "{:.0f}", ">=", 300),
+        Row(f"one node, creation + first call, {at_once} at once [actors/s]", together, "{:.0f}", ">=", 300),
+    ]
+
+
+def burst(opts: Options) -> list[Row]:
+    return burst_one_node() + burst_mesh(opts.burst)
+
+
+# --------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------
 
@@ -560,6 +739,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help=f"comma-separated sections among: {','.join(SECTIONS)}")
     parser.add_argument("--kills", type=int, default=None, help="SIGKILL repetitions (default 20, 5 with --quick)")
     parser.add_argument("--stall-minutes", type=float, default=None, help="stall-tolerance run (default 2, 0.5 with --quick; 0 skips)")
+    parser.add_argument("--burst", type=int, default=None, help="actors created at once on 3 nodes (default 2000, 600 with --quick)")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
     unknown = sorted(set(chosen) - set(SECTIONS))
@@ -569,6 +749,7 @@ def main() -> int:
         quick=args.quick,
         kills=args.kills if args.kills is not None else (5 if args.quick else 20),
         stall_minutes=args.stall_minutes if args.stall_minutes is not None else (0.5 if args.quick else 2.0),
+        burst=args.burst if args.burst is not None else (600 if args.quick else 2000),
     )
     runners: dict[str, Callable[[Options], list[Row]]] = {
         "convergence": convergence,
@@ -579,6 +760,7 @@ def main() -> int:
         "restart": restart,
         "calls": calls,
         "stalls": stalls,
+        "burst": burst,
     }
     rows: list[Row] = []
     began = time.monotonic()

@@ -37,7 +37,7 @@ class NodeConfig:
     warm_workers: int = 4
     # Seconds without a creation after which the warm workers are sent away.
     warm_idle_s: float = 2.0
-    # Workers starting at once (forked, not yet asking for their actor); 0: two per CPU core.
+    # Workers starting at once (forked, not yet asking for their actor); 0: one per two CPU cores, at least one.
     worker_start_limit: int = 0
 
     # ---- the mesh (see docs/mesh.md)

@@ -27,6 +27,16 @@ class Client:
     membership: bool = False  # subscribed to membership events
 
 
+# What a record's gossip row (``ActorRecord.row``) is made of, and whether its node lists it (``host``):
+# setting one of these tells the table that keeps the record, so the node rebuilds only the rows that changed.
+ROW_FIELDS = frozenset(
+    {
+        "class_name", "namespace", "name", "state", "address", "incarnation", "restarts", "max_restarts",
+        "spec", "owner", "owner_node", "created_at", "meta_blob", "origin", "keepers", "host",
+    }
+)  # fmt: skip
+
+
 @dataclasses.dataclass
 class ActorRecord:
     actor_id: ActorId
@@ -62,6 +72,13 @@ class ActorRecord:
     watchers: set[str] = dataclasses.field(default_factory=set)  # nodes relaying its state to their clients
     created_at: float = 0.0  # wall clock of creation: breaks a name tie after a partition heals
     tried: set[str] = dataclasses.field(default_factory=set)  # members that refused it this round
+    # The changed-records set of the table that keeps it (``ActorTable.gossip_rows``); None until one does.
+    changed_into: set[ActorId] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in ROW_FIELDS and (into := self.changed_into) is not None:
+            into.add(self.actor_id)
 
     @property
     def token(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 from zmesh.node.core import records
 from zmesh.node.core.records import ActorRecord
@@ -33,6 +34,10 @@ class ActorTable:
         self._hosted: set[ActorId] = set()  # records whose worker is (to be) on this node
         self._dead: deque[ActorId] = deque()
         self._keep_dead = keep_dead
+        # Records whose gossip row may have changed, or that came, went, or were hosted or queued here
+        # or no longer: ``gossip_rows`` builds those rows again, not all of them.
+        self._changed: set[ActorId] = set()
+        self._rows: dict[ActorId, list[Any]] = {}  # the rows as last built
         self.classes: dict[str, bytes] = {}  # class blobs by key: sent once per node, kept for restarts
 
     # ------------------------------------------------------------------ records
@@ -58,6 +63,8 @@ class ActorTable:
             record.watchers |= old.watchers
             self._unindex(old)
         self._actors[record.actor_id] = record
+        record.changed_into = self._changed
+        self._changed.add(record.actor_id)
         if record.owner is not None:
             self._by_owner.setdefault(record.owner, set()).add(record.actor_id)
         self._by_creator.setdefault(record.creator, set()).add(record.actor_id)
@@ -73,6 +80,7 @@ class ActorTable:
                     del index[key]
         self._hosted.discard(record.actor_id)
         self._waiting.pop(record.actor_id, None)
+        self._changed.add(record.actor_id)
 
     def subscribe(self, record: ActorRecord, client: ClientId) -> None:
         record.subscribers.add(client)
@@ -95,7 +103,7 @@ class ActorTable:
     # ------------------------------------------------------------------ hosting and waiting
 
     def set_host(self, record: ActorRecord, host: str | None) -> None:
-        record.host = host
+        record.host = host  # marks it changed
         if host == self.me and record.state != records.DEAD:
             self._hosted.add(record.actor_id)
             self.set_name(record)  # a name's holder hosted here is found here (a keeper's re-creation too)
@@ -111,9 +119,11 @@ class ActorTable:
 
     def wait(self, record: ActorRecord) -> None:
         self._waiting[record.actor_id] = None
+        self._changed.add(record.actor_id)
 
     def unwait(self, record: ActorRecord) -> None:
         self._waiting.pop(record.actor_id, None)
+        self._changed.add(record.actor_id)
 
     def waiting(self) -> list[ActorRecord]:
         return [self._actors[a] for a in self._waiting if a in self._actors]
@@ -175,6 +185,7 @@ class ActorTable:
         """``record`` is dead: it leaves the indexes, and the oldest dead records are forgotten."""
         self._hosted.discard(record.actor_id)
         self._waiting.pop(record.actor_id, None)
+        self._changed.add(record.actor_id)
         self._by_token.pop(record.token, None)
         self.drop_name(record)
         self._dead.append(record.actor_id)
@@ -188,6 +199,25 @@ class ActorTable:
                 for client in old.subscribers:
                     if (ids := self._by_watcher.get(client)) is not None:
                         ids.discard(old.actor_id)
+
+    # ------------------------------------------------------------------ gossip
+
+    def gossip_rows(self) -> dict[ActorId, list[Any]]:
+        """The wire rows of the live actors hosted here or waiting here for placement, as this node's entry lists them.
+
+        Only the records changed since the last call (a field of ``records.ROW_FIELDS`` set, hosted
+        or queued or no longer) are built again: a burst of thousands of creations would otherwise
+        rebuild thousands of rows every gossip round. A new dict each time, whose rows are never
+        changed in place: the gossip core keeps what it is given.
+        """
+        for actor_id in self._changed:
+            record = self._actors.get(actor_id)
+            if record is not None and record.state != records.DEAD and (actor_id in self._hosted or actor_id in self._waiting):
+                self._rows[actor_id] = record.row().wire()
+            else:
+                self._rows.pop(actor_id, None)
+        self._changed.clear()  # in place: every record kept here holds this very set
+        return dict(self._rows)
 
     def __iter__(self) -> Iterator[ActorRecord]:
         return iter(list(self._actors.values()))

@@ -88,13 +88,12 @@ class MeshActors:
     # ------------------------------------------------------------------ what this node tells the mesh
 
     def entry(self) -> dict[str, Any]:
-        rows = {r.actor_id: r.row().wire() for r in (*self._table.hosted(), *self._table.waiting()) if r.state != records.DEAD}
         return {
             "address": self._address,
             "total": dict(self._resources.total),
             "available": dict(self._resources.available),
             "draining": self.placement.draining,
-            "actors": rows,
+            "actors": self._table.gossip_rows(),
             # Addresses and ids of our drivers and workers: how any member answers "is this process gone?".
             "clients": sorted(x for c in self._clients.values() if c.kind != "admin" for x in (c.address, c.client_id.hex())),
             "pending": [[r.actor_id, r.demand] for r in self._table.waiting()],
