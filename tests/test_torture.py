@@ -219,6 +219,10 @@ def explore(
         tw.play(w, run_dir=str(run_dir), scratch=Path(tempfile.mkdtemp(prefix="w", dir=scratch)), seconds=WORKLOAD_SECONDS)
 
     phases = (Phase.explicit, Phase.generate, Phase.shrink)  # no explain phase: it replays costly examples many times
+    # pytest's faulthandler_timeout would dump the stacks of a healthy long run, and a dump of threads that run
+    # meanwhile can crash the interpreter (faulthandler reads their frames without the GIL): a CI run died of it.
+    # pytest-timeout still bounds the test.
+    faulthandler.cancel_dump_traceback_later()
     if not TORTURE_MINUTES:
         prop = given(strategy)(check)
         for w in found:
@@ -226,7 +230,6 @@ def explore(
         prop = settings(max_examples=examples, deadline=None, database=None, phases=phases, suppress_health_check=HEALTH)(prop)
         seed(fixed_seed)(prop)()
         return
-    faulthandler.cancel_dump_traceback_later()  # pytest's faulthandler_timeout would dump stacks of a healthy long run
     stop = time.monotonic() + TORTURE_MINUTES * 60 / TESTS
     while time.monotonic() < stop:
         # Each round is a full hypothesis run with a fresh seed; a failure is shrunk and printed with its script.
