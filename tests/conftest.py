@@ -19,6 +19,11 @@ import zmesh
 from zmesh.testing import NodeProcess, wait_for, zmesh_processes
 from zmesh.transport import sockets
 
+# Warm workers (node/pool/warm.py) outlive a test's last creation by warm_idle_s before they are sent away, and
+# every test waits for its processes to be gone: a short idle keeps that wait short (nodes and drivers the
+# tests start inherit it). Tests of the pool itself set their own.
+os.environ.setdefault("ZMESH_WARM_IDLE_S", "0.2")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # pyzmq starts one garbage-collector thread (with its own context, socket and descriptors)
