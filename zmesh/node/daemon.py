@@ -276,7 +276,8 @@ class Node:
         for client in self.sessions.by_id.values():
             if client.kind == "worker":  # killed with their actors above
                 sockets.remove_ipc(client.address)
-        self._zygote.close()
+        for pid in self._zygote.close():
+            rundir.remove_sockets_of(pid)
         self.sessions.close_all()
         if self._slot is not None:
             rundir.remove_node_info(os.getpid())
