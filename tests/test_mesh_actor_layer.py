@@ -293,7 +293,7 @@ def test_hard_affinity_to_a_node_the_moment_it_joins_places_the_actor_there() ->
 
 @pytest.mark.timeout(90)
 def test_hard_affinity_to_a_node_that_never_exists_fails_within_a_bound() -> None:
-    with LocalCluster(nodes=2, num_cpus=2) as cluster:
+    with LocalCluster(nodes=2, num_cpus=2, config={"affinity_wait_s": "2"}) as cluster:
         cluster.connect(0)
         ghost = os.urandom(6).hex()  # the shape of a node id; no member has it
         started = time.monotonic()

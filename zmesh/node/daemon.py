@@ -278,6 +278,7 @@ class Node:
                 sockets.remove_ipc(client.address)
         for pid in self._zygote.close():
             rundir.remove_sockets_of(pid)
+        rundir.remove_stale_sockets()  # a worker whose exit the zygote reported after we stopped reading it
         self.sessions.close_all()
         if self._slot is not None:
             rundir.remove_node_info(os.getpid())
