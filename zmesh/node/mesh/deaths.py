@@ -23,7 +23,7 @@ from zmesh.node.core import keepers, lifecycle, records
 from zmesh.node.core.departures import Departures
 from zmesh.node.core.records import ActorRecord, Client
 from zmesh.node.core.table import ActorTable, Chores
-from zmesh.node.hosted import HostedActors
+from zmesh.node.hosted import HostedActors, SendToClient
 from zmesh.node.mesh.link import Mesh
 from zmesh.node.mesh.placement import Placement
 from zmesh.node.mesh.relay import Relay
@@ -32,8 +32,6 @@ from zmesh.transport import protocol
 from zmesh.transport.ids import ClientId
 
 logger = logging.getLogger(__name__)
-
-SendToClient = Any  # Callable[[ClientId, list[Any]], bool]
 
 
 class Deaths:
