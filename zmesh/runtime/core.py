@@ -28,7 +28,7 @@ from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.node_client import TO_NODE, NodeClient, node_error
 from zmesh.runtime.peers import ConnectFailed, Peers
 from zmesh.runtime.spin import SpinPolicy, default_limit_ns
-from zmesh.transport import protocol, serialization, sockets
+from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import FINAL_INCARNATION, ActorId, ClientId, ObjectId, new_client_id
 from zmesh.transport.security import Security, ZapHandler
 
@@ -49,6 +49,9 @@ _REMEMBER_DEAD = 10_000
 _REMEMBER_ROUTES = 100_000
 _COUNTING = (protocol.BORROW, protocol.UNBORROW)
 _PEER_CHECK_S = 1.0
+# A worker is started per actor, and ZeroMQ pays for every socket slot up front: this many peers (actors this
+# actor calls) is plenty, and past it a call fails naming the limit (ConnectFailed), as past the file limit.
+WORKER_MAX_SOCKETS = 8192
 
 CallHandler = Callable[[bytes, protocol.Message], None]
 
@@ -73,7 +76,7 @@ class Runtime:
         self.node_address = node_address
         self.closed = False
         self.security = security if security is not None else Security(None)
-        self._ctx = sockets.new_context()
+        self._ctx = sockets.new_context(WORKER_MAX_SOCKETS if kind == "worker" else None)
         self._lock = threading.Lock()
         self.objects = objects.ObjectStore(self._lock)
         self._actors: dict[ActorId, ActorConn] = {}
@@ -108,7 +111,8 @@ class Runtime:
         if self._zap is not None:
             self._loop.watch_ready(self._zap.socket, self._zap.handle)
         self.listen_host = listen_host or sockets.local_address_towards(node_address)
-        self._servers, self.address = sockets.servers(self._ctx, self.security, self.listen_host)
+        self.socket_dir = rundir.socket_dir()
+        self._servers, self.address = sockets.servers(self._ctx, self.security, self.listen_host, self.socket_dir)
         self.borrows.me = self.address
         # Called on the I/O thread with (node_id, address, state) once subscribed (zmesh.on_membership).
         self.membership_feed: Callable[[tuple[str, ...]], None] | None = None

@@ -122,11 +122,15 @@ class NodeClient:
             self._welcome(False, self._refused, [])
         self._loop.push((TO_NODE, None, protocol.encode_json(protocol.HELLO_TAG, fields)))
         if not self._welcome.event.wait(timeout):
+            if self.lost is not None:
+                raise NodeUnavailableError(self.lost)
             raise NodeUnavailableError(
                 f"no zmesh node answered at {self.address} within {timeout:g} s (start one with `zmesh node`, or call "
                 "zmesh.init() with no address for a local one; a node of another cluster key cannot answer)"
             )
         kind = fields.get("kind")
+        if self.lost is not None:
+            raise NodeUnavailableError(self.lost)
         if not self._welcome.ok:
             logger.error("the zmesh node at %s refused this %s: %s", self.address, kind, self._welcome.value)
             raise NodeUnavailableError(f"the zmesh node at {self.address} refused this {kind}: {self._welcome.value}")
@@ -236,5 +240,7 @@ class NodeClient:
         """Nothing the node owed us will come."""
         logger.error("%s; actors on it are lost", why)
         self.lost = why
+        if not self._welcome.event.is_set():  # a hello still waiting has its answer: none will come
+            self._welcome(False, why, [])
         self.fail_pending("NodeUnavailableError", why)
         self._on_lost(why)

@@ -9,6 +9,7 @@ import resource
 import socket
 import stat
 import weakref
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import zmq
@@ -24,17 +25,20 @@ Context: TypeAlias = "zmq.Context[Any]"
 live_contexts: weakref.WeakSet[Context] = weakref.WeakSet()
 
 
-def new_context() -> Context:
+def new_context(max_sockets: int | None = None) -> Context:
     """A ZeroMQ context sized for a process that talks to thousands of peers.
 
     Each peer costs two or three descriptors and one socket: the usual soft limit of
     1,024 open files and ZeroMQ's default of 1,023 sockets a context stop a driver
-    at a few hundred actors, so both are raised as far as the system allows (Ray
-    raises the file limit too).
+    at a few hundred actors, so both are raised (Ray raises the file limit too).
+    Sockets go up to ``max_sockets``, or as far as ZeroMQ allows: ZeroMQ allocates a
+    slot for each when the first socket opens, a millisecond at its limit of 65,535,
+    which a worker started per actor does not spend.
     """
     raise_open_file_limit()
     ctx: Context = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, ctx.get(zmq.SOCKET_LIMIT))
+    limit = ctx.get(zmq.SOCKET_LIMIT)
+    ctx.set(zmq.MAX_SOCKETS, limit if max_sockets is None else min(max_sockets, limit))
     live_contexts.add(ctx)
     return ctx
 
@@ -106,15 +110,16 @@ def router(ctx: Context, security: Security, host: str = "127.0.0.1", port: int 
     return sock, f"tcp://{host}:{port}"
 
 
-def servers(ctx: Context, security: Security, host: str) -> tuple[list[Socket], str]:
+def servers(ctx: Context, security: Security, host: str, directory: Path | None = None) -> tuple[list[Socket], str]:
     """A process's inbound ROUTERs: TCP with CURVE, plus an IPC one for peers on this host.
 
     IPC carries no encryption: it lives in the user's 0700 run directory, which other
     users cannot enter, so large arguments between local processes pay no cipher.
+    ``directory``: the run directory's socket folder, if the caller has it already.
     Returns the sockets and the process's address, ``tcp://host:port|ipc://path``.
     """
     tcp, tcp_address = router(ctx, security, host)
-    path = rundir.socket_dir() / f"{os.getpid()}-{os.urandom(6).hex()}.sock"
+    path = (directory or rundir.socket_dir()) / f"{os.getpid()}-{os.urandom(6).hex()}.sock"
     local = _common(ctx.socket(zmq.ROUTER), security)
     local.setsockopt(zmq.ROUTER_MANDATORY, 1)
     local.setsockopt(zmq.ROUTER_HANDOVER, 1)

@@ -73,7 +73,7 @@ class Inline:
     def __init__(self, target: Target) -> None:
         self.target = target
         rt = target.rt
-        self.sockets, self.address = sockets.servers(rt.context, rt.security, rt.listen_host)
+        self.sockets, self.address = sockets.servers(rt.context, rt.security, rt.listen_host, rt.socket_dir)
         # The call being answered now, (socket, caller identity): prints of the creator's calls travel ahead of the result.
         self.current: tuple[sockets.Socket, bytes] | None = None
         self._lock = threading.Lock()

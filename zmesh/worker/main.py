@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zmesh import runtime as runtime_mod
-from zmesh.exceptions import ActorDiedError, TaskError
+from zmesh.exceptions import ActorDiedError, NodeUnavailableError, TaskError
 from zmesh.object_ref import ObjectRef
 from zmesh.runtime import Runtime, calls, ownership
 from zmesh.transport import protocol, serialization
@@ -257,7 +257,12 @@ def main(node_address: str, token: str, security: Security, listen_host: str, *,
 
     ``warm``: forked ahead of demand; its ``init`` is answered when the node gives it an actor, however long that takes.
     """
-    rt = Runtime(node_address, kind="worker", token=token, security=security, listen_host=listen_host)
+    try:
+        rt = Runtime(node_address, kind="worker", token=token, security=security, listen_host=listen_host)
+    except NodeUnavailableError as exc:
+        # The node stopped while this worker started (it was logged where it was seen): nothing to run, nobody to tell.
+        logger.debug("worker %s not started: %s", token, exc)
+        return 1
     runtime_mod.set_current(rt)
     wait = threading.TIMEOUT_MAX if warm else None
     try:

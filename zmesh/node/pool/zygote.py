@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
+import hashlib
 import os
 import select
 import signal
@@ -94,6 +96,11 @@ def main(fd: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     # Import what every worker needs now, once, so each fork starts warm.
     from zmesh.worker import main as worker  # noqa: F401
+
+    hashlib.sha256(b"")  # OpenSSL sets itself up on first use (a cluster key's fingerprint): once, here
+    # What was imported is never collected: frozen, a worker's collections do not walk it, nor write to
+    # (and so copy) the pages it shares with the zygote.
+    gc.freeze()
 
     channel = LineChannel(socket.socket(fileno=fd))
     wake_r, wake_w = os.pipe()
