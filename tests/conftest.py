@@ -17,7 +17,7 @@ from zmq.utils import garbage as zmq_garbage
 
 import zmesh
 from zmesh.testing import NodeProcess, wait_for, zmesh_processes
-from zmesh.transport import sockets
+from zmesh.transport import rundir, sockets
 
 # Warm workers (node/pool/warm.py) outlive a test's last creation by warm_idle_s before they are sent away, and
 # every test waits for its processes to be gone: a short idle keeps that wait short (nodes and drivers the
@@ -30,6 +30,20 @@ ROOT = Path(__file__).resolve().parent.parent
 # per process, on the first zero-copy send; start it now so no test is blamed for it.
 zmq_garbage.gc.start()
 zmq_garbage.gc._push_socket  # noqa: B018 (made on first use, kept for the process's life)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def short_socket_dirs() -> Iterator[None]:
+    """Run directories under pytest's deep temp paths put their sockets in short folders under /tmp (rundir.socket_dir):
+    the ones this session made are removed at its end (an empty one only: another session's may be in use)."""
+    pattern = f"zmesh-{os.getuid()}-s-*"
+    before = set(Path("/tmp").glob(pattern))
+    yield
+    for path in set(Path("/tmp").glob(pattern)) - before:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +79,7 @@ class _Resources:
             children=children,
             threads={t.ident or 0 for t in threading.enumerate()},
             fds={int(fd) for fd in os.listdir("/proc/self/fd")},
-            sockets={p.name for p in (run_dir / "s").glob("*.sock")} if (run_dir / "s").is_dir() else set(),
+            sockets={p.name for p in rundir.socket_dir().glob("*.sock")},
             contexts=sum(1 for ctx in sockets.live_contexts if not ctx.closed),
         )
 

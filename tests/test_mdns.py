@@ -26,6 +26,8 @@ from zmesh.testing_netns import NetnsError, NetnsNetwork, netns_available
 ROOT = Path(__file__).resolve().parent.parent
 _why_not = netns_available()
 needs_netns = pytest.mark.skipif(_why_not is not None, reason=f"network namespaces unavailable: {_why_not}")
+# Network namespaces, their addresses and bridges are the host's: tests that make them run one at a time.
+pytestmark = pytest.mark.xdist_group("netns")
 
 # One MdnsSource in a namespace. It reports on stdout, one event a line, with seconds since
 # just before start(): "started DT", "found ADDR", "removed ADDR", "log T MESSAGE", "closed DT".

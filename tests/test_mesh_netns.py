@@ -27,7 +27,11 @@ from zmesh.transport.security import ClusterKey
 
 ROOT = Path(__file__).resolve().parent.parent
 _why_not = netns_available()
-pytestmark = pytest.mark.skipif(_why_not is not None, reason=f"network namespaces unavailable: {_why_not}")
+# Network namespaces, their addresses and bridges are the host's: tests that make them run one at a time.
+pytestmark = [
+    pytest.mark.skipif(_why_not is not None, reason=f"network namespaces unavailable: {_why_not}"),
+    pytest.mark.xdist_group("netns"),
+]
 
 # Reads "OP JSON-ARGS" lines, puts each to the node at argv[1], writes one JSON line per request.
 ASKER = r"""

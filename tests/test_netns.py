@@ -14,9 +14,11 @@ import pytest
 from zmesh.testing import NodeProcess
 from zmesh.transport.security import ClusterKey
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 to make network namespaces"
-)
+# Network namespaces, their addresses and bridges are the host's: tests that make them run one at a time.
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 to make network namespaces"),
+    pytest.mark.xdist_group("netns"),
+]
 
 SUBNET = "10.231.77"
 

@@ -16,6 +16,7 @@ from conftest import pid_alive
 import zmesh
 from zmesh.exceptions import ActorDiedError
 from zmesh.testing import NodeProcess, wait_for
+from zmesh.transport import rundir
 
 POOL = 3
 
@@ -175,7 +176,7 @@ def test_warm_workers_leave_when_creations_stop(isolated_run_dir: Path) -> None:
         # Half a second after the last creation they are sent away: they exit and take their socket files with them.
         wait_for(lambda: not _pool()["parked"] and not _pool()["starting"], timeout=30, what="the pool to empty")
         wait_for(lambda: len(node.descendants()) == 2, timeout=30, what="only the zygote and the actor's worker left")
-        sockets = {p.name.partition("-")[0] for p in (isolated_run_dir / "s").glob("*.sock")}
+        sockets = {p.name.partition("-")[0] for p in rundir.socket_dir().glob("*.sock")}
         assert sockets <= {str(p.pid) for p in node.descendants()} | {str(node.pid), str(os.getpid())}
         assert "Traceback" not in node.output_so_far()
         assert zmesh.get(probe.pid.remote(), timeout=10) > 0

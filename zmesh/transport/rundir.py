@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import stat
@@ -17,6 +18,10 @@ class RunDirError(OSError):
     """The run directory is not private to this user, so nothing in it can be trusted."""
 
 
+# A Unix socket's path must fit in sockaddr_un (107 bytes); the longest socket name zmesh makes takes 28 of them.
+MAX_SOCKET_DIR_BYTES = 107 - 40
+
+
 def run_dir() -> Path:
     """``$ZMESH_RUN_DIR``, else a directory of this user's under the temp dir; always mode 0700.
 
@@ -25,19 +30,36 @@ def run_dir() -> Path:
     """
     configured = os.environ.get("ZMESH_RUN_DIR")
     path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"zmesh-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return _private(path, parents=True)
+
+
+def socket_dir() -> Path:
+    """Where this user's processes bind their same-host (IPC) sockets: ``<run dir>/s``.
+
+    A run directory too deep for socket paths (a long home or temp directory) gets a short
+    private folder of the same user under /tmp instead, named for it, so every process of
+    that run directory finds the same one.
+    """
+    base = run_dir()
+    path = base / "s"
+    if len(os.fsencode(path)) > MAX_SOCKET_DIR_BYTES:
+        path = short_socket_dir(base)
+    return _private(path, parents=False)
+
+
+def short_socket_dir(base: Path) -> Path:
+    """The stand-in socket folder of the run directory ``base``."""
+    digest = hashlib.sha256(os.fsencode(base)).hexdigest()[:16]
+    return Path("/tmp") / f"zmesh-{os.getuid()}-s-{digest}"
+
+
+def _private(path: Path, *, parents: bool) -> Path:
+    path.mkdir(mode=0o700, parents=parents, exist_ok=True)
     info = path.stat()
     if info.st_uid != os.getuid():
         raise RunDirError(f"run directory {path} belongs to uid {info.st_uid}, not to you; set ZMESH_RUN_DIR to a directory of yours")
     if stat.S_IMODE(info.st_mode) & 0o077:
         path.chmod(0o700)
-    return path
-
-
-def socket_dir() -> Path:
-    """Where this user's processes bind their same-host (IPC) sockets."""
-    path = run_dir() / "s"
-    path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 
