@@ -19,6 +19,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,7 @@ def main(fd: int) -> int:
     from zmesh.worker import main as worker  # noqa: F401
 
     hashlib.sha256(b"")  # OpenSSL sets itself up on first use (a cluster key's fingerprint): once, here
+    tempfile.gettempdir()  # its first call writes a probe file to find the temp dir (the default run directory's parent)
     # What was imported is never collected: frozen, a worker's collections do not walk it, nor write to
     # (and so copy) the pages it shares with the zygote.
     gc.freeze()
