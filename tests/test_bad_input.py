@@ -97,7 +97,7 @@ class FaultyCustom:
 
 def test_unpicklable_argument_raises_type_error_naming_it(local: None) -> None:
     counter = Counter.remote()
-    assert zmesh.get(counter.add.remote(1)) == 1
+    assert zmesh.get(counter.add.remote(1), timeout=30) == 1
     with pytest.raises(TypeError, match=r"argument 0\b") as info:
         counter.pair.remote(threading.Lock())
     assert "lock" in str(info.value).lower()
@@ -108,8 +108,8 @@ def test_unpicklable_argument_raises_type_error_naming_it(local: None) -> None:
     with pytest.raises(TypeError, match=r"argument 0\b"):
         Counter.remote(threading.Lock())
     # Nothing half-sent: the actor saw none of the failed calls and keeps working.
-    assert zmesh.get(counter.add.remote(1)) == 2
-    assert zmesh.get(counter.pair.remote("a", second="b")) == ("a", "b")
+    assert zmesh.get(counter.add.remote(1), timeout=30) == 2
+    assert zmesh.get(counter.pair.remote("a", second="b"), timeout=30) == ("a", "b")
 
 
 def test_wrong_method_arguments_raise_type_error_at_remote(local: None) -> None:
@@ -120,7 +120,7 @@ def test_wrong_method_arguments_raise_type_error_at_remote(local: None) -> None:
         counter.add.remote(1, 2)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'nope'"):
         counter.add.remote(1, nope=1)
-    assert zmesh.get(counter.get.remote()) == 5
+    assert zmesh.get(counter.get.remote(), timeout=30) == 5
 
 
 _KINDS = [
@@ -172,14 +172,14 @@ def test_wrong_constructor_arguments_raise_type_error_at_remote(local: None) -> 
         Counter.remote(1, 2)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'stop'"):
         Counter.remote(1, stop=3)
-    assert zmesh.get(Counter.remote(start=3).get.remote()) == 3
+    assert zmesh.get(Counter.remote(start=3).get.remote(), timeout=30) == 3
 
 
 def test_unknown_method_raises_attribute_error_naming_it(local: None) -> None:
     counter = Counter.remote()
     with pytest.raises(AttributeError, match="no_such_method"):
         counter.no_such_method.remote()
-    assert zmesh.get(counter.add.remote(2)) == 2
+    assert zmesh.get(counter.add.remote(2), timeout=30) == 2
 
 
 def test_calling_actor_class_or_method_directly_is_a_type_error(local: None) -> None:
@@ -233,12 +233,12 @@ def test_bad_method_option_raises_value_error(local: None) -> None:
         counter.add.options(retries=1)
     with pytest.raises(ValueError, match="num_returns"):
         counter.add.options(num_returns=-1)
-    assert zmesh.get(counter.add.options().remote(3)) == 3
+    assert zmesh.get(counter.add.options().remote(3), timeout=30) == 3
 
 
 def test_good_options_still_work(local: None) -> None:
     counter = Counter.options(name="ok", max_concurrency=2, concurrency_groups={"io": 2}, num_cpus=0.5).remote(1)
-    assert zmesh.get(counter.add.remote(1)) == 2
+    assert zmesh.get(counter.add.remote(1), timeout=30) == 2
 
 
 def test_remote_on_function_is_a_clear_type_error() -> None:
@@ -260,17 +260,17 @@ def test_remote_on_function_is_a_clear_type_error() -> None:
 def test_api_functions_reject_bad_arguments(local: None) -> None:
     ref = zmesh.put(1)
     with pytest.raises(TypeError, match="ObjectRef"):
-        zmesh.get(1)
+        zmesh.get(1, timeout=30)
     with pytest.raises(TypeError, match=r"item 1 is int"):
-        zmesh.get([ref, 2])
+        zmesh.get([ref, 2], timeout=30)
     with pytest.raises(ValueError, match="timeout"):
         zmesh.get(ref, timeout=-1)
     with pytest.raises(ValueError, match="num_returns"):
-        zmesh.wait([ref], num_returns=2)
+        zmesh.wait([ref], num_returns=2, timeout=30)
     with pytest.raises(ValueError, match="num_returns"):
-        zmesh.wait([ref], num_returns=-1)
+        zmesh.wait([ref], num_returns=-1, timeout=30)
     with pytest.raises(TypeError, match="list"):
-        zmesh.wait(ref)
+        zmesh.wait(ref, timeout=30)
     with pytest.raises(TypeError, match="ObjectRef"):
         zmesh.put(ref)
     with pytest.raises(TypeError, match="actor handle"):
@@ -287,7 +287,7 @@ def test_api_functions_reject_bad_arguments(local: None) -> None:
 
 def test_exception_in_method_reaches_caller_as_task_error_of_user_class(local: None) -> None:
     actor = Faulty.remote()
-    assert zmesh.get(actor.bump.remote()) == 1
+    assert zmesh.get(actor.bump.remote(), timeout=30) == 1
     ref = actor.fail_with_value_error.remote("bad value 17")
     with pytest.raises(ValueError, match="bad value 17") as info:
         zmesh.get(ref, timeout=10)
@@ -297,12 +297,12 @@ def test_exception_in_method_reaches_caller_as_task_error_of_user_class(local: N
     assert "fail_with_value_error" in err.remote_traceback
     assert "fail_with_value_error" in str(err)
     # The actor kept its state and keeps serving.
-    assert zmesh.get(actor.bump.remote()) == 3
+    assert zmesh.get(actor.bump.remote(), timeout=30) == 3
 
 
 def test_custom_exception_class_from_test_module(local: None) -> None:
     actor = FaultyCustom.remote()
-    assert zmesh.get(actor.bump.remote()) == 1
+    assert zmesh.get(actor.bump.remote(), timeout=30) == 1
     try:
         zmesh.get(actor.fail_with_custom_error.remote(7), timeout=10)
     except CustomError as exc:
@@ -311,7 +311,7 @@ def test_custom_exception_class_from_test_module(local: None) -> None:
         assert "custom failure" in str(exc)
     else:
         raise AssertionError("no error raised")
-    assert zmesh.get(actor.bump.remote()) == 3
+    assert zmesh.get(actor.bump.remote(), timeout=30) == 3
 
 
 def test_custom_exception_keeps_its_attributes_and_class(local: None) -> None:
@@ -342,7 +342,7 @@ def test_exception_class_defined_inside_test(local: None) -> None:
         zmesh.get(raiser.boom.remote(), timeout=10)
     assert isinstance(info.value, TaskError)
     assert "boom" in info.value.remote_traceback
-    assert zmesh.get(raiser.ok.remote()) == "ok"
+    assert zmesh.get(raiser.ok.remote(), timeout=30) == "ok"
 
 
 # ---------------------------------------------------------------------------- garbage on the sockets

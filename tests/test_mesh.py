@@ -34,10 +34,10 @@ class Where:
         return x
 
     def fetch(self, refs: list[zmesh.ObjectRef]) -> list[object]:
-        return zmesh.get(refs)
+        return zmesh.get(refs, timeout=30)
 
     def call(self, handle: zmesh.ActorHandle, n: int) -> int:
-        return zmesh.get(handle.add.remote(n))
+        return zmesh.get(handle.add.remote(n), timeout=30)
 
 
 def _on(cluster: LocalCluster, i: int) -> NodeAffinitySchedulingStrategy:
@@ -123,16 +123,16 @@ def test_actors_on_other_nodes_are_used_like_local_ones() -> None:
         cluster.connect()
         here = cluster.node_id(0)
         actors = [Where.options(scheduling_strategy=_on(cluster, i)).remote(i) for i in range(3)]
-        assert zmesh.get([a.node.remote() for a in actors]) == [cluster.node_id(i) for i in range(3)]
-        assert zmesh.get(actors[2].add.remote(5)) == 7
+        assert zmesh.get([a.node.remote() for a in actors], timeout=30) == [cluster.node_id(i) for i in range(3)]
+        assert zmesh.get(actors[2].add.remote(5), timeout=30) == 7
         # Calls from one caller to one remote actor keep their order.
         refs = [actors[1].add.remote(1) for _ in range(200)]
-        assert zmesh.get(refs) == list(range(2, 202))
+        assert zmesh.get(refs, timeout=30) == list(range(2, 202))
         # A ref owned by this driver (node 0), fetched by an actor on node 2; a big one too.
         small, big = zmesh.put("x" * 10), zmesh.put(b"y" * (3 * 2**20))
-        assert zmesh.get(actors[2].fetch.remote([small, big])) == ["x" * 10, b"y" * (3 * 2**20)]
+        assert zmesh.get(actors[2].fetch.remote([small, big]), timeout=30) == ["x" * 10, b"y" * (3 * 2**20)]
         # A handle passed to an actor on another node, which calls a third node's actor.
-        assert zmesh.get(actors[1].call.remote(actors[2], 10)) == 17
+        assert zmesh.get(actors[1].call.remote(actors[2], 10), timeout=30) == 17
         assert zmesh.get_runtime_context().get_node_id() == here
 
 
@@ -140,7 +140,7 @@ def test_named_actor_is_found_from_every_node(tmp_path: Path) -> None:
     with LocalCluster(nodes=3, num_cpus=2) as cluster:
         cluster.connect()
         counter = Where.options(name="shared", lifetime="detached", scheduling_strategy=_on(cluster, 2)).remote(100)
-        assert zmesh.get(counter.add.remote(1)) == 101
+        assert zmesh.get(counter.add.remote(1), timeout=30) == 101
         script = "import sys, zmesh\nzmesh.init(address=sys.argv[1])\na = zmesh.get_actor('shared')\nprint(zmesh.get(a.add.remote(1)))\n"
         for i in (0, 1, 2):
             out = subprocess.run(
@@ -240,7 +240,7 @@ def test_a_killed_node_fails_calls_and_restartable_actors_come_back_elsewhere() 
         # Soft affinity: as in Ray, a hard one to a dead node could never be satisfied again.
         soft = NodeAffinitySchedulingStrategy(doomed, soft=True)
         keeper = Where.options(name="phoenix", lifetime="detached", max_restarts=1, scheduling_strategy=soft).remote(7)
-        assert zmesh.get([plain.node.remote(), keeper.node.remote()]) == [doomed, doomed]
+        assert zmesh.get([plain.node.remote(), keeper.node.remote()], timeout=30) == [doomed, doomed]
         killed_at = time.monotonic()
         cluster.kill_node(2)
         with pytest.raises(ActorDiedError):
@@ -290,7 +290,7 @@ def test_drain_moves_restartable_actors_then_the_node_leaves() -> None:
         cluster.connect()
         soft = NodeAffinitySchedulingStrategy(cluster.node_id(1), soft=True)
         moving = Where.options(name="mover", lifetime="detached", max_restarts=-1, scheduling_strategy=soft).remote(1)
-        assert zmesh.get(moving.node.remote()) == cluster.node_id(1)
+        assert zmesh.get(moving.node.remote(), timeout=30) == cluster.node_id(1)
         out = subprocess.run(
             [sys.executable, "-m", "zmesh", "drain", cluster.node_id(1), "--address", cluster.addresses[0]],
             capture_output=True,
@@ -313,7 +313,7 @@ def test_cli_status_list_and_kill_see_the_whole_mesh() -> None:
     with LocalCluster(nodes=2, num_cpus=1) as cluster:
         cluster.connect()
         a = Where.options(name="listed", lifetime="detached", scheduling_strategy=_on(cluster, 1)).remote()
-        zmesh.get(a.node.remote())
+        zmesh.get(a.node.remote(), timeout=30)
 
         def cli(*args: str) -> str:
             command = [sys.executable, "-m", "zmesh", *args, "--address", cluster.addresses[0]]
@@ -335,7 +335,7 @@ def test_a_node_declared_dead_while_frozen_rejoins_and_keeps_no_second_copy() ->
         frozen = cluster.node_id(1)
         soft = NodeAffinitySchedulingStrategy(frozen, soft=True)
         actor = Where.options(name="only-one", lifetime="detached", max_restarts=-1, scheduling_strategy=soft).remote(1)
-        assert zmesh.get(actor.node.remote()) == frozen
+        assert zmesh.get(actor.node.remote(), timeout=30) == frozen
         cluster.freeze_node(1)
         wait_for(lambda: {m["node_id"]: m["state"] for m in cluster.members(0)}[frozen] == "DEAD", 15, what="the frozen node dead")
 
@@ -357,7 +357,7 @@ def test_a_node_declared_dead_while_frozen_rejoins_and_keeps_no_second_copy() ->
 
         wait_for(one_copy, 15, interval=0.1, what="a single live copy of the actor")
         assert not [a for a in cluster.status(1)["actors"] if a["name"] == "only-one" and a["node_id"] == frozen]
-        assert zmesh.get(actor.add.remote(1)) == 2  # the re-created one (its __init__ ran again with 1)
+        assert zmesh.get(actor.add.remote(1), timeout=30) == 2  # the re-created one (its __init__ ran again with 1)
 
 
 OWNER = """
@@ -406,7 +406,7 @@ def test_a_creation_waits_for_room_and_starts_where_room_appears() -> None:
         third = Where.options(num_cpus=1).remote()
         wait_for(lambda: len(cluster.status(0)["waiting"]) == 1, 10, what="the third creation waiting")
         assert [m["pending"] for m in cluster.members(1) if m["node_id"] == cluster.node_id(0)] in ([1], [0])
-        where_second = zmesh.get(second.node.remote())
+        where_second = zmesh.get(second.node.remote(), timeout=30)
         zmesh.kill(second)
         assert zmesh.get(third.node.remote(), timeout=30) == where_second
 
@@ -417,7 +417,7 @@ def test_handles_and_names_work_before_gossip_has_spread_them() -> None:
         cluster.connect()
         target = Where.options(scheduling_strategy=_on(cluster, 2)).remote(5)
         relay = Where.options(scheduling_strategy=_on(cluster, 1)).remote()
-        assert zmesh.get(relay.call.remote(target, 1)) == 6  # node 1 never heard of the target from gossip
+        assert zmesh.get(relay.call.remote(target, 1), timeout=30) == 6  # node 1 never heard of the target from gossip
         Where.options(name="fresh", scheduling_strategy=_on(cluster, 2)).remote(10)
         script = "import sys, zmesh\nzmesh.init(address=sys.argv[1])\nprint(zmesh.get(zmesh.get_actor('fresh').add.remote(1)))\n"
         out = subprocess.run([sys.executable, "-c", script, cluster.addresses[1]], capture_output=True, text=True, timeout=60)

@@ -47,8 +47,8 @@ class Store:
     def fetch_nested(self, box: Any) -> Any:
         """``box`` is a list or dict holding ObjectRefs: they arrive as refs, fetched here."""
         if isinstance(box, dict):
-            return {k: (type(v).__name__, zmesh.get(v)) for k, v in box.items()}
-        return [(type(v).__name__, zmesh.get(v)) for v in box]
+            return {k: (type(v).__name__, zmesh.get(v, timeout=30)) for k, v in box.items()}
+        return [(type(v).__name__, zmesh.get(v, timeout=30)) for v in box]
 
     def call_other(self, other: Any, value: Any) -> Any:
         return zmesh.get(other.echo.remote(value), timeout=10)
@@ -79,10 +79,10 @@ VALUES: list[Any] = [
 
 def test_put_get_round_trips(local: None) -> None:
     for value in VALUES:
-        assert zmesh.get(zmesh.put(value)) == value
+        assert zmesh.get(zmesh.put(value), timeout=30) == value
     refs = [zmesh.put(v) for v in VALUES]
-    assert zmesh.get(refs) == VALUES  # order kept
-    assert zmesh.get(tuple(refs[:3])) == VALUES[:3]
+    assert zmesh.get(refs, timeout=30) == VALUES  # order kept
+    assert zmesh.get(tuple(refs[:3]), timeout=30) == VALUES[:3]
 
 
 def test_values_round_trip_through_an_actor(local: None) -> None:
@@ -94,7 +94,7 @@ def test_values_round_trip_through_an_actor(local: None) -> None:
 
 def test_large_bytes_round_trip(local: None) -> None:
     big = os.urandom(5 * 1024 * 1024)
-    assert zmesh.get(zmesh.put(big)) == big
+    assert zmesh.get(zmesh.put(big), timeout=30) == big
     store = Store.remote()
     assert zmesh.get(store.echo.remote(big), timeout=20) == big
     assert zmesh.get(store.echo.remote(zmesh.put(big)), timeout=20) == big
@@ -104,7 +104,7 @@ def test_large_bytes_round_trip(local: None) -> None:
 def test_numpy_array_round_trip(local: None) -> None:
     np = pytest.importorskip("numpy")
     array = np.arange(300_000, dtype=np.float64).reshape(600, 500)
-    assert np.array_equal(zmesh.get(zmesh.put(array)), array)
+    assert np.array_equal(zmesh.get(zmesh.put(array), timeout=30), array)
     store = Store.remote()
     back = zmesh.get(store.echo.remote(array), timeout=20)
     assert back.dtype == array.dtype and np.array_equal(back, array)
@@ -160,7 +160,7 @@ def test_wait_timeout_zero_returns_at_once(local: None) -> None:
         zmesh.wait([blocked], num_returns=0, timeout=None)
     zmesh.get(store.release.remote(), timeout=10)
     assert zmesh.wait([blocked], num_returns=1, timeout=10) == ([blocked], [])
-    assert zmesh.get(blocked) == "released"
+    assert zmesh.get(blocked, timeout=30) == "released"
 
 
 def test_wait_returns_when_num_returns_are_ready(local: None) -> None:
@@ -168,7 +168,7 @@ def test_wait_returns_when_num_returns_are_ready(local: None) -> None:
     refs = [store.slow.remote(i, 0.05 * i) for i in range(4)]
     ready, not_ready = zmesh.wait(refs, num_returns=4, timeout=20)
     assert ready == refs and not_ready == []
-    assert zmesh.get(refs) == [0, 1, 2, 3]
+    assert zmesh.get(refs, timeout=30) == [0, 1, 2, 3]
 
 
 def test_get_timeout_raises_get_timeout_error(local: None) -> None:

@@ -23,21 +23,21 @@ class Counter:
 
 def test_counter_prints_15(local: None) -> None:
     counter = Counter.remote(10)
-    assert zmesh.get([counter.increment.remote() for _ in range(5)]) == [11, 12, 13, 14, 15]
-    assert zmesh.get(counter.get.remote()) == 15
+    assert zmesh.get([counter.increment.remote() for _ in range(5)], timeout=30) == [11, 12, 13, 14, 15]
+    assert zmesh.get(counter.get.remote(), timeout=30) == 15
 
 
 def test_calls_run_in_submission_order(local: None) -> None:
     counter = Counter.remote()
     refs = [counter.increment.remote() for _ in range(500)]
-    assert zmesh.get(refs) == list(range(1, 501))
+    assert zmesh.get(refs, timeout=30) == list(range(1, 501))
 
 
 def test_named_detached_actor_found_by_name(local: None) -> None:
     counter = Counter.options(name="global_counter", lifetime="detached").remote()
-    zmesh.get(counter.increment.remote())
+    zmesh.get(counter.increment.remote(), timeout=30)
     again = zmesh.get_actor("global_counter")
-    assert zmesh.get(again.get.remote()) == 1
+    assert zmesh.get(again.get.remote(), timeout=30) == 1
 
 
 def test_async_actor_interleaves(local: None) -> None:
@@ -48,10 +48,10 @@ def test_async_actor_interleaves(local: None) -> None:
             return url
 
     fetcher = AsyncFetcher.remote()
-    zmesh.get(fetcher.fetch.remote("warm"))
+    zmesh.get(fetcher.fetch.remote("warm"), timeout=30)
     start = time.monotonic()
     urls = [f"u{i}" for i in range(20)]
-    assert zmesh.get([fetcher.fetch.remote(u) for u in urls]) == urls
+    assert zmesh.get([fetcher.fetch.remote(u) for u in urls], timeout=30) == urls
     # Twenty 0.5 s sleeps that interleave finish long before 20 * 0.5 s.
     assert time.monotonic() - start < 5
 
@@ -77,12 +77,12 @@ def test_max_concurrency_service(local: None) -> None:
             return self.peak
 
     service = Service.remote()
-    assert max(zmesh.get([service.work.remote() for _ in range(4)])) == 4
+    assert max(zmesh.get([service.work.remote() for _ in range(4)], timeout=30)) == 4
 
 
 def test_kill(local: None) -> None:
     counter = Counter.remote()
-    zmesh.get(counter.increment.remote())
+    zmesh.get(counter.increment.remote(), timeout=30)
     zmesh.kill(counter)
     try:
         zmesh.get(counter.increment.remote(), timeout=10)

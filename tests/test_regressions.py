@@ -122,11 +122,11 @@ def test_a_put_value_is_a_read_only_snapshot(local: None) -> None:
     arr = np.arange(100_000)
     ref = zmesh.put(arr)
     arr[:] = 0
-    got = zmesh.get(ref)
+    got = zmesh.get(ref, timeout=30)
     assert int(got.sum()) == sum(range(100_000))
     with pytest.raises(ValueError, match="read-only"):
         got[0] = 42
-    assert int(zmesh.get(ref)[0]) == 0 and int(zmesh.get(ref).sum()) == sum(range(100_000))
+    assert int(zmesh.get(ref, timeout=30)[0]) == 0 and int(zmesh.get(ref, timeout=30).sum()) == sum(range(100_000))
 
 
 @pytest.mark.timeout(60)
@@ -326,14 +326,14 @@ def test_an_actor_runs_in_its_creators_namespace() -> None:
 
 
 def test_wait_on_no_refs_returns_two_empty_lists(local: None) -> None:
-    assert zmesh.wait([]) == ([], [])
+    assert zmesh.wait([], timeout=30) == ([], [])
 
 
 @pytest.mark.parametrize("num_returns", [0, -1, 3, True, 1.0])
 def test_wait_with_a_bad_num_returns_raises(local: None, num_returns: Any) -> None:
     refs = [zmesh.put(1), zmesh.put(2)]
     with pytest.raises(ValueError, match="num_returns"):
-        zmesh.wait(refs, num_returns=num_returns)
+        zmesh.wait(refs, num_returns=num_returns, timeout=30)
 
 
 @pytest.mark.timeout(60)
@@ -350,13 +350,13 @@ def test_draining_with_wait_returns_every_ref_once_in_order(local: None) -> None
 
 def test_wait_checks_a_returned_list_again_once_it_changed(local: None) -> None:
     refs = [zmesh.put(i) for i in range(3)]
-    _, rest = zmesh.wait(refs)
+    _, rest = zmesh.wait(refs, timeout=30)
     rest.append(rest[0])
     with pytest.raises(ValueError, match="more than once"):
-        zmesh.wait(rest)
+        zmesh.wait(rest, timeout=30)
     rest[-1] = "not a ref"
     with pytest.raises(TypeError, match="item 2"):
-        zmesh.wait(rest)
+        zmesh.wait(rest, timeout=30)
 
 
 # --- smaller ones: every request answered, bounded error reports, size cap on put
@@ -405,7 +405,7 @@ def test_put_refuses_a_value_over_the_message_size_cap(isolated_run_dir: Path, m
     zmesh.init()
     with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
         zmesh.put(b"x" * (2 * 2**20))
-    assert zmesh.get(zmesh.put(b"x" * 1000)) == b"x" * 1000
+    assert zmesh.get(zmesh.put(b"x" * 1000), timeout=30) == b"x" * 1000
 
 
 @pytest.mark.timeout(60)
