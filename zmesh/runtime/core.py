@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -316,7 +317,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ the I/O thread
 
-    def _process_outbox(self, outbox: Any) -> bool:
+    def _process_outbox(self, outbox: deque[Any]) -> bool:
         return self.outbox.process(outbox)
 
     def _after_round(self) -> None:
