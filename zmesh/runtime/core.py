@@ -108,6 +108,7 @@ class Runtime:
         self.actor_calls = ActorCalls(
             self._lock, self.objects, self._loop, self.outbox, self.peers, self.node, self.request, self.object_service, closed
         )
+        # The outbox exists before the components whose messages it sends: what it cannot send goes back to them.
         self.outbox.on_unsent_calls = self.actor_calls.fail_unsent
         self.outbox.on_unsent_message = self.object_service.unsent
         self.inbound.router.register(protocol.CALL, self._on_call, lambda msg: self.on_call is not None)
