@@ -461,7 +461,7 @@ def probe_call(sock: zmq.Socket, actor: Any, method: str, *args: Any) -> Any:
 def actor_address(handle: Any) -> str:
     rt = zmesh.runtime.current()
     assert rt is not None
-    address = rt._actors[handle._zmesh_actor_id].address
+    address = rt.actor_calls._actors[handle._zmesh_actor_id].address
     assert address is not None
     return sockets.endpoints(address)[0]  # the TCP endpoint: what a peer on another host would reach
 

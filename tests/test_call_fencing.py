@@ -70,7 +70,7 @@ def _conn(handle: Any) -> Any:
     """The runtime's view of the actor behind ``handle``: its address and incarnation."""
     rt = zmesh.runtime.current()
     assert rt is not None
-    return rt._actors[handle._zmesh_actor_id]
+    return rt.actor_calls._actors[handle._zmesh_actor_id]
 
 
 def _stale_news(handle: Any, address: str | None) -> None:
@@ -82,7 +82,7 @@ def _stale_news(handle: Any, address: str | None) -> None:
     assert rt is not None
     conn = _conn(handle)
     assert conn.state == "ALIVE" and not conn.inflight and not conn.queue
-    rt._on_actor_state(handle._zmesh_actor_id, "ALIVE", conn.incarnation, address, None)
+    rt.actor_calls._on_actor_state(handle._zmesh_actor_id, "ALIVE", conn.incarnation, address, None)
     assert _conn(handle).address == address
 
 

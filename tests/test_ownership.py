@@ -47,7 +47,7 @@ class Holder:
     def lent_count(self) -> int:
         rt = zmesh.runtime.current()
         assert rt is not None
-        return sum(len(v) for v in rt._lent.values())
+        return sum(len(v) for v in rt.object_service._lent.values())
 
     def pid(self) -> int:
         return os.getpid()

@@ -443,7 +443,7 @@ def test_a_driver_forgets_dead_actors_but_still_fails_late_calls(local: None) ->
     zmesh.get([a.pid.remote() for a in actors], timeout=30)
     for a in actors:
         zmesh.kill(a)
-    zmesh.testing.wait_for(lambda: not rt._actors, timeout=10, what="the driver to forget its dead actors")
+    zmesh.testing.wait_for(lambda: not rt.actor_calls._actors, timeout=10, what="the driver to forget its dead actors")
     with pytest.raises(ActorDiedError, match="killed"):
         zmesh.get(actors[0].pid.remote(), timeout=10)
 

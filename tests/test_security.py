@@ -105,7 +105,7 @@ def test_peer_without_the_key_is_refused_before_anything_is_unpickled(driver: No
     assert rt is not None
     targets = {
         "node": "tcp://" + driver.address,
-        "worker": sockets.endpoints(rt._actors[echo._zmesh_actor_id].address or "")[0],
+        "worker": sockets.endpoints(rt.actor_calls._actors[echo._zmesh_actor_id].address or "")[0],
         "driver": sockets.endpoints(rt.address)[0],
     }
     for name, address in targets.items():
@@ -264,7 +264,7 @@ def test_fuzz_node_and_worker_while_a_driver_keeps_calling(driver: NodeProcess) 
     assert zmesh.get(echo.double.remote(1), timeout=10) == 2
     rt = zmesh.runtime.current()
     assert rt is not None
-    worker_address = sockets.endpoints(rt._actors[echo._zmesh_actor_id].address or "")[0]
+    worker_address = sockets.endpoints(rt.actor_calls._actors[echo._zmesh_actor_id].address or "")[0]
     errors: list[str] = []
     stop = threading.Event()
     calls = 0

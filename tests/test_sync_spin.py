@@ -78,10 +78,10 @@ def polling(local: None) -> Iterator[SpinPolicy]:
     """The driver's poll policy, with a known limit: the tests draw durations around it."""
     rt = runtime_mod.current()
     assert rt is not None
-    saved = rt._spin
-    rt._spin = SpinPolicy(LIMIT_NS)
-    yield rt._spin
-    rt._spin = saved
+    saved = rt.actor_calls._spin
+    rt.actor_calls._spin = SpinPolicy(LIMIT_NS)
+    yield rt.actor_calls._spin
+    rt.actor_calls._spin = saved
 
 
 # One fixture for every drawn example is what we want: the policy carries over between them, as in a real driver.
