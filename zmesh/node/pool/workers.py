@@ -47,7 +47,8 @@ class WorkerPool:
     """The I/O shell around the warm pool and the start gate, and the owner of the zygote link.
 
     ``on_spawned(token, pid)``: the zygote forked the worker of a lease still held.
-    ``on_exited(token or None, pid, code)``: a worker exited (None: of no lease, e.g. a warm one never bound);
+    ``on_exited(token or None, pid, code)``: a worker exited, with the token it was forked or bound for (None: a
+    warm worker never bound);
     its socket files are already removed. ``on_zygote_died(tokens)``: the zygote died and every worker with it;
     ``tokens`` are the leases that were held (queued, forking or running), all of them now forgotten.
     """
