@@ -115,6 +115,7 @@ class Node:
             lambda token, pid: self.hosted.worker_spawned(token, pid),
             lambda token, pid, code: self.hosted.worker_gone(token, pid, code),
             lambda tokens: self.hosted.zygote_died(tokens),
+            lambda token: self.table.by_token(token) is not None,
         )  # fmt: skip
         self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
         self.started_at = time.time()

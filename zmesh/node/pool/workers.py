@@ -65,8 +65,11 @@ class WorkerPool:
         on_spawned: OnSpawned,
         on_exited: OnExited,
         on_zygote_died: OnZygoteDied,
+        still_wanted: Callable[[str], bool] = lambda token: True,
     ) -> None:
         self._zygote = zygote
+        # Asked when a queued fork's turn comes: the owner may have moved on (a new incarnation) without forgetting.
+        self._still_wanted = still_wanted
         self._warm = warm  # forked, connected workers waiting for a lease: binding one skips the worker's start
         # At most a few workers start at once; the rest of a burst queues there, and is dropped once unwanted.
         self._gate = StartGate(start_limit, self._wanted)
@@ -188,7 +191,14 @@ class WorkerPool:
 
     def _wanted(self, token: str) -> bool:
         """Whether a queued fork is still worth making when its turn comes."""
-        return self._warm.expects(token) or token in self._leases
+        if self._warm.expects(token):
+            return True
+        if token not in self._leases:
+            return False
+        if self._still_wanted(token):
+            return True
+        del self._leases[token]  # no fork: the lease ends here
+        return False
 
     def _fork(self, token: str, env: dict[str, str]) -> None:
         request = {
