@@ -36,9 +36,9 @@ from zmesh.node.mesh.placement import Placement
 from zmesh.node.mesh.relay import Relay
 from zmesh.node.mesh.view import MeshView
 from zmesh.node.pool.door import WorkerDoor
-from zmesh.node.pool.gate import StartGate
 from zmesh.node.pool.warm import WarmPool
-from zmesh.node.pool.zygote_link import ZygoteDied, ZygoteLink
+from zmesh.node.pool.workers import WorkerPool
+from zmesh.node.pool.zygote_link import ZygoteLink
 from zmesh.node.requests import Reply, ReplyError, Requests
 from zmesh.node.sessions import Sessions
 from zmesh.transport import protocol, rundir, serialization, sockets
@@ -105,12 +105,18 @@ class Node:
         self._poller.register(self._wake_r, zmq.POLLIN)
         if self._zap is not None:
             self._poller.register(self._zap.socket, zmq.POLLIN)
-        self._zygote = ZygoteLink(self._poller)
-        self._warm = WarmPool(self.config.warm_workers, self.config.warm_idle_s)
         # One start per two cores by default: a burst of 1,000 on 3 nodes and 2 cores kept the origin's loop lag p99
         # at 32 ms with one, 72 with two and 128 with four, at the same creation rate (benchmarks/mesh.py burst).
         start_limit = self.config.worker_start_limit or max(1, (os.cpu_count() or 1) // 2)
-        self._gate = StartGate(start_limit, lambda token: self._warm.expects(token) or self.table.by_token(token) is not None)
+        # Its events go to the hosted actors, made with the mesh link (``_wire``); none comes before the loop runs.
+        self.pool = WorkerPool(
+            ZygoteLink(self._poller), WarmPool(self.config.warm_workers, self.config.warm_idle_s), start_limit,
+            self._door.address, self.config.host, self.security.spawn_env(), self._send,
+            lambda token, pid: self.hosted.worker_spawned(token, pid),
+            lambda token, pid, code: self.hosted.worker_gone(token, pid, code),
+            lambda tokens: self.hosted.zygote_died(tokens),
+            lambda token: self.table.by_token(token) is not None,
+        )  # fmt: skip
         self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
         self.started_at = time.time()
         self._next_publish = 0.0
@@ -135,8 +141,8 @@ class Node:
         view = MeshView()
         names: list[Names] = []  # the name component, made below; a death frees its actor's name there
         self.hosted = HostedActors(
-            self.node_id, self._door.address, self.config.host, self.security.spawn_env(), self.table, self.resources,
-            self._zygote, self._warm, self._gate, self.chores, self._send, self.mesh.send, lambda record: names[0].released(record),
+            self.node_id, self.table, self.resources, self.pool, self.chores, self._send, self.mesh.send,
+            lambda record: names[0].released(record),
         )  # fmt: skip
         relay = Relay(self.node_id, self.table, view, self.mesh, self.hosted)
         names.append(Names(self.node_id, self.config, self.table, view, self.mesh, relay, self.chores))
@@ -180,7 +186,7 @@ class Node:
     def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run the loop in this thread until stopped; ``on_ready`` runs once drivers can find the node."""
         # The zygote is started from the loop's thread: it dies when this thread ends.
-        self._zygote.start()
+        self.pool.start()
         rundir.remove_stale_sockets()
         self._wire()
         if self._slot is not None:
@@ -232,8 +238,8 @@ class Node:
                         self._zap.handle()
                     elif sock == self._wake_r:
                         os.read(self._wake_r, 4096)
-                    elif self._zygote.owns(sock):
-                        self._on_zygote()
+                    elif self.pool.owns(sock):
+                        self.pool.on_readable()
                     elif (exited := self.sessions.exited(sock)) is not None:
                         self._client_gone(exited, "exited")
                 except Exception:
@@ -242,7 +248,7 @@ class Node:
                 self._chores(time.monotonic())
             except Exception:
                 logger.exception("zmesh node: error in the mesh's timers; continuing")
-            self._zygote.before_poll()
+            self.pool.before_poll()
             self._lag.iteration(due, woke, time.monotonic())
 
     def _chores(self, now: float) -> None:
@@ -260,7 +266,7 @@ class Node:
             self.actors.placement.schedule(now)
         self.actors.placement.check_waiting(now)
         self.actors.names.tick(now)
-        self.hosted.tend_warm(now)
+        self.pool.tend(now)
         if self.actors.placement.drained():
             logger.info("zmesh node %s: drained; leaving the mesh", self.node_id)
             self._stopping = True
@@ -273,11 +279,10 @@ class Node:
                 logger.exception("zmesh node: saying goodbye to the mesh failed")
         if self._started:
             self.hosted.shutdown()
+        self.pool.shutdown()  # every worker killed, the zygote stopped, their socket files removed
         for client in self.sessions.by_id.values():
-            if client.kind == "worker":  # killed with their actors above
+            if client.kind == "worker":  # killed with the pool's workers above
                 sockets.remove_ipc(client.address)
-        for pid in self._zygote.close():
-            rundir.remove_sockets_of(pid)
         rundir.remove_stale_sockets()  # a worker whose exit the zygote reported after we stopped reading it
         self.sessions.close_all()
         if self._slot is not None:
@@ -294,18 +299,6 @@ class Node:
         os.close(self._wake_r)
         os.close(self._wake_w)
         logger.info("zmesh node %s stopped", self.node_id)
-
-    # ------------------------------------------------------------------ the zygote
-
-    def _on_zygote(self) -> None:
-        try:
-            events = self._zygote.events()
-        except ZygoteDied:
-            self._zygote.restart()
-            self.hosted.zygote_died()
-            return
-        for event in events:
-            self.hosted.on_zygote_event(event)
 
     # ------------------------------------------------------------------ messages
 
@@ -444,6 +437,6 @@ class Node:
             "refused_connections": self._zap.refused if self._zap is not None else 0,
             "secure": not self.security.insecure,
             "cluster": self.security.key.fingerprint if self.security.key is not None else None,
-            "warm_workers": self.hosted.describe_warm() if self._started else {},
+            "warm_workers": self.pool.describe() if self._started else {},
             **self._lag.summary(time.monotonic()),
         }

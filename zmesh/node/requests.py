@@ -17,9 +17,10 @@ from zmesh.node.core import records, scheduler
 from zmesh.node.core.records import ActorRecord, Client
 from zmesh.node.core.registry import Card, Granted
 from zmesh.node.core.table import ActorTable
-from zmesh.node.hosted import HostedActors, InitRefused
+from zmesh.node.hosted import HostedActors
 from zmesh.node.mesh.actors import MeshActors
 from zmesh.node.mesh.names import Verdict
+from zmesh.node.pool.workers import InitRefused
 from zmesh.transport import protocol
 from zmesh.transport.ids import FINAL_INCARNATION, ActorId, ClientId
 
