@@ -94,6 +94,9 @@ class Node:
         self._dropped = 0
         self._last_drop_log: dict[bytes, float] = {}
         self._wake_r, self._wake_w = os.pipe()
+        # A wake-up after shutdown closed the pipe must not write into whatever file gets the number next
+        # (a ZeroMQ socket of this process, say). Reentrant: request_stop may run in a signal handler.
+        self._wake_lock = threading.RLock()
         os.set_blocking(self._wake_w, False)
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -296,8 +299,10 @@ class Node:
         if self._zap is not None:
             self._zap.close()
         self._ctx.term()
+        with self._wake_lock:
+            wake_w, self._wake_w = self._wake_w, -1
+        os.close(wake_w)
         os.close(self._wake_r)
-        os.close(self._wake_w)
         logger.info("zmesh node %s stopped", self.node_id)
 
     # ------------------------------------------------------------------ messages
@@ -339,10 +344,13 @@ class Node:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # a full pipe wakes the loop just as well
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # stopped
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # a full pipe wakes the loop just as well
 
     def _drop(self, identity: bytes, reason: BaseException) -> None:
         self._dropped += 1

@@ -305,7 +305,11 @@ class Runtime:
         for waiters, callbacks in woken:
             objects.wake(waiters, callbacks)
         self.node.fail_pending("ZmeshError", "zmesh was shut down")
-        self._ctx.destroy(linger=0)
+        if self._loop.stopped or self._loop.on_io_thread:
+            self._ctx.destroy(linger=0)
+        else:
+            # Closing the sockets under a thread that still uses them makes ZeroMQ abort the whole process.
+            logger.warning("zmesh I/O thread did not stop within its time; its sockets are left open")
         sockets.remove_ipc(self.address)
 
     def _close_servers(self) -> None:

@@ -49,6 +49,10 @@ class IoLoop:
         self._on_malformed = on_malformed
         self._malformed = malformed
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Guards the wake-up descriptor against a write after it was closed: the kernel reuses the number at
+        # once, often for one of ZeroMQ's own eventfds, and a stray 1 there makes ZeroMQ read a command that
+        # was never sent and abort the process. Reentrant: a release from __del__ may wake us inside wake().
+        self._wake_lock = threading.RLock()
         self._sleeping = False
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
@@ -156,10 +160,13 @@ class IoLoop:
             self.wake()
 
     def wake(self) -> None:
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass  # closed during shutdown
+        with self._wake_lock:
+            if self._wake_fd < 0:
+                return  # stopped: nobody to wake
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass
 
     def stop(self, stop_item: Any, timeout: float = 5.0) -> None:
         """Push ``stop_item`` (the outbox processor answers False to it) and wait for the thread."""
@@ -167,10 +174,19 @@ class IoLoop:
         self.wake()
         if self._thread.is_alive() and not self.on_io_thread:
             self._thread.join(timeout)
-        try:
-            os.close(self._wake_fd)
-        except OSError:
-            pass
+        if self._thread.is_alive():
+            # Still reading the descriptor (stopping from the I/O thread itself, or a handler that hangs): leave
+            # it open rather than let the number pass to another file under the thread's feet.
+            return
+        with self._wake_lock:
+            fd, self._wake_fd = self._wake_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the I/O thread has ended (and, with it, every use of the sockets it served)."""
+        return not self._thread.is_alive()
 
     # --- the thread
 
