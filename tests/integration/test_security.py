@@ -24,7 +24,7 @@ from zmesh.testing import NodeProcess, wait_for
 from zmesh.transport import protocol, serialization, sockets
 from zmesh.transport.security import ClusterKey, Security, resolve_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @zmesh.remote

@@ -25,7 +25,7 @@ from zmesh.testing import FAST_MESH, NodeProcess, wait_for
 from zmesh.testing_netns import NetnsNetwork, netns_available
 from zmesh.transport.security import ClusterKey
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _why_not = netns_available()
 # Network namespaces, their addresses and bridges are the host's: tests that make them run one at a time.
 pytestmark = [

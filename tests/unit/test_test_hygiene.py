@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent.parent
 TEST_FILES = sorted(TESTS.rglob("*.py"))
 
 
@@ -37,3 +37,17 @@ def test_every_get_and_wait_in_a_test_has_a_timeout(path: Path) -> None:
 def test_the_rule_sees_a_call_without_timeout() -> None:
     tree = ast.parse("zmesh.get(ref)\nzmesh.get(ref, timeout=5)\nzmesh.wait(refs, num_returns=2)\nother.get(x)\n")
     assert _blocking_calls_without_timeout(tree) == [1, 3]
+
+
+UNIT_FILES = sorted((TESTS / "unit").glob("test_*.py"))
+# What starts processes or nodes: a unit test (pure decisions, framing, one thread at most) uses none of them.
+PROCESS_MARKERS = ("NodeProcess", "LocalCluster", "zmesh.init(", "import subprocess", "run_driver", "local: None", ": NodeProcess")
+
+
+@pytest.mark.parametrize("path", UNIT_FILES, ids=[p.name for p in UNIT_FILES])
+def test_unit_tests_start_no_process_or_node(path: Path) -> None:
+    text = path.read_text()
+    if path.name == Path(__file__).name:
+        return  # this file names the markers
+    found = [marker for marker in PROCESS_MARKERS if marker in text]
+    assert not found, f"unit/{path.name} uses {found}: a test that starts processes belongs in integration/ (or netns/)"

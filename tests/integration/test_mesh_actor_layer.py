@@ -37,7 +37,7 @@ from zmesh.node.core.registry import home_of
 from zmesh.testing import LocalCluster, wait_for
 from zmesh.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "default"  # a driver's namespace when init() is given none
 
 # What a name lookup or a call may raise while the mesh is still settling; anything else is a failure.

@@ -23,7 +23,7 @@ from zmesh.node.discovery.mdns import SERVICE, TXT_KEYS, MdnsSource
 from zmesh.testing import wait_for
 from zmesh.testing_netns import NetnsError, NetnsNetwork, netns_available
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _why_not = netns_available()
 needs_netns = pytest.mark.skipif(_why_not is not None, reason=f"network namespaces unavailable: {_why_not}")
 # Network namespaces, their addresses and bridges are the host's: tests that make them run one at a time.
