@@ -113,6 +113,9 @@ class MeshActors:
             self.deaths.member_gone(change.node_id, change.state.lower())
         elif change.previous not in (membership.ALIVE, membership.SUSPECT):
             self.names.member_came(change.node_id)
+            # Its entry may have come while we held it dead (through a third member, after a partition healed):
+            # the view dropped it then, and it may not change again for a long time. Read it whole now.
+            self.on_entries([EntryChange(change.node_id, True)])
         self.placement.rechoose_keepers()
         self._chores.schedule = True
 
