@@ -67,7 +67,7 @@ def remove_stale_sockets() -> None:
     """Delete IPC socket files whose process is gone (they are named ``<pid>-<id>.sock``)."""
     for entry in socket_dir().glob("*.sock"):
         pid = entry.name.partition("-")[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not running(int(pid)):
             entry.unlink(missing_ok=True)
 
 
@@ -77,7 +77,7 @@ def remove_sockets_of(pid: int) -> None:
         entry.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie (a killed worker not yet reaped by its new parent) does not."""
     try:
         status: str = psutil.Process(pid).status()
