@@ -193,6 +193,7 @@ class WorkerPool:
             time.sleep(0.01)
         for pid in pids:
             rundir.remove_sockets_of(pid)
+        rundir.remove_stale_sockets()  # of workers forked after the zygote last listed its children (all dead now)
 
     # ------------------------------------------------------------------ what the zygote reports
 
@@ -253,6 +254,7 @@ class WorkerPool:
         self._live.clear()
         for pid in pids:
             rundir.remove_sockets_of(pid)
+        rundir.remove_stale_sockets()  # of workers forked after the zygote last listed its children (all dead now)
         self._on_zygote_died(lost)
 
 

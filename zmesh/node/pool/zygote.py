@@ -20,8 +20,11 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
+
+import psutil
 
 from zmesh.node.pool.lines import ChannelClosed, LineChannel
 
@@ -56,11 +59,11 @@ def _spawn(request: dict[str, Any], channel: LineChannel, wake_r: int, wake_w: i
     # The child: drop the zygote's plumbing, become a worker.
     code = 1
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # first: the zygote's own handler is not a worker's
         signal.set_wakeup_fd(-1)
         # Default dispositions, so Ctrl-C reaches the worker and the programs it starts (SIG_IGN survives exec).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         channel.close()
         os.close(wake_r)
         os.close(wake_w)
@@ -71,6 +74,8 @@ def _spawn(request: dict[str, Any], channel: LineChannel, wake_r: int, wake_w: i
 
         security = Security.from_spawn_env(request["security"])
         code = worker.main(request["address"], request["token"], security, request["host"], warm=bool(request.get("warm")))
+    except _Stop:
+        code = 0  # the node stopped the zygote the moment this worker was forked: nothing to report
     except BaseException:
         import traceback
 
@@ -94,7 +99,7 @@ def _reap(channel: LineChannel) -> None:
 def main(fd: int) -> int:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, _raise_stop)
     # Import what every worker needs now, once, so each fork starts warm.
     from zmesh.worker import main as worker  # noqa: F401
 
@@ -128,8 +133,38 @@ def main(fd: int) -> int:
                         pid = _spawn(request, channel, wake_r, wake_w)
                         channel.send({"ev": "spawned", "token": request.get("token"), "pid": pid})
             _reap(channel)
-    except ChannelClosed:
-        return 0  # the node is gone; our workers die with us
+    except (ChannelClosed, _Stop):
+        # The node is gone or stops us. Our workers would die with us (PDEATHSIG), but a moment later, and
+        # one killed while binding its socket still makes the file: end them first, so that once the zygote
+        # is gone no worker of it is left to make one.
+        _end_workers()
+        return 0
+
+
+class _Stop(Exception):
+    """The node asked the zygote to stop (SIGTERM)."""
+
+
+def _raise_stop(*_: Any) -> None:
+    raise _Stop
+
+
+def _end_workers(timeout: float = 2.0) -> None:
+    """Kill every child still running and reap them all (within ``timeout``)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second request to stop must not cut this short
+    for child in psutil.Process().children():
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # none left
+        if pid == 0:
+            time.sleep(0.005)
 
 
 if __name__ == "__main__":
