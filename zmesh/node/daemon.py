@@ -403,6 +403,8 @@ class Node:
             self._send(identity, protocol.encode_json(protocol.REFUSED_TAG, {"reason": f"this node refuses it: {problem}"}))
             return
         self.sessions.open(identity, hello)
+        if hello.get("kind") == "worker":
+            self.pool.said_hello(hello.get("token"))
         self.chores.publish = True
         info = {
             **protocol.identity(),

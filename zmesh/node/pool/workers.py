@@ -140,13 +140,17 @@ class WorkerPool:
         """
         self._leases.pop(token, None)
 
+    def said_hello(self, token: Any) -> None:
+        """A worker introduced itself: its runtime is up, the costly part of its start is behind it. The next may start."""
+        self._start(self._gate.started(token))
+
     def arrived(self, token: Any, identity: bytes, req_id: Any, pid: int) -> bool:
         """A worker asks for its work (its ``init`` request). True: it is the caller's to answer.
 
         False: a warm worker, parked; its request is answered when a lease takes it. InitRefused: a warm
         worker the pool does not want (full, or creations stopped coming).
         """
-        self._start(self._gate.started(token))  # past its costly start: the next may start
+        self._start(self._gate.started(token))  # no-op once it said hello (a worker that skipped it still passes)
         if self._warm.owns(token):
             if self._warm.park(Parked(str(token), identity, req_id, pid), time.monotonic()):
                 return False
