@@ -169,11 +169,13 @@ def test_killing_the_zygote_with_warm_workers_waiting(pooled: NodeProcess) -> No
 
 @pytest.mark.timeout(90)
 def test_warm_workers_leave_when_creations_stop(isolated_run_dir: Path) -> None:
-    with _start(isolated_run_dir, idle_s=0.5) as node:
+    # Long enough an idleness for the pool to fill first on a loaded machine (at 0.5 s a CI run saw the warm
+    # workers turned away as they arrived, the creation already past the window), short for the test.
+    with _start(isolated_run_dir, idle_s=3.0) as node:
         probe = Probe.remote()
         zmesh.get(probe.pid.remote(), timeout=30)
         wait_for(lambda: _pool()["parked"], timeout=30, what="warm workers")
-        # Half a second after the last creation they are sent away: they exit and take their socket files with them.
+        # Three seconds after the last creation they are sent away: they exit and take their socket files with them.
         wait_for(lambda: not _pool()["parked"] and not _pool()["starting"], timeout=30, what="the pool to empty")
         wait_for(lambda: len(node.descendants()) == 2, timeout=30, what="only the zygote and the actor's worker left")
         sockets = {p.name.partition("-")[0] for p in rundir.socket_dir().glob("*.sock")}
