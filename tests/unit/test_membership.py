@@ -787,3 +787,16 @@ def test_a_node_cut_off_alone_is_buried_when_it_heals_and_no_one_else_is(seed: i
             sim.route(teller, [Send(told, f"addr-{told}", news)])
     sim.run(5.0)
     assert {who for _, who, _ in sim.buried} == {"n3"}
+
+
+def test_a_stale_verdict_of_a_member_we_buried_with_more_weight_is_not_adopted() -> None:
+    """Regression (the mesh invariant checker): a node cut off alone declares others dead while it is cut off;
+    once it is back, those verdicts (weight 1) must not kill members of the side that buried it (weight 3)."""
+    core = core_with(["a", "b", "c"])
+    core.receive("x", ping(0, [DEAD, "a", "addr-a", 0, "me", 3]), 0.0)  # we buried the lone "a", weighing 3
+    core.receive("a", ping(0, [ALIVE, "a", "addr-a", 1, "a"]), 0.1)  # it refuted and is back
+    assert core.get("a").state == ALIVE
+    assert not changed(core.receive("a", ping(0, [DEAD, "b", "addr-b", 0, "a", 1]), 0.2))  # made while it was cut off
+    assert core.get("b").state == ALIVE
+    # A verdict it makes back among us weighs the members it holds alive again: that one counts.
+    assert [c.state for c in changed(core.receive("a", ping(0, [DEAD, "b", "addr-b", 0, "a", 4]), 0.3))] == [DEAD]

@@ -197,3 +197,20 @@ def test_drawn_histories_keep_every_invariant() -> None:
 @pytest.mark.timeout(TIMEOUT)
 def test_drawn_deaths_leave_every_restartable_actor_running() -> None:
     explore(check_deaths, death_histories(), 30, 20240612, [HOST_AND_KEEPER_DIE])
+
+
+# Found by `make torture` exploring fresh seeds: the node cut off alone declares another dead just before the heal,
+# after the rest buried it and a keeper re-created its restartable actor elsewhere. That stale verdict reached a
+# member of the larger side once the lone node was back, was adopted, and buried the node now hosting the actor:
+# the actor was lost. A verdict of a member we buried with more weight is no longer adopted.
+LONE_NODES_LATE_VERDICT: list[Op] = [
+    Together((Create(0, None, False, False), Create(0, None, False, True))),
+    Kill(0, 0),
+    *[Create(0, None, False, False) for _ in range(5)],
+    Partition((Pick("node", 0, 0),), 4.0),
+]
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_late_verdict_of_a_buried_node_does_not_bury_a_node_of_the_larger_side() -> None:
+    play(LONE_NODES_LATE_VERDICT, seed=52158)

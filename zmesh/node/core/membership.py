@@ -395,6 +395,10 @@ class Membership:
             if state == SUSPECT:
                 self._suspect(member, accuser, now)
             return [Changed(node_id, address, state, None, incarnation)]
+        if state == DEAD and self._burials.overruled(accuser, weight):
+            # A verdict of a member we buried with more weight (the lighter side of a partition), made while it was
+            # cut off and arriving after it came back: stale, not ours to adopt. We probe the subject ourselves.
+            return []
         if not _overrides(state, incarnation, member.state, member.incarnation):
             if state == SUSPECT and member.state == SUSPECT and incarnation == member.incarnation:
                 suspicion = self._suspicions.get(node_id)

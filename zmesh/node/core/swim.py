@@ -262,6 +262,13 @@ class Burials:
     def death_rumor(self, node_id: str, address: str, incarnation: int, me: str) -> list[Any]:
         return [DEAD, node_id, address, incarnation, me, self._saw_dead.get(node_id, (0, 1))[1]]
 
+    def overruled(self, declarer: str, weight: int) -> bool:
+        """Whether a death declared by ``declarer`` with ``weight`` is one we overruled: we buried that member
+        ourselves with at least that weight (its side of a partition was the lighter). A verdict it makes once it
+        is back among us carries the weight of the members it holds alive again, and counts."""
+        ours = self._saw_dead.get(declarer)
+        return ours is not None and weight <= ours[1]
+
     def buries_us(self, accuser: str, incarnation: int, weight: int) -> bool:
         if incarnation <= self._buried_at:
             return False  # reported already
