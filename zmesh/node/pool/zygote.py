@@ -74,8 +74,6 @@ def _spawn(request: dict[str, Any], channel: LineChannel, wake_r: int, wake_w: i
 
         security = Security.from_spawn_env(request["security"])
         code = worker.main(request["address"], request["token"], security, request["host"], warm=bool(request.get("warm")))
-    except _Stop:
-        code = 0  # the node stopped the zygote the moment this worker was forked: nothing to report
     except BaseException:
         import traceback
 
@@ -99,7 +97,7 @@ def _reap(channel: LineChannel) -> None:
 def main(fd: int) -> int:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
-    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
     # Import what every worker needs now, once, so each fork starts warm.
     from zmesh.worker import main as worker  # noqa: F401
 
@@ -116,7 +114,7 @@ def main(fd: int) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     try:
         channel.send({"ev": "ready"})
-        while True:
+        while not _stop.requested:  # SIGTERM sets it; the wakeup fd ends the select
             # Never block on a write: the node may be busy writing to us at the same moment.
             writers = [channel.fileno()] if channel.wants_write else []
             try:
@@ -133,25 +131,30 @@ def main(fd: int) -> int:
                         pid = _spawn(request, channel, wake_r, wake_w)
                         channel.send({"ev": "spawned", "token": request.get("token"), "pid": pid})
             _reap(channel)
-    except (ChannelClosed, _Stop):
-        # The node is gone or stops us. Our workers would die with us (PDEATHSIG), but a moment later, and
-        # one killed while binding its socket still makes the file: end them first, so that once the zygote
-        # is gone no worker of it is left to make one.
-        _end_workers()
-        return 0
+    except ChannelClosed:
+        pass
+    # The node is gone or stops us. Our workers would die with us (PDEATHSIG), but a moment later, and one
+    # killed while binding its socket still makes the file: end them first, so that once the zygote is gone
+    # no worker of it is left to make one.
+    _end_workers()
+    return 0
 
 
-class _Stop(Exception):
-    """The node asked the zygote to stop (SIGTERM)."""
+class _Stop:
+    """Whether the node asked the zygote to stop (SIGTERM): a flag, so the handler never interrupts the shutdown."""
+
+    requested = False
 
 
-def _raise_stop(*_: Any) -> None:
-    raise _Stop
+_stop = _Stop()
+
+
+def _request_stop(*_: Any) -> None:
+    _stop.requested = True
 
 
 def _end_workers(timeout: float = 2.0) -> None:
     """Kill every child still running and reap them all (within ``timeout``)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second request to stop must not cut this short
     for child in psutil.Process().children():
         try:
             child.kill()
