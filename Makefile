@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 MINUTES ?= 10
 # Most tests wait on timers and other processes, not the CPU: two pytest workers finish the suite in about
 # two thirds of the time on two cores. Tests that make network namespaces share one worker (xdist_group).
+# A worker that crashes ends the run, failed, instead of being replaced (a replacement once left the run hanging).
 TEST_WORKERS ?= 2
 
 $(STAMP): pyproject.toml
@@ -22,7 +23,7 @@ demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zmesh tests examples benchmarks
