@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,17 +34,19 @@ zmq_garbage.gc._push_socket  # noqa: B018 (made on first use, kept for the proce
 
 
 @pytest.fixture(scope="session", autouse=True)
-def short_socket_dirs() -> Iterator[None]:
-    """Run directories under pytest's deep temp paths put their sockets in short folders under /tmp (rundir.socket_dir):
-    the ones this session made are removed at its end (an empty one only: another session's may be in use)."""
-    pattern = f"zmesh-{os.getuid()}-s-*"
-    before = set(Path("/tmp").glob(pattern))
+def short_socket_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run directories under pytest's deep temp paths put their sockets in short folders under /tmp (rundir.socket_dir).
+
+    At the session's end the folders of every run directory it made are removed, with what processes it killed
+    left in them (a SIGKILLed node cannot remove its socket). Only this session's: another pytest worker's run
+    directories live under another base, and their folders may be in use.
+    """
     yield
-    for path in set(Path("/tmp").glob(pattern)) - before:
-        try:
-            path.rmdir()
-        except OSError:
-            pass
+    base = tmp_path_factory.getbasetemp()
+    for directory, _, _ in os.walk(base):
+        folder = rundir.short_socket_dir(Path(directory))
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
