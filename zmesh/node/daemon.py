@@ -282,11 +282,7 @@ class Node:
                 logger.exception("zmesh node: saying goodbye to the mesh failed")
         if self._started:
             self.hosted.shutdown()
-        self.pool.shutdown()  # every worker killed, the zygote stopped, their socket files removed
-        for client in self.sessions.by_id.values():
-            if client.kind == "worker":  # killed with the pool's workers above
-                sockets.remove_ipc(client.address)
-        rundir.remove_stale_sockets()  # a worker whose exit the zygote reported after we stopped reading it
+        self.pool.shutdown()  # every worker killed, the zygote stopped, the socket files of every dead process removed
         self.sessions.close_all()
         if self._slot is not None:
             rundir.remove_node_info(os.getpid())

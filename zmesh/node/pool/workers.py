@@ -40,8 +40,6 @@ class InitRefused(Exception):
     """A worker asked for work that no longer wants it (its lease forgotten, or a warm worker not needed)."""
 
 
-# How long shutdown waits for killed workers to be gone before it removes their socket files.
-_EXIT_WAIT_S = 2.0
 UNWANTED = ("ActorDiedError", "this worker is no longer wanted")
 
 
@@ -184,20 +182,14 @@ class WorkerPool:
         self._warm.reset()
         self._gate.reset()
         self._leases.clear()
-        pids = set(self._live)
-        self._live.clear()
-        for pid in pids:
+        for pid in self._live:
             kill_pid(pid)
-        # Also those the zygote forked but whose report we never read (killed before it, or forked for the pool).
-        pids.update(self._zygote.close())
-        # A worker killed in the middle of binding its socket finishes the bind before it dies: remove the files
-        # once the workers are gone (they are the zygote's, reaped as soon as it is), or after a bound.
-        deadline = time.monotonic() + _EXIT_WAIT_S
-        while any(rundir.running(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for pid in pids:
-            rundir.remove_sockets_of(pid)
-        rundir.remove_stale_sockets()  # of workers forked after the zygote last listed its children (all dead now)
+        self._live.clear()
+        # The zygote kills and reaps the workers it still has before it exits, forked ones we never heard of
+        # included, and close() waits for it: then no worker is left to make a socket file, and the files of
+        # every process gone can go.
+        self._zygote.close()
+        rundir.remove_stale_sockets()
 
     # ------------------------------------------------------------------ what the zygote reports
 

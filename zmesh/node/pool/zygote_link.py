@@ -79,30 +79,26 @@ class ZygoteLink:
             self._proc.wait()
         self.start()
 
-    def close(self, timeout: float = 5.0) -> list[int]:
-        """Stop the zygote (at node shutdown); the pids of the workers that died with it, once they are gone.
-
-        Those include workers the node never heard of (forked for the warm pool, or killed before the
-        zygote reported them): their socket files are the caller's to remove.
-        """
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the zygote (at node shutdown); it ends its workers first, and this returns once they are all gone."""
         if self._channel is not None:
+            self._poller.unregister(self._channel.fileno())
             self._channel.close()
             self._channel = None
-        children: list[psutil.Process] = []
-        if self._proc is not None:
-            try:
-                children = psutil.Process(self._proc.pid).children()
-            except psutil.Error:
-                pass
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            # They die with the zygote (PDEATHSIG), a moment later: wait, so no file is made after it is removed.
-            psutil.wait_procs(children, timeout=1.0)
-        return [child.pid for child in children]
+        if self._proc is None:
+            return
+        try:
+            children = psutil.Process(self._proc.pid).children()
+        except psutil.Error:
+            children = []
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        # Killed, it could not end them: they die with it (PDEATHSIG), a moment later.
+        psutil.wait_procs(children, timeout=1.0)
 
     def _close_channel(self) -> None:
         if self._channel is not None:
