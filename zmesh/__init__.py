@@ -5,6 +5,7 @@ from __future__ import annotations
 from zmesh import exceptions
 from zmesh.actor import ActorClass, ActorHandle, ActorMethod, method
 from zmesh.api import (
+    cancel,
     get,
     get_actor,
     get_gpu_ids,
@@ -25,6 +26,7 @@ from zmesh.cluster import (
     on_membership,
 )
 from zmesh.object_ref import ObjectRef
+from zmesh.remote_function import RemoteFunction
 
 __version__ = "0.1.0"
 
@@ -33,8 +35,10 @@ __all__ = [
     "ActorHandle",
     "ActorMethod",
     "ObjectRef",
+    "RemoteFunction",
     "__version__",
     "available_resources",
+    "cancel",
     "cluster_resources",
     "exceptions",
     "get",

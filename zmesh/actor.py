@@ -66,7 +66,7 @@ def _signature(member: Any, static: Any) -> inspect.Signature | None:
     return sig.replace(parameters=params)
 
 
-def _code_path() -> list[str]:
+def code_path() -> list[str]:
     return [os.path.abspath(p or os.curdir) for p in sys.path if isinstance(p, str)]
 
 
@@ -136,7 +136,7 @@ class ActorClass:
             "max_concurrency": opts.max_concurrency,
             "concurrency_groups": dict(opts.concurrency_groups),
             # Modules the class refers to by name must import in the worker as they do here.
-            "sys_path": _code_path(),
+            "sys_path": code_path(),
         }
         reply = rt.create_actor(actor_id, spec, key, blob, meta_blob, args_frames, wait=opts.name is not None, keep=refs)
         if reply is not None:

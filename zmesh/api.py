@@ -15,7 +15,8 @@ from zmesh import runtime as runtime_mod
 from zmesh.actor import ActorClass, ActorHandle
 from zmesh.exceptions import NodeUnavailableError
 from zmesh.object_ref import ObjectRef
-from zmesh.options import ActorOptions, validate_name, validate_resources
+from zmesh.options import ActorOptions, TaskOptions, validate_name, validate_resources
+from zmesh.remote_function import RemoteFunction
 from zmesh.runtime import Runtime
 from zmesh.transport import rundir, sockets
 from zmesh.transport.security import INSECURE_ENV, KEY_ENV, Security, resolve_key
@@ -184,28 +185,34 @@ def _require() -> Runtime:
 
 
 @overload
-def remote(__target: type) -> ActorClass: ...
+def remote(__target: type) -> ActorClass: ...  # type: ignore[overload-overlap]
 @overload
-def remote(**options: Any) -> Callable[[type], ActorClass]: ...
+def remote(__target: Callable[..., Any]) -> RemoteFunction: ...
+@overload
+def remote(**options: Any) -> Callable[[Any], Any]: ...
 def remote(*args: Any, **options: Any) -> Any:
-    """``@zmesh.remote`` or ``@zmesh.remote(**options)`` on a class makes it an actor class."""
+    """``@zmesh.remote`` or ``@zmesh.remote(**options)``: a class becomes an actor class, a function a remote function."""
     if args:
         if len(args) != 1 or options:
             raise TypeError("use @zmesh.remote or @zmesh.remote(option=value, ...)")
-        return _make_remote(args[0], ActorOptions())
-    opts = ActorOptions.build(**options)
-    return lambda target: _make_remote(target, opts)
+        return _make_remote(args[0], {})
+    return lambda target: _make_remote(target, options)
 
 
-def _make_remote(target: Any, opts: ActorOptions) -> ActorClass:
+def _make_remote(target: Any, options: dict[str, Any]) -> ActorClass | RemoteFunction:
     if inspect.isclass(target):
-        return ActorClass(target, opts)
+        return ActorClass(target, ActorOptions.build(**options))
     if callable(target):
-        raise TypeError(
-            f"@zmesh.remote on function {getattr(target, '__name__', target)!r}: remote functions (tasks) are not supported yet; "
-            "wrap the function in an actor class"
-        )
-    raise TypeError(f"@zmesh.remote expects a class, got {type(target).__name__}")
+        return RemoteFunction(target, TaskOptions.build(**options))
+    raise TypeError(f"@zmesh.remote expects a class or a function, got {type(target).__name__}")
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task behind ``ref``: a pending one never runs, a running one is interrupted (``force``: its worker
+    is killed); ``get`` then raises TaskCancelledError. A finished task is left as it is."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"zmesh.cancel() expects an ObjectRef, got {type(ref).__name__}")
+    _require().cancel(ref.id, bool(force), bool(recursive))
 
 
 def _check_refs(value: Any, what: str) -> tuple[list[ObjectRef], bool]:

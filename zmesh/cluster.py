@@ -159,6 +159,11 @@ class RuntimeContext:
     def get_actor_id(self) -> str | None:
         return self._rt.actor_id
 
+    def get_task_id(self) -> str | None:
+        """The id of the task running now (in a task worker), as hex; None elsewhere."""
+        task_id = self._rt.task_id
+        return task_id.hex() if task_id is not None else None
+
     def get_actor_name(self) -> str | None:
         return self._rt.actor_name
 

@@ -10,6 +10,8 @@
      ├── GetTimeoutError         also a TimeoutError
      ├── ActorAlreadyExistsError also a ValueError
      ├── ObjectLostError         the owner of an object is gone
+     ├── TaskCancelledError      the task was cancelled with zmesh.cancel()
+     ├── WorkerCrashedError      the task's worker died and no retry was left
      └── NodeUnavailableError    also a ConnectionError: no node answered
 """
 
@@ -25,7 +27,9 @@ __all__ = [
     "GetTimeoutError",
     "NodeUnavailableError",
     "ObjectLostError",
+    "TaskCancelledError",
     "TaskError",
+    "WorkerCrashedError",
     "ZmeshError",
 ]
 
@@ -56,6 +60,14 @@ class ActorAlreadyExistsError(ZmeshError, ValueError):
 
 class ObjectLostError(ZmeshError):
     """The value behind an ObjectRef can no longer be fetched (its owner exited)."""
+
+
+class TaskCancelledError(ZmeshError):
+    """The task was cancelled with ``zmesh.cancel()`` before it finished."""
+
+
+class WorkerCrashedError(ZmeshError):
+    """The worker running the task died (or its node did), and the task had no retry left."""
 
 
 class NodeUnavailableError(ZmeshError, ConnectionError):

@@ -138,3 +138,73 @@ class MethodOptions:
         if group is not None:
             validate_name(group, "concurrency_group")
         return cls(num_returns=num_returns, concurrency_group=group)
+
+
+# Ray's name for a streaming generator's window: how many items the producer may run ahead of the consumer.
+WINDOW_OPTION = "_generator_backpressure_num_objects"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Options of a remote function (``@zmesh.remote(...)`` on a function, ``f.options(...)``), Ray's defaults."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: float = 0.0
+    resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    num_returns: int | str = 1  # an int >= 0, or "streaming"
+    max_retries: int = 3
+    # False, True, or the exception classes whose raising makes the task run again.
+    retry_exceptions: bool | tuple[type[BaseException], ...] = False
+    scheduling_strategy: Any = "DEFAULT"
+    name: str | None = None
+    generator_window: int | None = None  # set as _generator_backpressure_num_objects
+
+    @classmethod
+    def build(cls, base: TaskOptions | None = None, **options: Any) -> TaskOptions:
+        """Validate ``options`` over ``base``; raises ValueError naming the bad option."""
+        if WINDOW_OPTION in options:
+            options["generator_window"] = options.pop(WINDOW_OPTION)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"generator_window"}
+        unknown = sorted(set(options) - fields - {"generator_window"})
+        if unknown:
+            valid = ", ".join(sorted(fields | {WINDOW_OPTION}))
+            raise ValueError(f"unknown task option(s): {', '.join(unknown)}; valid options are {valid}")
+        merged = dataclasses.asdict(base) if base is not None else {}
+        merged.update(options)
+        return cls(**_validated_task(merged))
+
+    def resource_demand(self) -> dict[str, float]:
+        demand = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": self.memory}
+        demand.update(self.resources)
+        return {k: v for k, v in demand.items() if v > 0}
+
+
+def _validated_task(o: dict[str, Any]) -> dict[str, Any]:
+    out = dict(o)
+    for key in ("num_cpus", "num_gpus", "memory"):
+        default = 1.0 if key == "num_cpus" else 0.0
+        out[key] = _amount(default if o.get(key) is None else o[key], key)
+    if out["num_gpus"] > 1 and out["num_gpus"] != int(out["num_gpus"]):
+        raise ValueError(f"num_gpus above 1 must be a whole number, got {out['num_gpus']!r}")
+    out["resources"] = validate_resources(o.get("resources"))
+    returns = o.get("num_returns", 1)
+    if returns not in ("streaming", "dynamic"):
+        returns = _count(returns, "num_returns", minimum=0)
+    out["num_returns"] = "streaming" if returns == "dynamic" else returns
+    out["max_retries"] = _count(o.get("max_retries", 3), "max_retries", minimum=-1)
+    retry = o.get("retry_exceptions", False)
+    if isinstance(retry, bool):
+        out["retry_exceptions"] = retry
+    elif isinstance(retry, list | tuple) and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry):
+        out["retry_exceptions"] = tuple(retry)
+    else:
+        raise ValueError(f"retry_exceptions must be a bool or a list of exception classes, got {retry!r}")
+    if o.get("name") is not None:
+        out["name"] = validate_name(o["name"], "task name")
+    if o.get("generator_window") is not None:
+        out["generator_window"] = _count(o["generator_window"], WINDOW_OPTION, minimum=1)
+    from zmesh.util.scheduling_strategies import to_wire
+
+    out["scheduling_strategy"] = to_wire(o.get("scheduling_strategy"))
+    return out

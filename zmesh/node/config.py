@@ -39,6 +39,9 @@ class NodeConfig:
     warm_idle_s: float = 2.0
     # Workers starting at once (forked, not yet asking for their actor); 0: one per two CPU cores, at least one.
     worker_start_limit: int = 0
+    # Task workers kept when no lease wants them (0: one per CPU); more than that exit after task_idle_s idle.
+    task_workers_idle: int = 0
+    task_idle_s: float = 10.0
 
     # ---- the mesh (see docs/mesh.md)
     # Nodes of one host with the same cluster name find each other through the run directory.
@@ -113,7 +116,7 @@ class NodeConfig:
             raise ValueError(f"keepers must be an int in 0..8, got {self.keepers!r}")
         if not (self.affinity_wait_s >= 0 and self.name_grace_s > 0 and self.name_conflict_s >= 0):
             raise ValueError(f"affinity_wait_s must be >= 0 and name_grace_s > 0, got {self.affinity_wait_s!r}, {self.name_grace_s!r}")
-        for name in ("warm_workers", "worker_start_limit"):
+        for name in ("warm_workers", "worker_start_limit", "task_workers_idle"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")

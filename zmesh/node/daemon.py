@@ -28,6 +28,7 @@ from zmesh.node.core.resources import Resources
 from zmesh.node.core.table import ActorTable, Chores
 from zmesh.node.discovery import sources as discovery
 from zmesh.node.hosted import HostedActors
+from zmesh.node.leases import Leases
 from zmesh.node.mesh.actors import MeshActors
 from zmesh.node.mesh.deaths import Deaths
 from zmesh.node.mesh.link import Mesh
@@ -115,10 +116,8 @@ class Node:
         self.pool = WorkerPool(
             ZygoteLink(self._poller), WarmPool(self.config.warm_workers, self.config.warm_idle_s), start_limit,
             self._door.address, self.config.host, self.security.spawn_env(), self._send,
-            lambda token, pid: self.hosted.worker_spawned(token, pid),
-            lambda token, pid, code: self.hosted.worker_gone(token, pid, code),
-            lambda tokens: self.hosted.zygote_died(tokens),
-            lambda token: self.table.by_token(token) is not None,
+            self._worker_spawned, self._worker_gone, lambda tokens: self.hosted.zygote_died(tokens),
+            lambda token: self.leases.wants(token) if self.leases.owns_token(token) else self.table.by_token(token) is not None,
         )  # fmt: skip
         self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
         self.started_at = time.time()
@@ -158,13 +157,34 @@ class Node:
             self.node_id, self.address, self.table, view, self.mesh, self.resources, self.departures, self.chores,
             names[0], placement, relay, deaths, self.sessions.by_id, self._send,
         )  # fmt: skip
-        self.requests = Requests(self.node_id, self.config, self.table, self.hosted, self.actors, self.status, self.request_stop)
+        self.leases = Leases(self.node_id, self.config, self.resources, self.pool, self.mesh, placement, self.chores, self._send)
+        self.actors.register("lease", lambda s, b, p, r: self.leases.on_lease(s, b, r))
+        self.actors.register("lease_lost", lambda s, b, p, r: self.leases.on_lease_lost(s, b))
+        self.actors.register("lease_return", lambda s, b, p, r: self.leases.on_return(s, b))
+        self.actors.register("lease_kill", lambda s, b, p, r: self.leases.on_kill(s, b))
+        self.requests = Requests(
+            self.node_id, self.config, self.table, self.hosted, self.actors, self.leases, self.status, self.request_stop
+        )
         self._started = True
 
     # ------------------------------------------------------------------ the mesh link's hooks
 
     def on_member(self, change: membership.Changed) -> None:
         self.actors.on_member(change)
+        if change.state in (membership.DEAD, membership.LEFT):
+            self.leases.member_gone(change.node_id)
+
+    def _worker_spawned(self, token: str, pid: int) -> None:
+        if self.leases.owns_token(token):
+            self.leases.spawned(token, pid)
+        else:
+            self.hosted.worker_spawned(token, pid)
+
+    def _worker_gone(self, token: str | None, pid: int, code: int) -> None:
+        if token is not None and self.leases.owns_token(token):
+            self.leases.exited(token, pid, code)
+        else:
+            self.hosted.worker_gone(token, pid, code)
 
     def on_entries(self, changes: list[EntryChange]) -> None:
         self.actors.on_entries(changes)
@@ -267,7 +287,10 @@ class Node:
             chores.schedule = False
             chores.schedule_at = float("inf")
             self.actors.placement.schedule(now)
+            self.leases.schedule(now)
         self.actors.placement.check_waiting(now)
+        self.leases.check_waiting(now)
+        self.leases.tend(now)
         self.actors.names.tick(now)
         self.pool.tend(now)
         if self.actors.placement.drained():
@@ -418,6 +441,7 @@ class Node:
         if why == "exited":
             sockets.remove_ipc(client.address)
         self.actors.deaths.client_gone(client, why)
+        self.leases.client_gone(client)
 
     # ------------------------------------------------------------------ status
 
@@ -444,5 +468,6 @@ class Node:
             "secure": not self.security.insecure,
             "cluster": self.security.key.fingerprint if self.security.key is not None else None,
             "warm_workers": self.pool.describe() if self._started else {},
+            "tasks": self.leases.describe() if self._started else {},
             **self._lag.summary(time.monotonic()),
         }

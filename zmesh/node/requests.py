@@ -18,6 +18,7 @@ from zmesh.node.core.records import ActorRecord, Client
 from zmesh.node.core.registry import Card, Granted
 from zmesh.node.core.table import ActorTable
 from zmesh.node.hosted import HostedActors
+from zmesh.node.leases import Leases
 from zmesh.node.mesh.actors import MeshActors
 from zmesh.node.mesh.names import Verdict
 from zmesh.node.pool.workers import InitRefused
@@ -80,6 +81,7 @@ class Requests:
         table: ActorTable,
         hosted: HostedActors,
         actors: MeshActors,
+        leases: Leases,
         status: Callable[[], dict[str, Any]],
         stop: Callable[[], None],
     ) -> None:
@@ -88,6 +90,7 @@ class Requests:
         self._table = table
         self._hosted = hosted
         self._actors = actors
+        self._leases = leases
         self._status = status
         self._stop = stop
         self._dropped_by_workers: dict[ClientId, int] = {}  # kept after a worker exits: the count is history
@@ -107,7 +110,16 @@ class Requests:
             "list_actors": lambda c, a, p, r: r.ok(self._actors.list_actors(None if a[0] is None else str(a[0]))),
             "drain": self._drain,
             "subscribe_membership": self._subscribe_membership,
+            "lease": self._lease,
+            "return_lease": lambda c, a, p, r: self._then_ok(r, self._leases.hand_back, str(a[0])),
+            "kill_lease": lambda c, a, p, r: self._then_ok(r, self._leases.kill_worker, str(a[0])),
+            "blocked": lambda c, a, p, r: self._then_ok(r, self._leases.blocked, c, bool(a[0])),
         }
+
+    @staticmethod
+    def _then_ok(reply: Reply, op: Callable[..., None], *args: Any) -> None:
+        op(*args)
+        reply.ok(None)
 
     def dropped_by_workers(self) -> int:
         return sum(self._dropped_by_workers.values())
@@ -237,9 +249,23 @@ class Requests:
 
     # ------------------------------------------------------------------ workers
 
+    def _lease(self, client: Client, args: tuple[Any, ...], payload: list[Any], reply: Reply) -> None:
+        lease_id, demand, strategy = args
+
+        def answer(ok: bool, value: Any) -> None:
+            if ok:
+                reply.ok(value)
+            else:
+                reply.error(str(value[0]), str(value[1]))
+
+        self._leases.ask(client, lease_id, demand, strategy, answer)
+
     def _init(self, client: Client, args: tuple[Any, ...], payload: list[Any], reply: Reply) -> None:
         try:
-            answer = self._hosted.init(args[0], client, reply.identity, reply.req_id)
+            if self._leases.owns_token(args[0]):
+                answer = self._leases.init(args[0], client, reply.identity, reply.req_id)
+            else:
+                answer = self._hosted.init(args[0], client, reply.identity, reply.req_id)
         except InitRefused as exc:
             raise ReplyError("ActorDiedError", str(exc)) from None
         if answer is not None:  # else a warm worker: answered when an actor is given to it
@@ -247,6 +273,10 @@ class Requests:
 
     def _started(self, client: Client, args: tuple[Any, ...], payload: list[Any], reply: Reply) -> None:
         actor_id, incarnation, ok, error, address = args
+        if self._leases.owns_worker(actor_id):
+            self._leases.started(str(actor_id), client, str(address))
+            reply.ok(None)
+            return
         self._hosted.started(str(actor_id), incarnation, bool(ok), error, str(address) if address else client.address)
         reply.ok(None)
 

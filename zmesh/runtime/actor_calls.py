@@ -70,8 +70,7 @@ class ActorCalls:
         self._spin = SpinPolicy(default_limit_ns())
 
     def register(self, inbound: Inbound) -> None:
-        inbound.peer.register(protocol.RESULT, lambda address, m: self._on_results(address, calls.split_results(m)))
-        inbound.peer.register(protocol.REFUSED, lambda address, m: self._on_refused(address, *calls.split_refusal(m)))
+        """The node's news about actors; results and refusals come through the facade (tasks share them)."""
         inbound.news.register(protocol.ACTOR_STATE, lambda _, m: self._on_actor_state(*m.header), header_len(5))
 
     # ------------------------------------------------------------------ user threads
@@ -213,7 +212,7 @@ class ActorCalls:
         for entry in entries:
             self._results.fail(entry[0], error)
 
-    def _on_results(self, address: str, items: list[calls.ResultItem]) -> None:
+    def on_results(self, address: str, items: list[calls.ResultItem]) -> None:
         results: list[Outcome] = []
         finished = []  # dropped after the lock: the refs they kept are released then
         with self._lock:
@@ -236,7 +235,7 @@ class ActorCalls:
         self._results.complete(results)
         del finished
 
-    def _on_refused(self, address: str, target: calls.CallTarget, refused: list[tuple[bytes, ...]]) -> None:
+    def on_refused(self, address: str, target: calls.CallTarget, refused: list[tuple[bytes, ...]]) -> None:
         """The worker at ``address`` is not ``target``: the calls did not run; the node says what became of the actor."""
         actor_id = ActorId(target[0])
         with self._lock:

@@ -25,6 +25,7 @@ from zmesh.transport import protocol
 MAX_BATCH = 512
 
 CALL = protocol.CALL
+TASK = protocol.TASK
 RESULT = protocol.RESULT
 REFUSED = protocol.REFUSED
 
@@ -33,6 +34,8 @@ CallTarget = tuple[str, int]
 
 # (caller identity, result object ids, method name, concurrency group, argument frames)
 CallItem = tuple[bytes, tuple[bytes, ...], str, "str | None", list[Any]]
+# (caller identity, result object ids, function key, options, argument frames: the function's own first)
+TaskItem = tuple[bytes, tuple[bytes, ...], str, dict[str, Any], list[Any]]
 # (result object ids, ok, the frames of each return value, whether the worker lent refs inside it)
 ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]], bool]
 
@@ -44,6 +47,35 @@ def call_entry(oids: tuple[bytes, ...], method: str, group: str | None, args: li
     """One call's batch entry and the payload frames it points to."""
     slot, frames = protocol.pack(args)
     return (oids, method, group, slot), frames
+
+
+def task_entry(oids: tuple[bytes, ...], fn_key: str, options: dict[str, Any], frames: list[Any]) -> tuple[tuple[Any, ...], list[Any]]:
+    """One task's batch entry: ``frames`` are the pickled function (``b""`` once the worker has it), then the arguments."""
+    slot, out = protocol.pack(frames)
+    return (oids, fn_key, options, slot), out
+
+
+def split_tasks(identity: bytes, msg: protocol.Message) -> tuple[CallTarget, list[TaskItem]]:
+    """The target of one TASK batch (the leased worker's id, 0) and its tasks; ProtocolError if malformed."""
+    header = msg.header
+    target = _target(header)
+    items: list[TaskItem] = []
+    payload = msg.payload
+    pos = 0
+    for index in range(2, len(header)):
+        entry = header[index]
+        if not isinstance(entry, tuple) or len(entry) != 4:
+            raise protocol.ProtocolError("a task entry is not (oids, function key, options, frame count)")
+        oids, fn_key, options, slot = entry
+        if not _oids_ok(oids) or not isinstance(fn_key, str) or not isinstance(options, dict):
+            raise protocol.ProtocolError("a task entry's ids, function key or options are malformed")
+        frames, pos = protocol.unpack(slot, payload, pos)
+        if not frames:
+            raise protocol.ProtocolError("a task entry has no function frame")
+        items.append((identity, oids, fn_key, options, frames))
+    if pos != len(payload):
+        raise protocol.ProtocolError("a task batch has frames no entry accounts for")
+    return target, items
 
 
 def result_entry(oids: tuple[bytes, ...], ok: bool, parts: list[list[Any]], lent: bool = False) -> tuple[tuple[Any, ...], list[Any]]:

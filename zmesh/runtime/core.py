@@ -25,14 +25,15 @@ from collections.abc import Callable
 from typing import Any
 
 from zmesh.exceptions import ZmeshError
-from zmesh.runtime import objects, ownership
+from zmesh.runtime import calls, objects, ownership
 from zmesh.runtime.actor_calls import ActorCalls
 from zmesh.runtime.inbound import Inbound, header_len
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.node_client import NodeClient, node_error
 from zmesh.runtime.object_service import ObjectService
-from zmesh.runtime.outbox import RESULT, STOP, TO_PEER, Outbox
+from zmesh.runtime.outbox import RESULT, RUN, STOP, TO_PEER, Outbox
 from zmesh.runtime.peers import ConnectFailed, Peers
+from zmesh.runtime.task_calls import Task, TaskCalls
 from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, ObjectId, new_client_id
 from zmesh.transport.security import Security, ZapHandler
@@ -85,6 +86,9 @@ class Runtime:
         self.actor_incarnation = 0
         self.actor_handle_parts: tuple[str, str, bytes] | None = None  # (actor id, class name, meta) for current_actor
         self.on_close_hooks: list[Callable[[], None]] = []
+        # Set in a task worker: told True when the task it runs starts waiting in get/wait, False when it stops.
+        self.on_blocked: Callable[[bool], None] | None = None
+        self.task_id: ObjectId | None = None  # the task running now, in a task worker
 
         self.inbound = Inbound()
         self._loop = IoLoop(self._process_outbox, self._after_round, self._on_malformed, _MALFORMED)
@@ -108,8 +112,11 @@ class Runtime:
         self.actor_calls = ActorCalls(
             self._lock, self.objects, self._loop, self.outbox, self.peers, self.node, self.request, self.object_service, closed
         )
+        self.task_calls = TaskCalls(
+            self._lock, self.objects, self._loop, self.outbox, self.node, self.object_service, self.client_id, closed
+        )
         # The outbox exists before the components whose messages it sends: what it cannot send goes back to them.
-        self.outbox.on_unsent_calls = self.actor_calls.fail_unsent
+        self.outbox.on_unsent_calls = self._unsent_calls
         self.outbox.on_unsent_message = self.object_service.unsent
         self.inbound.router.register(protocol.CALL, self._on_call, lambda msg: self.on_call is not None)
         self.inbound.router.register(protocol.LOG, self._on_log, header_len(3))
@@ -118,6 +125,9 @@ class Runtime:
         self.inbound.news.register(protocol.MEMBERSHIP, self._on_membership, header_len(3))
         self.object_service.register(self.inbound)
         self.actor_calls.register(self.inbound)
+        self.task_calls.register(self.inbound)
+        self.inbound.peer.register(protocol.RESULT, self._on_results)
+        self.inbound.peer.register(protocol.REFUSED, self._on_refused)
 
         for server in self._servers:
             self._loop.watch(server, functools.partial(self._on_router, server))
@@ -145,18 +155,6 @@ class Runtime:
 
     # ------------------------------------------------------------------ the node
 
-    @property
-    def node_lost(self) -> str | None:
-        return self.node.lost
-
-    @property
-    def request_timeout(self) -> float:
-        return self.node.timeout
-
-    @request_timeout.setter
-    def request_timeout(self, seconds: float) -> None:
-        self.node.timeout = seconds
-
     def request(
         self,
         op: str,
@@ -169,10 +167,6 @@ class Runtime:
         if self.closed:
             raise ZmeshError("zmesh is shut down; call zmesh.init() first")
         return self.node.request(op, args, payload, timeout, with_payload)
-
-    def request_nowait(self, op: str, args: tuple[Any, ...], payload: list[Any], on_reply: Callable[[bool, Any, list[Any]], None]) -> None:
-        """Send a request whose reply is handled on the I/O thread."""
-        self.node.request_nowait(op, args, payload, on_reply)
 
     @property
     def context(self) -> sockets.Context:
@@ -223,10 +217,21 @@ class Runtime:
         entries = self.object_service.entries_for(refs)
         if len(entries) == 1 and not entries[0].done:
             self.actor_calls.spin_for(refs[0][0], entries[0])
-        ready = self.objects.wait_done(entries, len(entries), timeout)
+        ready = self.wait_done(entries, len(entries), timeout)
         if ready < len(entries):
             raise objects.timeout_error(timeout, len(entries) - ready)
         return [self.object_service.value_of(e) for e in entries]
+
+    def wait_done(self, entries: list[objects.Entry], count: int, timeout: float | None) -> int:
+        """Block until ``count`` of ``entries`` are done; a task worker gives its CPU back while it waits (as Ray)."""
+        blocked = self.on_blocked
+        if blocked is None or sum(1 for e in entries if e.done) >= count:
+            return self.objects.wait_done(entries, count, timeout)
+        blocked(True)
+        try:
+            return self.objects.wait_done(entries, count, timeout)
+        finally:
+            blocked(False)
 
     def value_of(self, entry: objects.Entry) -> Any:
         return self.object_service.value_of(entry)
@@ -267,6 +272,21 @@ class Runtime:
         self.check_size(args_frames, f"the arguments of {method}()")
         return self.actor_calls.submit(actor_id, oids, method, group, args_frames, retries, keep)
 
+    # ------------------------------------------------------------------ tasks (task_calls.py)
+
+    def submit_task(self, task: Task, deps: list[tuple[ObjectId, str]], demand: dict[str, float], strategy: Any) -> None:
+        """Queue a task; its result entries are made here, before any ref to them is handed out."""
+        self.check_size(task.frames, f"the arguments of {task.name}()")
+        with self._lock:
+            for oid in task.oids:
+                self.objects.new_owned_locked(oid)
+                self.objects.add_ref_locked(oid)
+        self.task_calls.shape_for(task.shape, demand, strategy)
+        self.task_calls.submit(task, deps)
+
+    def cancel(self, oid: ObjectId, force: bool, recursive: bool) -> None:
+        self.task_calls.cancel(oid, force, recursive)
+
     # ------------------------------------------------------------------ sending (any thread)
 
     def send_log(self, owner: str, prefix: str, stream: str, text: str) -> bool:
@@ -298,6 +318,8 @@ class Runtime:
         for hook in self.on_close_hooks:
             hook()
         if goodbye:
+            # Leases with nothing in flight go back first: the node then keeps their workers for others.
+            self._loop.push((RUN, None, self.task_calls.hand_back_idle))
             self.node.send(protocol.encode(protocol.GOODBYE, (self.client_id,)))
         self._loop.stop((STOP, None, None))
         with self._lock:
@@ -327,6 +349,7 @@ class Runtime:
 
     def _after_round(self) -> None:
         self.object_service.after_round()
+        self.task_calls.after_round(time.monotonic())
         if self.kind == "worker" and self.dropped != self._dropped_reported and self.node.lost is None:
             self._dropped_reported = self.dropped
             self.node.send_now(protocol.encode(protocol.REQUEST, (0, "dropped", (self.dropped,))))
@@ -334,6 +357,25 @@ class Runtime:
 
     def _on_node_lost(self, why: str) -> None:
         self.actor_calls.on_node_lost(why)
+        self.task_calls.on_node_lost(why)
+
+    def _unsent_calls(self, address: str, entries: list[tuple[Any, ...]], error: BaseException) -> None:
+        self.actor_calls.fail_unsent(address, entries, error)
+        self.task_calls.fail_unsent(address, entries, error)
+
+    def _on_results(self, address: str, msg: protocol.Message) -> None:
+        items = calls.split_results(msg)
+        if self.task_calls.owns(address):
+            self.task_calls.on_results(address, items)
+        else:
+            self.actor_calls.on_results(address, items)
+
+    def _on_refused(self, address: str, msg: protocol.Message) -> None:
+        target, refused = calls.split_refusal(msg)
+        if self.task_calls.owns(address):
+            self.task_calls.on_refused(address, target, refused)
+        else:
+            self.actor_calls.on_refused(address, target, refused)
 
     def _on_malformed(self, sock: sockets.Socket, frames: list[Any], reason: BaseException) -> None:
         self.drop(frames[0] if sock in self._servers else sock, reason)

@@ -92,6 +92,12 @@ class Outbox:
             self._batcher.add(CALL, address, call.header, call.frames, call.target)
         self._batcher.flush()
 
+    def send_batch(self, kind: bytes, address: str, target: calls.CallTarget, items: list[tuple[tuple[Any, ...], list[Any]]]) -> None:
+        """Send ``items`` (entries and their frames) to ``address`` now, as batches for ``target`` (I/O thread only)."""
+        for entry, frames in items:
+            self._batcher.add(kind, address, entry, frames, target)
+        self._batcher.flush()
+
     def _send_batch(
         self, kind: bytes, dest: Any, target: calls.CallTarget | None, entries: list[tuple[Any, ...]], payload: list[Any]
     ) -> None:

@@ -39,6 +39,10 @@ MEMBERSHIP = b"M"  # (node_id, address, state): a member joined, is suspected, d
 CALL = b"C"  # (actor_id, incarnation, (oids, method, group, packed arg frames), ...) + arg frames
 RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
 REFUSED = b"f"  # (actor_id, incarnation, oids, ...): calls for another actor or incarnation, not run
+# caller -> leased task worker: (worker_id, 0, (oids, function key, options, packed frames), ...); answered by RESULT
+TASK = b"T"
+CANCEL = b"c"  # (object_id, force): caller -> the runtime of the task worker running that task
+LEASE_LOST = b"e"  # (lease_id, reason): node -> the client holding that lease (its worker or host is gone)
 # borrower -> owner and back
 GET_OBJECT = b"G"  # (object_id,)
 OBJECT = b"O"  # (object_id, ok) + value frames
@@ -63,6 +67,9 @@ KNOWN_TYPES = frozenset(
         CALL,
         RESULT,
         REFUSED,
+        TASK,
+        CANCEL,
+        LEASE_LOST,
         GET_OBJECT,
         OBJECT,
         LOG,

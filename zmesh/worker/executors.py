@@ -31,6 +31,10 @@ class Target(Protocol):
     rt: Runtime
     limits: dict[str, int]  # concurrency group -> how many of its calls may run at once
     call_target: calls.CallTarget  # the actor and incarnation a CALL batch must name to run here
+    message_type: bytes  # what its callers send: CALL (an actor's methods) or TASK (a task worker's functions)
+
+    def split(self, identity: bytes, msg: protocol.Message) -> tuple[calls.CallTarget, list[Any]]:
+        """The target a batch names and its items, in order; ProtocolError if malformed."""
 
     def refusal(self, target: calls.CallTarget, items: list[CallItem]) -> list[Any]:
         """The frames refusing a batch meant for ``target`` (another actor or incarnation), unrun."""
@@ -38,10 +42,10 @@ class Target(Protocol):
     def group_of(self, method_name: str, group: str | None) -> str | None:
         """The group a call runs in; None for a group the target does not define."""
 
-    def run(self, item: CallItem) -> Reply:
-        """Run one call on this thread: decode, invoke, frame the result (errors included)."""
+    def run(self, item: Any) -> Reply:
+        """Run one call (a CallItem, or a task's TaskItem) on this thread: decode, invoke, frame the result (errors included)."""
 
-    async def run_async(self, item: CallItem) -> Reply:
+    async def run_async(self, item: Any) -> Reply:
         """The same on an asyncio loop: coroutines are awaited, refs in the arguments too."""
 
 
@@ -114,9 +118,9 @@ class Inline:
             if msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
                 rt.release_lent(frames[0], msg.header[0])
                 return
-            if msg.type != protocol.CALL:
-                raise protocol.ProtocolError(f"unexpected {msg.type!r} on an actor's call socket")
-            target, items = calls.split_calls(frames[0], msg)
+            if msg.type != self.target.message_type:
+                raise protocol.ProtocolError(f"unexpected {msg.type!r} on a worker's call socket")
+            target, items = self.target.split(frames[0], msg)
         except (protocol.ProtocolError, serialization.DeserializationError) as exc:
             rt.drop(frames[0], exc)
             return

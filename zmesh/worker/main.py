@@ -19,12 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from zmesh import runtime as runtime_mod
-from zmesh.exceptions import ActorDiedError, NodeUnavailableError, TaskError
+from zmesh.exceptions import ActorDiedError, NodeUnavailableError
 from zmesh.object_ref import ObjectRef
-from zmesh.runtime import Runtime, calls, ownership
+from zmesh.runtime import Runtime, calls
 from zmesh.transport import protocol, serialization
 from zmesh.transport.security import Security
-from zmesh.worker import executors
+from zmesh.worker import executors, framing
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class ActorWorker:
         self.incarnation = incarnation
         # What every CALL batch must name to run here: calls for any other actor or incarnation are refused unrun.
         self.call_target: calls.CallTarget = (str(actor_id), int(incarnation))
+        self.message_type = protocol.CALL
         adopt_code_path(spec.get("sys_path") or [])
         self.cls: type = serialization.loads_code(payload[0])
         self.class_name = spec["class_name"]
@@ -130,6 +131,9 @@ class ActorWorker:
             self.rt.send_to_caller(identity, self.refusal(target, items))
             return
         self.executor.submit(items)
+
+    def split(self, identity: bytes, msg: protocol.Message) -> tuple[calls.CallTarget, list[Any]]:
+        return calls.split_calls(identity, msg)
 
     def refusal(self, target: calls.CallTarget, items: list[CallItem]) -> list[Any]:
         """The answer to a batch meant for another actor or incarnation (a caller's stale view): none of it runs."""
@@ -200,37 +204,15 @@ class ActorWorker:
 
     def _frame_value(self, oids: tuple[Any, ...], method_name: str, value: Any) -> tuple[bool, list[list[Any]], list[Any]]:
         """(ok, frames of each return value, refs pickled into them)."""
-        with ownership.collect() as refs:
-            if len(oids) == 1:
-                parts = [serialization.dumps_value(value)]
-            else:
-                values = tuple(value)
-                if len(values) != len(oids):
-                    raise ValueError(f"method declared num_returns={len(oids)} but returned {len(values)} value(s)")
-                parts = [serialization.dumps_value(v) for v in values]
-        for part in parts:
-            self.rt.check_size(part, f"the result of {self.class_name}.{method_name}()")
-        return True, parts, refs
+        return framing.frame_value(self.rt, oids, f"{self.class_name}.{method_name}", value, "method")
 
     def _error_frames(self, oids: tuple[Any, ...], method_name: str, exc: BaseException) -> list[list[Any]]:
-        where = f"{self.class_name}.{method_name}"
-        message = f"{where} raised {type(exc).__name__}: {exc}"
-        error = TaskError.from_cause(exc, message, traceback.format_exc(), where)
-        try:
-            frames = serialization.dumps_value(error)
-        except serialization.SerializationError:
-            frames = serialization.dumps_value(TaskError(message, None, traceback.format_exc(), where))
-        return [frames for _ in oids]
+        return framing.error_frames(oids, f"{self.class_name}.{method_name}", exc)
 
     def _reply(
         self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any], settle: bool = True
     ) -> executors.Reply:
-        """The result's entry; refs inside it are lent to the caller, and what we borrowed is registered first."""
-        if refs:
-            self.rt.lend(identity, oids[0], refs)
-        if settle:
-            self.rt.settle_borrows()
-        return calls.result_entry(oids, ok, parts, lent=bool(refs))
+        return framing.reply(self.rt, identity, oids, ok, parts, refs, settle)
 
 
 def adopt_code_path(paths: list[str]) -> None:
@@ -250,6 +232,16 @@ def resolve_refs(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], di
     return [values[a] if isinstance(a, ObjectRef) else a for a in args], {
         k: (values[v] if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()
     }
+
+
+def _serve_tasks(rt: Runtime, worker_id: str) -> int:
+    """A pooled task worker: leased to callers by its node, it runs their functions until the node lets it go."""
+    from zmesh.worker.tasks import TaskWorker  # it builds on this module
+
+    worker = TaskWorker(rt, worker_id)
+    rt.request("started", (worker_id, 0, True, None, worker.serve()))
+    worker.executor.serve()
+    return 0
 
 
 def main(node_address: str, token: str, security: Security, listen_host: str, *, warm: bool = False) -> int:
@@ -273,6 +265,8 @@ def main(node_address: str, token: str, security: Security, listen_host: str, *,
     # Before any of the actor's code runs (unpickling its class may import its module): its GPUs.
     os.environ.update(spec.get("env") or {})
     rt.namespace = str(spec.get("job_namespace") or rt.namespace)
+    if spec.get("kind") == "tasks":
+        return _serve_tasks(rt, str(actor_id))
     worker = ActorWorker(rt, actor_id, incarnation, spec, payload)
     rt.actor_id, rt.actor_name, rt.actor_incarnation = actor_id, spec.get("name"), incarnation
     rt.actor_handle_parts = (actor_id, worker.class_name, bytes(payload[1]))

@@ -53,6 +53,11 @@ class Resources:
             self._gpus[i] = 0.0
         return chosen
 
+    def take(self, demand: dict[str, float]) -> None:
+        """Take ``demand`` back whether or not it is free (a task that stopped waiting resumes with its CPUs, as in Ray)."""
+        for k, v in demand.items():
+            self.available[k] = self.available.get(k, 0.0) - v
+
     def release(self, reservation: Reservation) -> None:
         for k, v in reservation.demand.items():
             self.available[k] = min(self.total.get(k, 0.0), self.available.get(k, 0.0) + v)

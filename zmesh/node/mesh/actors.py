@@ -147,6 +147,12 @@ class MeshActors:
         )
         self._chores.schedule = True
 
+    def register(self, kind: str, handler: AppHandler) -> None:
+        """Another component's mesh message (tasks' leases): one more entry in the table."""
+        if kind in self._handlers:
+            raise ValueError(f"mesh message {kind!r} has a handler already")
+        self._handlers[kind] = handler
+
     def on_app(self, sender: str, kind: str, body: dict[str, Any], payload: list[Any], rid: int | None) -> None:
         """An application message from another member; a malformed one raises and is dropped."""
         handler = self._handlers.get(kind)

@@ -72,7 +72,7 @@ class Placement:
         waiting = self._table.waiting()
         if not waiting:
             return
-        view = self._node_views()
+        view = self.node_views()
         members = {m.node_id: m.state for m in self._mesh.membership.members()}
         recent = {n: len(ids) for n, ids in self._placed_recently.items()}
         for record in waiting:
@@ -130,7 +130,7 @@ class Placement:
                     record.class_name, record.actor_id, now - record.waiting_since, record.demand, self._resources.available,
                 )  # fmt: skip
 
-    def _node_views(self) -> list[scheduler.NodeView]:
+    def node_views(self) -> list[scheduler.NodeView]:
         me = scheduler.NodeView(self._me, self._resources.total, dict(self._resources.available), self._table.hosted_count(), self.draining)
         views = [me]
         live = set(self._mesh.live())
