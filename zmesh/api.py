@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import inspect
 import logging
 import operator
@@ -15,7 +16,7 @@ from zmesh import runtime as runtime_mod
 from zmesh.actor import ActorClass, ActorHandle
 from zmesh.exceptions import NodeUnavailableError
 from zmesh.object_ref import ObjectRef
-from zmesh.options import ActorOptions, TaskOptions, validate_name, validate_resources
+from zmesh.options import WINDOW_OPTION, ActorOptions, TaskOptions, validate_name, validate_resources
 from zmesh.remote_function import RemoteFunction
 from zmesh.runtime import Runtime
 from zmesh.transport import rundir, sockets
@@ -195,16 +196,34 @@ def remote(*args: Any, **options: Any) -> Any:
     if args:
         if len(args) != 1 or options:
             raise TypeError("use @zmesh.remote or @zmesh.remote(option=value, ...)")
-        return _make_remote(args[0], {})
-    return lambda target: _make_remote(target, options)
+        return _make_remote(args[0], ActorOptions(), TaskOptions(), set())
+    # Checked now, before the target is known: a bad option fails at the decorator, as in Ray.
+    actor_keys = {f.name for f in dataclasses.fields(ActorOptions)}
+    task_keys = {f.name for f in dataclasses.fields(TaskOptions)} - {"generator_window"} | {WINDOW_OPTION}
+    unknown = sorted(set(options) - actor_keys - task_keys)
+    if unknown:
+        valid = ", ".join(sorted(actor_keys | task_keys))
+        raise ValueError(f"unknown option(s): {', '.join(unknown)}; valid options are {valid}")
+    actor_opts = ActorOptions.build(**{k: v for k, v in options.items() if k in actor_keys})
+    task_opts = TaskOptions.build(**{k: v for k, v in options.items() if k in task_keys})
+    return lambda target: _make_remote(target, actor_opts, task_opts, set(options))
 
 
-def _make_remote(target: Any, options: dict[str, Any]) -> ActorClass | RemoteFunction:
+def _make_remote(target: Any, actor_opts: ActorOptions, task_opts: TaskOptions, given: set[str]) -> ActorClass | RemoteFunction:
     if inspect.isclass(target):
-        return ActorClass(target, ActorOptions.build(**options))
+        _only(given, {f.name for f in dataclasses.fields(ActorOptions)}, f"actor class {target.__name__}")
+        return ActorClass(target, actor_opts)
     if callable(target):
-        return RemoteFunction(target, TaskOptions.build(**options))
+        task_keys = {f.name for f in dataclasses.fields(TaskOptions)} | {WINDOW_OPTION}
+        _only(given, task_keys, f"remote function {getattr(target, '__name__', target)!r}")
+        return RemoteFunction(target, task_opts)
     raise TypeError(f"@zmesh.remote expects a class or a function, got {type(target).__name__}")
+
+
+def _only(given: set[str], valid: set[str], what: str) -> None:
+    wrong = sorted(given - valid)
+    if wrong:
+        raise ValueError(f"option(s) {', '.join(wrong)} do not apply to {what}; valid options are {', '.join(sorted(valid))}")
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

@@ -241,17 +241,21 @@ def test_good_options_still_work(local: None) -> None:
     assert zmesh.get(counter.add.remote(1), timeout=30) == 2
 
 
-def test_remote_on_function_is_a_clear_type_error() -> None:
+def test_remote_on_a_function_makes_a_remote_function_and_bad_targets_are_type_errors() -> None:
     def plain(x: int) -> int:
         return x
 
-    with pytest.raises(TypeError, match=r"'plain'.*not supported") as info:
-        zmesh.remote(plain)
-    assert "actor class" in str(info.value)
-    with pytest.raises(TypeError, match=r"'plain'.*not supported"):
-        zmesh.remote(num_cpus=1)(plain)
-    with pytest.raises(TypeError, match="expects a class"):
+    assert isinstance(zmesh.remote(plain), zmesh.RemoteFunction)
+    assert isinstance(zmesh.remote(num_cpus=1)(plain), zmesh.RemoteFunction)
+    with pytest.raises(TypeError, match="cannot be called directly"):
+        zmesh.remote(plain)(1)
+    with pytest.raises(TypeError, match="expects a class or a function"):
         zmesh.remote(42)
+    # An option of the other kind is named at the decorator.
+    with pytest.raises(ValueError, match="max_retries"):
+        zmesh.remote(max_retries=2)(Counter._cls if hasattr(Counter, "_cls") else type("C", (), {}))
+    with pytest.raises(ValueError, match="lifetime"):
+        zmesh.remote(lifetime="detached")(plain)
 
 
 # ---------------------------------------------------------------------------- API functions
