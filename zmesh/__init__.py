@@ -24,6 +24,7 @@ from zmesh.cluster import (
     nodes,
     on_membership,
 )
+from zmesh.generator import ObjectRefGenerator
 from zmesh.object_ref import ObjectRef
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "ActorHandle",
     "ActorMethod",
     "ObjectRef",
+    "ObjectRefGenerator",
     "__version__",
     "available_resources",
     "cluster_resources",

@@ -39,6 +39,9 @@ MEMBERSHIP = b"M"  # (node_id, address, state): a member joined, is suspected, d
 CALL = b"C"  # (actor_id, incarnation, (oids, method, group, packed arg frames), ...) + arg frames
 RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
 REFUSED = b"f"  # (actor_id, incarnation, oids, ...): calls for another actor or incarnation, not run
+# a streaming call's items (worker -> caller, on the call's connection) and the caller's credit (caller -> worker)
+ITEM = b"i"  # (generator oid, index, packed value frames[, lent]) + value frames
+STREAM_ACK = b"k"  # (generator oid, items consumed): the producer may run a window past it; consumed < 0: stop
 # borrower -> owner and back
 GET_OBJECT = b"G"  # (object_id,)
 OBJECT = b"O"  # (object_id, ok) + value frames
@@ -63,6 +66,8 @@ KNOWN_TYPES = frozenset(
         CALL,
         RESULT,
         REFUSED,
+        ITEM,
+        STREAM_ACK,
         GET_OBJECT,
         OBJECT,
         LOG,
