@@ -73,6 +73,10 @@ class Producer:
         for k, size in enumerate(sizes):
             yield bytes([k % 251]) * size
 
+    def boxed(self, n: int) -> Iterator[list[zmesh.ObjectRef]]:
+        for i in range(n):
+            yield [zmesh.put(i * 3)]  # a ref inside an item: lent to the caller with it
+
     def record(self, what: str) -> list[str]:
         self.calls.append(what)
         return list(self.calls)
@@ -182,6 +186,12 @@ def test_yield_from_and_declared_streaming(local: None) -> None:
     assert zmesh.get(list(p.nested.remote(3)), timeout=30) == [0, 1, 2, 100, 101]
     assert zmesh.get(list(p.declared.remote(3)), timeout=30) == [0, 1, 2]
     assert zmesh.get(list(p.record.options(num_returns="streaming").remote("x")), timeout=30) == ["x"]  # a list is iterable
+
+
+def test_refs_inside_items_stay_valid(local: None) -> None:
+    p = Producer.remote()
+    boxes = zmesh.get(list(p.boxed.remote(5)), timeout=30)
+    assert zmesh.get([box[0] for box in boxes], timeout=30) == [0, 3, 6, 9, 12]
 
 
 def test_an_empty_generator_ends_at_once(local: None) -> None:

@@ -36,7 +36,7 @@ ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
 PEER_GONE = b"g"  # (address,): a process this client may talk to has exited
 MEMBERSHIP = b"M"  # (node_id, address, state): a member joined, is suspected, died or left (to subscribers)
 # caller -> worker and back; each header is a batch of entries for one actor incarnation
-CALL = b"C"  # (actor_id, incarnation, (oids, method, group, packed arg frames), ...) + arg frames
+CALL = b"C"  # (actor_id, incarnation, (oids, method, group, packed arg frames[, window]), ...) + arg frames
 RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
 REFUSED = b"f"  # (actor_id, incarnation, oids, ...): calls for another actor or incarnation, not run
 # a streaming call's items (worker -> caller, on the call's connection) and the caller's credit (caller -> worker)
