@@ -209,6 +209,15 @@ def test_a_sequential_actor_runs_its_next_call_after_the_generator(local: None) 
     assert zmesh.get(after, timeout=30) == ["item 0", "item 1", "item 2", "after"]
 
 
+def test_a_call_arriving_while_the_producer_waits_for_credit_runs_after_the_generator(local: None) -> None:
+    p = Producer.remote()
+    gen = p.recording.options(_generator_backpressure_num_objects=2).remote(40)
+    assert zmesh.get(next(gen), timeout=30) == 0
+    after = p.record.remote("after")  # reaches the actor while its generator waits for this consumer
+    assert zmesh.get(list(gen), timeout=30) == list(range(1, 40))
+    assert zmesh.get(after, timeout=30) == [f"item {i}" for i in range(40)] + ["after"]
+
+
 @zmesh.remote
 class Async:
     async def ticks(self, n: int) -> AsyncIterator[int]:
