@@ -25,6 +25,7 @@ from zmesh.cluster import (
     nodes,
     on_membership,
 )
+from zmesh.generator import ObjectRefGenerator
 from zmesh.object_ref import ObjectRef
 from zmesh.remote_function import RemoteFunction
 
@@ -35,6 +36,7 @@ __all__ = [
     "ActorHandle",
     "ActorMethod",
     "ObjectRef",
+    "ObjectRefGenerator",
     "RemoteFunction",
     "__version__",
     "available_resources",

@@ -10,16 +10,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from zmesh import runtime as runtime_mod
+from zmesh.generator import ObjectRefGenerator
 from zmesh.object_ref import ObjectRef
-from zmesh.options import ActorOptions, MethodOptions
+from zmesh.options import STREAMING, ActorOptions, MethodOptions
 from zmesh.runtime import Runtime, ownership
 from zmesh.transport import serialization
 from zmesh.transport.ids import ActorId, new_actor_id
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# name -> (num_returns, concurrency group, signature without self or None)
-MethodMeta = dict[str, tuple[int, str | None, inspect.Signature | None]]
+# name -> (num_returns or "streaming", concurrency group, signature without self or None)
+MethodMeta = dict[str, tuple[int | str, str | None, inspect.Signature | None]]
 
 
 def current_runtime() -> Runtime:
@@ -31,8 +32,8 @@ def current_runtime() -> Runtime:
     return rt
 
 
-def method(*, num_returns: int = 1, concurrency_group: str | None = None) -> Callable[[F], F]:
-    """Declare options of an actor method: ``@zmesh.method(concurrency_group="io")``."""
+def method(*, num_returns: int | str = 1, concurrency_group: str | None = None) -> Callable[[F], F]:
+    """Declare options of an actor method: ``@zmesh.method(concurrency_group="io")``, ``num_returns="streaming"``."""
     opts = MethodOptions.build(num_returns=num_returns, concurrency_group=concurrency_group)
 
     def decorate(fn: F) -> F:
@@ -51,7 +52,10 @@ def _methods(cls: type) -> MethodMeta:
         if not callable(member) or isinstance(static, property):
             continue
         opts = getattr(member, "_zmesh_method_options", None) or MethodOptions()
-        meta[name] = (opts.num_returns, opts.concurrency_group, _signature(member, static))
+        num_returns = opts.num_returns
+        if num_returns == 1 and (inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member)):
+            num_returns = STREAMING  # a generator method streams its items, as in Ray
+        meta[name] = (num_returns, opts.concurrency_group, _signature(member, static))
     return meta
 
 
@@ -182,11 +186,20 @@ class ActorHandle:
 class ActorMethod:
     """``handle.method``: call it with ``.remote(...)``."""
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int, group: str | None, sig: inspect.Signature | None) -> None:
+    def __init__(
+        self,
+        handle: ActorHandle,
+        name: str,
+        num_returns: int | str,
+        group: str | None,
+        sig: inspect.Signature | None,
+        window: int | None = None,
+    ) -> None:
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
         self._group = group
+        self._window = window  # _generator_backpressure_num_objects, as given
         self._sig = sig
         self._arity = _positional_arity(sig)
         # A group the actor does not define fails each call, naming it (it used to run in the default group).
@@ -198,8 +211,10 @@ class ActorMethod:
         raise TypeError(f"Actor methods cannot be called directly. Instead of '{self._name}()', use '{self._name}.remote()'.")
 
     def options(self, **options: Any) -> ActorMethod:
-        opts = MethodOptions.build(MethodOptions(self._num_returns, self._group), **options)
-        return ActorMethod(self._handle, self._name, opts.num_returns, opts.concurrency_group, self._sig)
+        opts = MethodOptions.build(MethodOptions(self._num_returns, self._group, self._window), **options)
+        return ActorMethod(
+            self._handle, self._name, opts.num_returns, opts.concurrency_group, self._sig, opts._generator_backpressure_num_objects
+        )
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         if self._group_error is not None:
@@ -214,11 +229,17 @@ class ActorMethod:
         with ownership.collect() as refs:
             args_frames = serialization.dumps_args(args, kwargs)
         handle = self._handle
+        if self._num_returns == STREAMING:  # never retried: its consumer may have taken items already
+            window = MethodOptions(STREAMING, None, self._window).stream_window
+            oids = rt.submit_call(handle._zmesh_actor_id, self._name, args_frames, 1, self._group, 0, refs, window)
+            return ObjectRefGenerator(ObjectRef(oids[0], rt.address, rt), rt)
+        num_returns = self._num_returns
+        assert isinstance(num_returns, int)
         oids = rt.submit_call(
-            handle._zmesh_actor_id, self._name, args_frames, self._num_returns, self._group, handle._zmesh_meta["max_task_retries"], refs
+            handle._zmesh_actor_id, self._name, args_frames, num_returns, self._group, handle._zmesh_meta["max_task_retries"], refs
         )
         address = rt.address
-        if self._num_returns == 1:
+        if num_returns == 1:
             return ObjectRef(oids[0], address, rt)
         return [ObjectRef(oid, address, rt) for oid in oids]
 

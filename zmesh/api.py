@@ -15,6 +15,7 @@ from typing import Any, overload
 from zmesh import runtime as runtime_mod
 from zmesh.actor import ActorClass, ActorHandle
 from zmesh.exceptions import NodeUnavailableError
+from zmesh.generator import ObjectRefGenerator
 from zmesh.object_ref import ObjectRef
 from zmesh.options import WINDOW_OPTION, ActorOptions, TaskOptions, validate_name, validate_resources
 from zmesh.remote_function import RemoteFunction
@@ -226,11 +227,14 @@ def _only(given: set[str], valid: set[str], what: str) -> None:
         raise ValueError(f"option(s) {', '.join(wrong)} do not apply to {what}; valid options are {', '.join(sorted(valid))}")
 
 
-def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+def cancel(ref: ObjectRef | ObjectRefGenerator, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task behind ``ref``: a pending one never runs, a running one is interrupted (``force``: its worker
     is killed); ``get`` then raises TaskCancelledError. A finished task is left as it is."""
+    if isinstance(ref, ObjectRefGenerator):
+        ref._cancel()  # the producer stops at its next item
+        ref = ref.completed()
     if not isinstance(ref, ObjectRef):
-        raise TypeError(f"zmesh.cancel() expects an ObjectRef, got {type(ref).__name__}")
+        raise TypeError(f"zmesh.cancel() expects an ObjectRef or ObjectRefGenerator, got {type(ref).__name__}")
     _require().cancel(ref.id, bool(force), bool(recursive))
 
 

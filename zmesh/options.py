@@ -121,23 +121,42 @@ def _validated(o: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+STREAMING = "streaming"
+# Items a streaming call's producer may run ahead of its consumer when the call names no window.
+DEFAULT_STREAM_WINDOW = 64
+_UNBOUNDED_WINDOW = 1 << 62  # _generator_backpressure_num_objects=-1, as in Ray: no back-pressure
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class MethodOptions:
-    num_returns: int = 1
+    num_returns: int | str = 1  # or STREAMING: the call returns an ObjectRefGenerator
     concurrency_group: str | None = None
+    # How many items a streaming call's producer may run ahead of its consumer (Ray's name); None: the default.
+    _generator_backpressure_num_objects: int | None = None
+
+    @property
+    def stream_window(self) -> int:
+        window = self._generator_backpressure_num_objects
+        return DEFAULT_STREAM_WINDOW if window is None else _UNBOUNDED_WINDOW if window == -1 else window
 
     @classmethod
     def build(cls, base: MethodOptions | None = None, **options: Any) -> MethodOptions:
-        unknown = sorted(set(options) - {"num_returns", "concurrency_group"})
+        valid = ("_generator_backpressure_num_objects", "concurrency_group", "num_returns")
+        unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"unknown method option(s): {', '.join(unknown)}; valid options are concurrency_group, num_returns")
+            raise ValueError(f"unknown method option(s): {', '.join(unknown)}; valid options are {', '.join(valid)}")
         merged = dataclasses.asdict(base) if base is not None else {}
         merged.update(options)
-        num_returns = _count(merged.get("num_returns", 1), "num_returns", minimum=1)
+        num_returns = merged.get("num_returns", 1)
+        if num_returns != STREAMING:
+            num_returns = _count(num_returns, 'num_returns (an int or "streaming")', minimum=1)
         group = merged.get("concurrency_group")
         if group is not None:
             validate_name(group, "concurrency_group")
-        return cls(num_returns=num_returns, concurrency_group=group)
+        window = merged.get("_generator_backpressure_num_objects")
+        if window is not None and window != -1:
+            window = _count(window, "_generator_backpressure_num_objects (or -1: no limit)", minimum=1)
+        return cls(num_returns=num_returns, concurrency_group=group, _generator_backpressure_num_objects=window)
 
 
 # Ray's name for a streaming generator's window: how many items the producer may run ahead of the consumer.
@@ -202,8 +221,8 @@ def _validated_task(o: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"retry_exceptions must be a bool or a list of exception classes, got {retry!r}")
     if o.get("name") is not None:
         out["name"] = validate_name(o["name"], "task name")
-    if o.get("generator_window") is not None:
-        out["generator_window"] = _count(o["generator_window"], WINDOW_OPTION, minimum=1)
+    if o.get("generator_window") is not None and o["generator_window"] != -1:
+        out["generator_window"] = _count(o["generator_window"], f"{WINDOW_OPTION} (or -1: no limit)", minimum=1)
     from zmesh.util.scheduling_strategies import to_wire
 
     out["scheduling_strategy"] = to_wire(o.get("scheduling_strategy"))

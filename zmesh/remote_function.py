@@ -7,8 +7,9 @@ import inspect
 from typing import Any
 
 from zmesh.actor import code_path, current_runtime
+from zmesh.generator import ObjectRefGenerator
 from zmesh.object_ref import ObjectRef
-from zmesh.options import TaskOptions
+from zmesh.options import STREAMING, MethodOptions, TaskOptions
 from zmesh.runtime import ownership
 from zmesh.runtime.task_calls import Task
 from zmesh.transport import serialization
@@ -37,6 +38,9 @@ class RemoteFunction:
         self._strategy = strategy
         self._shape = (tuple(sorted(demand.items())), repr(strategy))
         self._options_wire = {"name": self._name}
+        # A generator function streams its items, as in Ray 2.60, unless it declared how many values it returns.
+        generates = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+        self._streaming = options.num_returns == STREAMING or (generates and options.num_returns == 1)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Remote functions cannot be called directly. Instead of '{self.__name__}()', use '{self.__name__}.remote()'.")
@@ -73,17 +77,24 @@ class RemoteFunction:
             frames = serialization.dumps_args(args, kwargs)
         deps = [(a.id, a.owner) for a in args if isinstance(a, ObjectRef)]
         deps += [(v.id, v.owner) for v in kwargs.values() if isinstance(v, ObjectRef)]
-        returns = opts.num_returns if isinstance(opts.num_returns, int) else 1
+        streaming = self._streaming
+        returns = 1 if streaming else int(opts.num_returns)
         oids = tuple(rt.new_object_id() for _ in range(max(1, returns)))
+        wire = self._options_wire
+        if streaming:
+            window = MethodOptions(STREAMING, None, opts.generator_window).stream_window
+            wire = {**wire, "window": window}
+            rt.streams.open(oids[0], window)
         task = Task(
             oids=oids,
             fn_key=key,
             fn_blob=blob,
             name=self._name,
             frames=frames,
-            options=self._options_wire,
+            options=wire,
             shape=self._shape,
-            retries=opts.max_retries,
+            # A stream's items went out as they were made: run again, it would send them twice. It is never retried.
+            retries=0 if streaming else opts.max_retries,
             retry_exceptions=opts.retry_exceptions,
             keep=refs or None,
             deps=[],
@@ -91,6 +102,8 @@ class RemoteFunction:
         )
         rt.submit_task(task, deps, self._demand, self._strategy)
         out = [ObjectRef(oid, rt.address, rt) for oid in oids]
+        if streaming:
+            return ObjectRefGenerator(out[0], rt)
         if returns == 0:
             return None  # its ref is dropped here: the task still runs, its result is freed when it comes
         return out[0] if returns == 1 else out

@@ -288,7 +288,7 @@ def test_no_batch_mixes_targets_and_every_call_keeps_its_target(items: list[Any]
         wire_target, split = calls.split_calls(b"caller", protocol.decode(wire))
         assert wire_target == target  # one target per batch, on the wire as in the batcher
         sent.append((dest, target, len(split)))
-        got.extend((dest, wire_target, ids, [bytes(f) for f in args]) for _, ids, _, _, args in split)
+        got.extend((dest, wire_target, ids, [bytes(f) for f in args]) for _, ids, _, _, args, _ in split)
 
     batcher = calls.Batcher(send)
     for dest, target, ids, args in items:
@@ -302,7 +302,7 @@ def test_no_batch_mixes_targets_and_every_call_keeps_its_target(items: list[Any]
 
 @given(st.lists(st.lists(st.binary(min_size=1, max_size=8), min_size=1, max_size=3).map(tuple), min_size=1, max_size=20), targets)
 def test_a_refusal_names_its_target_and_every_refused_call(ids: list[tuple[bytes, ...]], target: tuple[str, int]) -> None:
-    items: list[calls.CallItem] = [(b"caller", oids, "m", None, []) for oids in ids]
+    items: list[calls.CallItem] = [(b"caller", oids, "m", None, [], None) for oids in ids]
     wire = [bytes(f) for f in calls.refusal(target, items)]
     assert calls.split_refusal(protocol.decode(wire)) == (target, ids)
 

@@ -40,7 +40,7 @@ def test_calls_batched_and_split_come_back_whole_and_in_order(items: list[Any]) 
     for dest, wire in sent:
         target, split = calls.split_calls(b"caller", protocol.decode(wire))
         assert target == TARGET
-        for _, ids, method, group, args in split:
+        for _, ids, method, group, args, _ in split:
             got.append((dest, ids, method, group, [bytes(f) for f in args]))
     assert got == [(d, i, m, g, a) for d, i, m, g, a in items]
     # Consecutive calls to one peer share a message: a new message starts only where the peer changes.

@@ -122,8 +122,9 @@ class ActorCalls:
         args_frames: list[Any],
         retries: int,
         keep: list[Any] | None,
+        window: int | None = None,
     ) -> list[ObjectId]:
-        header, frames = calls.call_entry(oids, method, group, args_frames)
+        header, frames = calls.call_entry(oids, method, group, args_frames, window)
         call = Call(oids, header, frames, retries, keep or None)
         dest = None
         resolve = False

@@ -32,8 +32,9 @@ REFUSED = protocol.REFUSED
 # (actor id, incarnation): the one actor incarnation a CALL batch is meant for
 CallTarget = tuple[str, int]
 
-# (caller identity, result object ids, method name, concurrency group, argument frames)
-CallItem = tuple[bytes, tuple[bytes, ...], str, "str | None", list[Any]]
+# (caller identity, result object ids, method name, concurrency group, argument frames,
+#  window: None for a plain call; for a streaming call, how many items may run ahead of the consumer)
+CallItem = tuple[bytes, tuple[bytes, ...], str, "str | None", list[Any], "int | None"]
 # (caller identity, result object ids, function key, options, argument frames: the function's own first)
 TaskItem = tuple[bytes, tuple[bytes, ...], str, dict[str, Any], list[Any]]
 # (result object ids, ok, the frames of each return value, whether the worker lent refs inside it)
@@ -43,9 +44,13 @@ ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]], bool]
 SendBatch = Callable[[bytes, Any, "CallTarget | None", list[tuple[Any, ...]], list[Any]], None]
 
 
-def call_entry(oids: tuple[bytes, ...], method: str, group: str | None, args: list[Any]) -> tuple[tuple[Any, ...], list[Any]]:
-    """One call's batch entry and the payload frames it points to."""
+def call_entry(
+    oids: tuple[bytes, ...], method: str, group: str | None, args: list[Any], window: int | None = None
+) -> tuple[tuple[Any, ...], list[Any]]:
+    """One call's batch entry and the payload frames it points to; a streaming call's carries its window."""
     slot, frames = protocol.pack(args)
+    if window is not None:
+        return (oids, method, group, slot, window), frames
     return (oids, method, group, slot), frames
 
 
@@ -147,15 +152,18 @@ def split_calls(identity: bytes, msg: protocol.Message) -> tuple[CallTarget, lis
     pos = 0
     for index in range(2, len(header)):
         entry = header[index]
-        if not isinstance(entry, tuple) or len(entry) != 4:
-            raise protocol.ProtocolError("a call entry is not (oids, method, group, frame count)")
-        oids, method, group, slot = entry
+        if not isinstance(entry, tuple) or len(entry) not in (4, 5):
+            raise protocol.ProtocolError("a call entry is not (oids, method, group, frame count[, window])")
+        oids, method, group, slot = entry[:4]
+        window = entry[4] if len(entry) == 5 else None
+        if window is not None and (type(window) is not int or window < 1 or len(oids) != 1):
+            raise protocol.ProtocolError("a streaming call's window is not an int >= 1, or it has more than one result id")
         if not _oids_ok(oids):
             raise protocol.ProtocolError("a call's result ids are not a non-empty tuple of bytes")
         if not isinstance(method, str) or not (group is None or isinstance(group, str)):
             raise protocol.ProtocolError("a call's method or group is not a string")
         frames, pos = protocol.unpack(slot, payload, pos)
-        items.append((identity, oids, method, group, frames))
+        items.append((identity, oids, method, group, frames, window))
     if pos != len(payload):
         raise protocol.ProtocolError("a call batch has frames no entry accounts for")
     return target, items
@@ -199,3 +207,34 @@ def split_results(msg: protocol.Message) -> list[ResultItem]:
     if pos != len(payload):
         raise protocol.ProtocolError("a result batch has frames no entry accounts for")
     return items
+
+
+def item_message(generator: bytes, index: int, frames: list[Any], lent: bool = False) -> list[Any]:
+    """The ITEM message carrying a streaming call's ``index``-th value (``lent``: it holds refs the worker keeps)."""
+    slot, payload = protocol.pack(frames)
+    header = (generator, index, slot, True) if lent else (generator, index, slot)
+    return [protocol.header_frame(protocol.ITEM, header), *payload]
+
+
+def split_item(msg: protocol.Message) -> tuple[bytes, int, list[Any], bool]:
+    """(generator id, index, value frames, lent) of one ITEM message; ProtocolError if malformed."""
+    header = msg.header
+    if len(header) not in (3, 4) or type(header[0]) is not bytes or type(header[1]) is not int or header[1] < 0:
+        raise protocol.ProtocolError("an item is not (generator id, index >= 0, frames[, lent])")
+    frames, pos = protocol.unpack(header[2], msg.payload, 0)
+    if pos != len(msg.payload) or not frames:
+        raise protocol.ProtocolError("an item's frames do not match the message")
+    return header[0], header[1], frames, len(header) == 4 and header[3] is True
+
+
+def ack_message(generator: bytes, consumed: int) -> list[Any]:
+    """The STREAM_ACK telling a producer how many items were consumed; a negative count stops it."""
+    return [protocol.header_frame(protocol.STREAM_ACK, (generator, consumed))]
+
+
+def split_ack(msg: protocol.Message) -> tuple[bytes, int]:
+    """(generator id, consumed) of one STREAM_ACK; ProtocolError if malformed."""
+    header = msg.header
+    if len(header) != 2 or type(header[0]) is not bytes or type(header[1]) is not int or msg.payload:
+        raise protocol.ProtocolError("a stream ack is not (generator id, consumed count)")
+    return header[0], header[1]

@@ -33,6 +33,7 @@ from zmesh.runtime.node_client import NodeClient, node_error
 from zmesh.runtime.object_service import ObjectService
 from zmesh.runtime.outbox import RESULT, RUN, STOP, TO_PEER, Outbox
 from zmesh.runtime.peers import ConnectFailed, Peers
+from zmesh.runtime.streams import Streams
 from zmesh.runtime.task_calls import Task, TaskCalls
 from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import ActorId, ClientId, ObjectId, new_client_id
@@ -123,6 +124,8 @@ class Runtime:
         # Printed during one of our calls, ahead of its result.
         self.inbound.peer.register(protocol.LOG, self._on_log, header_len(3))
         self.inbound.news.register(protocol.MEMBERSHIP, self._on_membership, header_len(3))
+        self.streams = Streams(self._lock, self.objects, self._loop, self.outbox, self.release)  # streaming calls' items
+        self.streams.register(self.inbound)
         self.object_service.register(self.inbound)
         self.actor_calls.register(self.inbound)
         self.task_calls.register(self.inbound)
@@ -266,11 +269,17 @@ class Runtime:
         group: str | None,
         retries: int,
         keep: list[Any] | None = None,
+        window: int | None = None,
     ) -> list[ObjectId]:
-        """Send a call; ``keep``: the refs pickled into its arguments, kept alive until its result arrives."""
+        """Send a call; ``keep``: the refs pickled into its arguments, kept alive until its result arrives.
+
+        ``window``: a streaming call, whose producer runs at most that many items ahead (``streams``).
+        """
         oids = (self.new_object_id(),) if num_returns == 1 else tuple(self.new_object_id() for _ in range(num_returns))
         self.check_size(args_frames, f"the arguments of {method}()")
-        return self.actor_calls.submit(actor_id, oids, method, group, args_frames, retries, keep)
+        if window is not None:
+            self.streams.open(oids[0], window)
+        return self.actor_calls.submit(actor_id, oids, method, group, args_frames, retries, keep, window)
 
     # ------------------------------------------------------------------ tasks (task_calls.py)
 

@@ -24,3 +24,11 @@ def new_actor_id() -> ActorId:
 
 def new_node_id() -> NodeId:
     return NodeId(os.urandom(6).hex())
+
+
+def item_id(generator: ObjectId, index: int) -> ObjectId:
+    """The id of a streaming call's ``index``-th item: both ends derive it from the call's (generator's) id.
+
+    Longer than any id ``new_object_id`` makes, so it never collides with one.
+    """
+    return ObjectId(generator + index.to_bytes(8, "big"))

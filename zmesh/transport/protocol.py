@@ -36,13 +36,16 @@ ACTOR_STATE = b"A"  # (actor_id, state, incarnation, address, error)
 PEER_GONE = b"g"  # (address,): a process this client may talk to has exited
 MEMBERSHIP = b"M"  # (node_id, address, state): a member joined, is suspected, died or left (to subscribers)
 # caller -> worker and back; each header is a batch of entries for one actor incarnation
-CALL = b"C"  # (actor_id, incarnation, (oids, method, group, packed arg frames), ...) + arg frames
+CALL = b"C"  # (actor_id, incarnation, (oids, method, group, packed arg frames[, window]), ...) + arg frames
 RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value frames
 REFUSED = b"f"  # (actor_id, incarnation, oids, ...): calls for another actor or incarnation, not run
 # caller -> leased task worker: (worker_id, 0, (oids, function key, options, packed frames), ...); answered by RESULT
 TASK = b"T"
 CANCEL = b"c"  # (object_id, force): caller -> the runtime of the task worker running that task
 LEASE_LOST = b"e"  # (lease_id, reason): node -> the client holding that lease (its worker or host is gone)
+# a streaming call's items (worker -> caller, on the call's connection) and the caller's credit (caller -> worker)
+ITEM = b"i"  # (generator oid, index, packed value frames[, lent]) + value frames
+STREAM_ACK = b"k"  # (generator oid, items consumed): the producer may run a window past it; consumed < 0: stop
 # borrower -> owner and back
 GET_OBJECT = b"G"  # (object_id,)
 OBJECT = b"O"  # (object_id, ok) + value frames
@@ -70,6 +73,8 @@ KNOWN_TYPES = frozenset(
         TASK,
         CANCEL,
         LEASE_LOST,
+        ITEM,
+        STREAM_ACK,
         GET_OBJECT,
         OBJECT,
         LOG,

@@ -9,6 +9,7 @@ other targets, or as executors that answer one call with several messages.
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import select
 import threading
@@ -20,6 +21,7 @@ import zmq
 
 from zmesh.runtime import Runtime, calls
 from zmesh.transport import protocol, serialization, sockets
+from zmesh.worker.streams import Credit, Credits
 
 CallItem = calls.CallItem
 Reply = tuple[tuple[Any, ...], list[Any]]  # a result's batch entry and its frames
@@ -32,6 +34,7 @@ class Target(Protocol):
     limits: dict[str, int]  # concurrency group -> how many of its calls may run at once
     call_target: calls.CallTarget  # the actor and incarnation a CALL batch must name to run here
     message_type: bytes  # what its callers send: CALL (an actor's methods) or TASK (a task worker's functions)
+    credits: Credits  # its streaming calls' producers, where acks land
 
     def split(self, identity: bytes, msg: protocol.Message) -> tuple[calls.CallTarget, list[Any]]:
         """The target a batch names and its items, in order; ProtocolError if malformed."""
@@ -87,29 +90,44 @@ class Inline:
         self._held_since = 0.0
         self._holding = threading.Event()  # set while results are held: the flusher watches them
         self._flusher: threading.Thread | None = None
+        self._epoll = select.epoll()
+        self._by_fd = {sockets.fileno(server): server for server in self.sockets}
+        # Messages a streaming call's wait read off the sockets that are not its acks: run after it, in order.
+        self._deferred: collections.deque[tuple[sockets.Socket, list[Any]]] = collections.deque()
+        self._pumped = False  # a streaming call read the sockets itself: their epoll signals may be spent
 
     def submit(self, items: list[CallItem]) -> None:
         raise protocol.ProtocolError("a sequential actor takes calls on its own sockets only")
 
     def serve(self) -> None:
         # epoll on the sockets' descriptors, then ask each socket: cheaper than zmq_poll per call.
-        waiter = select.epoll()
-        by_fd = {}
-        for server in self.sockets:
-            by_fd[sockets.fileno(server)] = server
-            waiter.register(sockets.fileno(server), select.EPOLLIN)
+        waiter, by_fd = self._epoll, self._by_fd
+        for fd in by_fd:
+            waiter.register(fd, select.EPOLLIN)
         ready = list(self.sockets)
         self._lock.acquire()
         while True:
             for sock in ready:
                 # Answering sends on ``sock``, which may swallow its fd's next signal: ask it again each time.
-                while sockets.readable(sock):
-                    self._answer(sock, sockets.recv(sock))
+                while (message := self._next_message(sock)) is not None:
+                    self._answer(*message)
+            if self._pumped:
+                self._pumped = False
+                ready = list(self.sockets)
+                continue
             self._lock.release()
             try:
                 ready = [by_fd[fd] for fd, _ in waiter.poll()]
             finally:
                 self._lock.acquire()
+
+    def _next_message(self, sock: sockets.Socket) -> tuple[sockets.Socket, list[Any]] | None:
+        """What a streaming call deferred comes first: it was received before anything still in the sockets."""
+        if self._deferred:
+            return self._deferred.popleft()
+        if sockets.readable(sock):
+            return sock, sockets.recv(sock)
+        return None
 
     def _answer(self, sock: sockets.Socket, frames: list[Any]) -> None:
         rt = self.target.rt
@@ -117,6 +135,9 @@ class Inline:
             msg = protocol.decode(frames[1:])
             if msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
                 rt.release_lent(frames[0], msg.header[0])
+                return
+            if msg.type == protocol.STREAM_ACK:
+                self.target.credits.on_ack(frames[0], msg)  # late: that stream ended already
                 return
             if msg.type != self.target.message_type:
                 raise protocol.ProtocolError(f"unexpected {msg.type!r} on a worker's call socket")
@@ -149,6 +170,56 @@ class Inline:
                 self._send_held()
             elif len(self._held) == 1:
                 self._watch_held()
+
+    def send_item(self, frames: list[Any]) -> None:
+        """Send a streaming call's item to its caller (main thread, during the call); earlier calls' results go first."""
+        assert self.current is not None
+        sock, identity = self.current
+        with self._lock:
+            self._send_held()
+            try:
+                sockets.send(sock, [identity, *frames])
+            except zmq.ZMQError:
+                pass  # the caller is gone: it will never ack, and the producer stops when the node says so
+
+    def wait_credit(self, credit: Credit, index: int, timeout: float) -> bool:
+        """Read the call sockets until ``credit`` allows item ``index`` (main thread, during a streaming call).
+
+        Acks and releases are handled at once; calls (and anything else) wait in ``_deferred``
+        for after the streaming call, in the order they came. False after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._pumped = True
+            while True:
+                for sock in self.sockets:
+                    while sockets.readable(sock):
+                        self._between_items(sock, sockets.recv(sock))
+                if credit.cancelled or credit.allows(index):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.release()
+                try:
+                    # Short naps: a send by the flusher may swallow a socket's signal.
+                    self._epoll.poll(min(left, 0.05))
+                finally:
+                    self._lock.acquire()
+
+    def _between_items(self, sock: sockets.Socket, frames: list[Any]) -> None:
+        try:
+            msg = protocol.decode(frames[1:])
+            if msg.type == protocol.STREAM_ACK:
+                self.target.credits.on_ack(frames[0], msg)
+                return
+        except (protocol.ProtocolError, serialization.DeserializationError) as exc:
+            self.target.rt.drop(frames[0], exc)
+            return
+        if msg.type == protocol.RELEASE_LENT and len(msg.header) == 1:
+            self.target.rt.release_lent(frames[0], msg.header[0])
+            return
+        self._deferred.append((sock, frames))
 
     def _send_held(self) -> None:
         """Send the held results as one message (with ``_lock`` held)."""

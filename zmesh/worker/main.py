@@ -8,6 +8,7 @@ and its result framed, is ``ActorWorker``'s.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import io
 import logging
@@ -24,7 +25,7 @@ from zmesh.object_ref import ObjectRef
 from zmesh.runtime import Runtime, calls
 from zmesh.transport import protocol, serialization
 from zmesh.transport.security import Security
-from zmesh.worker import executors, framing
+from zmesh.worker import executors, framing, streams
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class ActorWorker:
         self.limits: dict[str, int] = {DEFAULT_GROUP: default_limit, **(spec.get("concurrency_groups") or {})}
         self.sequential = not self.is_async and all(v == 1 for v in self.limits.values()) and len(self.limits) == 1
         self.creator_id: bytes | None = spec.get("creator_id")
+        self.credits = streams.Credits()  # streaming calls' producers, paced by their callers' acks
+        self.credits.register(rt.inbound)
         # Calls can arrive (on the I/O thread) while the constructor runs: the executor queues them.
         self.executor: executors.Executor = executors.AsyncLoop(self) if self.is_async else executors.Threaded(self)
 
@@ -163,23 +166,28 @@ class ActorWorker:
 
     def run(self, item: CallItem) -> executors.Reply:
         """Run one call on this thread; returns its result's batch entry and frames."""
-        identity, oids, method_name, group, frames = item
+        identity, oids, method_name, group, frames, window = item
         try:
             method, args, kwargs = self._prepare(method_name, group, frames)
             args, kwargs = resolve_refs(args, kwargs)
-            ok, parts, refs = self._frame_value(oids, method_name, method(*args, **kwargs))
+            value = method(*args, **kwargs)
+            if window is not None:  # streaming: the items go out now, the result is their count
+                value = streams.produce(value, self._stream_call(identity, oids, method_name, window), self.credits, self.rt)
+            ok, parts, refs = self._frame_value(oids, method_name, value)
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
         return self._reply(identity, oids, ok, parts, refs)
 
     async def run_async(self, item: CallItem) -> executors.Reply:
-        identity, oids, method_name, group, frames = item
+        identity, oids, method_name, group, frames, window = item
         try:
             method, args, kwargs = self._prepare(method_name, group, frames)
             args = [await a if isinstance(a, ObjectRef) else a for a in args]
             kwargs = {k: (await v if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()}
             result = method(*args, **kwargs)
-            if inspect.isawaitable(result):
+            if window is not None:
+                result = await streams.produce_async(result, self._stream_call(identity, oids, method_name, window), self.credits, self.rt)
+            elif inspect.isawaitable(result):
                 result = await result
             ok, parts, refs = self._frame_value(oids, method_name, result)
         except BaseException as exc:
@@ -189,6 +197,18 @@ class ActorWorker:
         if not self.rt.borrows.settled:
             await asyncio.to_thread(self.rt.settle_borrows)  # owners answer over the network: never block the loop
         return self._reply(identity, oids, ok, parts, refs, settle=False)
+
+    def _stream_call(self, identity: bytes, oids: tuple[Any, ...], method_name: str, window: int) -> streams.StreamCall:
+        """How this executor sends a streaming call's items: the inline one on its call socket, else via the I/O thread."""
+        executor = self.executor
+        inline = executor if isinstance(executor, executors.Inline) else None
+
+        def frame(value: Any) -> tuple[list[Any], list[Any]]:
+            _, parts, refs = self._frame_value(oids, method_name, value)
+            return parts[0], refs
+
+        send = inline.send_item if inline is not None else functools.partial(self.rt.send_to_caller, identity)
+        return streams.StreamCall(oids[0], identity, window, send, frame, inline.wait_credit if inline is not None else None)
 
     def _prepare(self, method_name: str, group: str | None, frames: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:
         """The bound method and its decoded arguments (top-level refs still refs: each executor resolves them its way)."""

@@ -15,11 +15,14 @@ to others until it resumes (as Ray does), so recursive tasks on a full node do n
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import signal
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from zmesh.exceptions import TaskCancelledError
@@ -27,7 +30,7 @@ from zmesh.runtime import Runtime, calls
 from zmesh.runtime.inbound import header_len
 from zmesh.transport import protocol, serialization
 from zmesh.transport.ids import ObjectId
-from zmesh.worker import executors, framing
+from zmesh.worker import executors, framing, streams
 from zmesh.worker.main import adopt_code_path, resolve_refs
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ class TaskWorker:
         rt.inbound.router.register(protocol.CANCEL, self._on_cancel, header_len(2))
         rt.on_blocked = self._blocked
         signal.signal(signal.SIGINT, self._interrupt)
+        self.credits = streams.Credits()  # streaming tasks' producers, paced by their callers' acks
+        self.credits.register(rt.inbound)
         self.executor = executors.Inline(self)
 
     def serve(self) -> str:
@@ -88,6 +93,11 @@ class TaskWorker:
             self._running = oid
             try:
                 value = fn(*args, **kwargs)
+                if inspect.iscoroutine(value):
+                    value = asyncio.run(value)
+                window = options.get("window")
+                if window is not None:  # streaming: the items go out now, the result is their count
+                    value = streams.produce(_sync(value), self._stream_call(identity, oids, where, int(window)), self.credits, self.rt)
             finally:
                 self._running = None
                 self.rt.task_id = None
@@ -98,6 +108,14 @@ class TaskWorker:
 
     async def run_async(self, item: calls.TaskItem) -> executors.Reply:
         return self.run(item)
+
+    def _stream_call(self, identity: bytes, oids: tuple[Any, ...], where: str, window: int) -> streams.StreamCall:
+        def frame(value: Any) -> tuple[list[Any], list[Any]]:
+            _, parts, refs = framing.frame_value(self.rt, oids, where, value, "task")
+            return parts[0], refs
+
+        inline = self.executor
+        return streams.StreamCall(oids[0], identity, window, inline.send_item, frame, inline.wait_credit)
 
     # ------------------------------------------------------------------ functions
 
@@ -150,3 +168,25 @@ class TaskWorker:
     def _blocked(self, blocked: bool) -> None:
         if self._running is not None:
             self.rt.node.send(protocol.encode(protocol.REQUEST, (0, "blocked", (bool(blocked),))))
+
+
+def _sync(values: Any) -> Any:
+    """An async generator's items, one event-loop run each (a task runs on a plain thread); anything else as it is."""
+    if not hasattr(values, "__aiter__"):
+        return values
+    return _drive(values)
+
+
+def _drive(agen: Any) -> Iterator[Any]:
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        try:
+            loop.run_until_complete(agen.aclose())
+        finally:
+            loop.close()
