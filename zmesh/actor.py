@@ -201,7 +201,7 @@ class ActorMethod:
         self._group = group
         self._window = window  # _generator_backpressure_num_objects, as given
         self._sig = sig
-        self._arity = _positional_arity(sig)
+        self._arity = positional_arity(sig)
         # A group the actor does not define fails each call, naming it (it used to run in the default group).
         groups = handle._zmesh_meta.get("groups")
         undefined = group is not None and groups is not None and group not in groups
@@ -244,7 +244,7 @@ class ActorMethod:
         return [ObjectRef(oid, address, rt) for oid in oids]
 
 
-def _positional_arity(sig: inspect.Signature | None) -> tuple[int, int] | None:
+def positional_arity(sig: inspect.Signature | None) -> tuple[int, int] | None:
     """(fewest, most) positional arguments ``sig`` takes, if it has plain positional parameters only.
 
     Checking a call's count against it is all ``sig.bind`` would do for such a method, at a

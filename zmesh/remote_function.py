@@ -6,7 +6,7 @@ import hashlib
 import inspect
 from typing import Any
 
-from zmesh.actor import code_path, current_runtime
+from zmesh.actor import code_path, current_runtime, positional_arity
 from zmesh.generator import ObjectRefGenerator
 from zmesh.object_ref import ObjectRef
 from zmesh.options import STREAMING, MethodOptions, TaskOptions
@@ -32,6 +32,7 @@ class RemoteFunction:
             self._sig: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):
             self._sig = None
+        self._arity = positional_arity(self._sig)
         demand = options.resource_demand()
         strategy = options.scheduling_strategy
         self._demand = demand
@@ -65,7 +66,8 @@ class RemoteFunction:
         return self._shared["key"], self._shared["blob"]
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        if self._sig is not None:
+        arity = self._arity
+        if self._sig is not None and (kwargs or arity is None or not arity[0] <= len(args) <= arity[1]):
             try:
                 self._sig.bind(*args, **kwargs)
             except TypeError as exc:
@@ -75,8 +77,9 @@ class RemoteFunction:
         opts = self._options
         with ownership.collect() as refs:
             frames = serialization.dumps_args(args, kwargs)
-        deps = [(a.id, a.owner) for a in args if isinstance(a, ObjectRef)]
-        deps += [(v.id, v.owner) for v in kwargs.values() if isinstance(v, ObjectRef)]
+        deps = [(a.id, a.owner) for a in args if type(a) is ObjectRef]
+        if kwargs:
+            deps += [(v.id, v.owner) for v in kwargs.values() if type(v) is ObjectRef]
         streaming = self._streaming
         returns = 1 if streaming else int(opts.num_returns)
         oids = tuple(rt.new_object_id() for _ in range(max(1, returns)))
@@ -101,9 +104,10 @@ class RemoteFunction:
             path=self._shared["path"],
         )
         rt.submit_task(task, deps, self._demand, self._strategy)
+        if returns == 1:
+            ref = ObjectRef(oids[0], rt.address, rt)
+            return ObjectRefGenerator(ref, rt) if streaming else ref
         out = [ObjectRef(oid, rt.address, rt) for oid in oids]
-        if streaming:
-            return ObjectRefGenerator(out[0], rt)
         if returns == 0:
             return None  # its ref is dropped here: the task still runs, its result is freed when it comes
-        return out[0] if returns == 1 else out
+        return out

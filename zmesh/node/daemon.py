@@ -289,7 +289,6 @@ class Node:
             self.actors.placement.schedule(now)
             self.leases.schedule(now)
         self.actors.placement.check_waiting(now)
-        self.leases.check_waiting(now)
         self.leases.tend(now)
         self.actors.names.tick(now)
         self.pool.tend(now)

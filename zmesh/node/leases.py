@@ -202,9 +202,10 @@ class Leases:
             elif isinstance(decision, scheduler.Wait):
                 if decision.until is not None:
                     self._chores.schedule_by(now + decision.until)
-                if not lease.warned and (decision.infeasible or now - lease.waiting_since > self._config.infeasible_warning_s):
+                if decision.infeasible and not lease.warned:
+                    # Only then: a lease that waits for busy resources is the normal state of a long queue of tasks.
                     lease.warned = True
-                    logger.warning("tasks needing %s wait: %s", lease.demand, decision.reason)
+                    logger.warning("tasks needing %s wait: %s; they run once a node that fits joins", lease.demand, decision.reason)
                 lease.tried.clear()
             elif decision.node_id == self._me:
                 reservation = self._resources.try_reserve(lease.demand)
@@ -218,15 +219,6 @@ class Leases:
                 view[0] = scheduler.NodeView(self._me, mine.total, dict(self._resources.available), mine.actors, mine.draining)
             else:
                 self._forward(lease, decision.node_id, now)
-
-    def check_waiting(self, now: float) -> None:
-        for lease in self._waiting:
-            if not lease.warned and now - lease.waiting_since > self._config.infeasible_warning_s:
-                lease.warned = True
-                logger.warning(
-                    "tasks needing %s have waited %.0f s for resources (available here: %s)",
-                    lease.demand, now - lease.waiting_since, self._resources.available,
-                )  # fmt: skip
 
     def _bind(self, lease: Lease) -> None:
         """Give ``lease`` (resources reserved here) a worker: an idle one, else a new one from the pool."""

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 LINGER_S = 0.2  # an idle lease is handed back after this long: a synchronous loop keeps its worker
 MAX_ASKING = 8  # lease requests waiting at the node at once, per shape (Ray asks up to 10)
-MAX_DEPTH = 32  # tasks in flight on one lease when they are quick
+MAX_DEPTH = 256  # tasks in flight on one lease when they are quick: big batches, few sends
 QUICK_S = 0.002  # a task answered this fast lets its lease take more in flight; a slower one brings it back to 1
 
 ShapeKey = tuple[Any, ...]
