@@ -1,4 +1,4 @@
-"""Benchmark zmesh against Ray on the same actor workloads.
+"""Benchmark zmesh against Ray on the same actor and task workloads.
 
 Usage::
 
@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import platform
 import signal
@@ -61,6 +62,15 @@ class BenchError(Exception):
     """A benchmark subprocess failed; the message says how."""
 
 
+class Skipped(Exception):
+    """A workload gave up on some of its metrics (too slow on this backend); it keeps the ones it has."""
+
+    def __init__(self, metrics: dict[str, float], skipped: dict[str, str]) -> None:
+        super().__init__("; ".join(skipped.values()))
+        self.metrics = metrics
+        self.skipped = skipped
+
+
 @dataclass(frozen=True)
 class Sizes:
     """Operation counts and time limits for one run."""
@@ -75,6 +85,11 @@ class Sizes:
     sweep_divisor: int
     workload_timeout_s: int
     child_timeout_s: int
+    task_sync: int
+    task_pipelined: int
+    # Tasks submitted at once; a backend that has not finished them after ``task_burst_limit_s`` is skipped for the finish.
+    task_burst: int
+    task_burst_limit_s: int
 
 
 FULL = Sizes(
@@ -86,7 +101,11 @@ FULL = Sizes(
     big_arg_reps=5,
     sweep_divisor=1,
     workload_timeout_s=60,
-    child_timeout_s=300,
+    child_timeout_s=480,
+    task_sync=2000,
+    task_pipelined=10_000,
+    task_burst=100_000,
+    task_burst_limit_s=150,
 )
 QUICK = Sizes(
     actors=5,
@@ -97,7 +116,11 @@ QUICK = Sizes(
     big_arg_reps=1,
     sweep_divisor=10,
     workload_timeout_s=30,
-    child_timeout_s=180,
+    child_timeout_s=240,
+    task_sync=200,
+    task_pipelined=1000,
+    task_burst=10_000,
+    task_burst_limit_s=60,
 )
 
 
@@ -155,8 +178,16 @@ METRICS = (
     Metric("put/get small [ops/s]", higher_is_better=True),
     Metric("100 MB argument [GB/s]", higher_is_better=True),
     *(Metric(name, higher_is_better=True) for size in PAYLOAD_SWEEP for name in (size.calls_metric, size.mbps_metric)),
+    Metric("tasks sync [tasks/s]", higher_is_better=True),
+    Metric("tasks pipelined [tasks/s]", higher_is_better=True),
+    Metric("tasks at once: submit [s]", higher_is_better=False),
+    Metric("tasks at once: all done [s]", higher_is_better=False),
+    Metric("tasks at once: driver RSS [MB]", higher_is_better=False),
     Metric("node daemon RSS [MB]", higher_is_better=False),
 )
+# The task burst's driver RSS should stay under this (the issue's target), whatever the count.
+TASK_BURST_RSS_MB = 200
+RSS_BEFORE_BURST = "tasks at once: driver RSS before [MB]"
 
 
 # --------------------------------------------------------------------------
@@ -179,6 +210,11 @@ class AsyncPinger:
 
     async def ping(self) -> int:
         return 1
+
+
+def noop() -> int:
+    """A task that does nothing: what the task rows measure is the cost of a task itself."""
+    return 1
 
 
 # --------------------------------------------------------------------------
@@ -347,6 +383,63 @@ def bench_payload_sweep(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
     return metrics
 
 
+def _remote_noop(mod: ModuleType) -> Any:
+    """``noop`` as a remote function of ``mod``, its workers started: the first tasks pay for them."""
+    fn = mod.remote(noop)
+    _expect(sum(mod.get([fn.remote() for _ in range(20)])) == 20, "bad warm-up task")
+    return fn
+
+
+def bench_task_sync(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    fn = _remote_noop(mod)
+    for _ in range(sizes.warmup_calls):
+        mod.get(fn.remote())
+    start = time.perf_counter()
+    for _ in range(sizes.task_sync):
+        mod.get(fn.remote())
+    return {"tasks sync [tasks/s]": sizes.task_sync / (time.perf_counter() - start)}
+
+
+def bench_task_pipelined(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    fn = _remote_noop(mod)
+    start = time.perf_counter()
+    results = mod.get([fn.remote() for _ in range(sizes.task_pipelined)])
+    elapsed = time.perf_counter() - start
+    _expect(sum(results) == sizes.task_pipelined, "lost task results")
+    return {"tasks pipelined [tasks/s]": sizes.task_pipelined / elapsed}
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    rss: int = psutil.Process().memory_info().rss
+    return rss / 1e6
+
+
+def bench_task_burst(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    """``task_burst`` no-op tasks submitted at once: the time to submit, the time until all are done, driver RSS.
+
+    The driver's RSS is its highest of right after submitting and right after the last result. A backend
+    that has not finished after ``task_burst_limit_s`` keeps its submit time and RSS; its finish is skipped.
+    """
+    fn = _remote_noop(mod)
+    before = _rss_mb()
+    start = time.perf_counter()
+    refs = [fn.remote() for _ in range(sizes.task_burst)]
+    submitted = time.perf_counter() - start
+    rss = _rss_mb()
+    ready, pending = mod.wait(refs, num_returns=len(refs), timeout=sizes.task_burst_limit_s)
+    done = time.perf_counter() - start
+    rss = max(rss, _rss_mb())
+    # The RSS before is not a table row: the footnote gives it, since earlier workloads may have grown the driver.
+    metrics = {"tasks at once: submit [s]": submitted, "tasks at once: driver RSS [MB]": rss, RSS_BEFORE_BURST: before}
+    if pending:
+        reason = f"{len(ready):,} of {len(refs):,} tasks done after {sizes.task_burst_limit_s} s: not waited for"
+        raise Skipped(metrics, {"tasks at once: all done [s]": reason})
+    _expect(sum(mod.get(refs)) == sizes.task_burst, "lost task results")
+    return {**metrics, "tasks at once: all done [s]": done}
+
+
 Workload = Callable[[ModuleType, Sizes], dict[str, float]]
 # Actor creation runs last: the teardown of its many actors would otherwise
 # compete for CPU with the workloads after it.
@@ -358,8 +451,18 @@ WORKLOADS: tuple[Workload, ...] = (
     bench_put_get,
     bench_big_argument,
     bench_payload_sweep,
+    bench_task_sync,
+    bench_task_pipelined,
     bench_actor_creation,
+    # Last: a backend that does not finish its burst leaves the rest of it running.
+    bench_task_burst,
 )
+
+
+def _workload_limit_s(workload: Workload, sizes: Sizes) -> int:
+    if workload is bench_task_burst:
+        return sizes.task_burst_limit_s + sizes.workload_timeout_s
+    return sizes.workload_timeout_s
 
 
 # --------------------------------------------------------------------------
@@ -473,11 +576,15 @@ def _run_workloads(backend: str, sizes: Sizes) -> Report:
     _init_backend(backend, mod)
     metrics["init() time [s]"] = time.perf_counter() - start
     errors = {}
+    skipped: dict[str, str] = {}
     try:
         for workload in WORKLOADS:
             try:
-                with _deadline(sizes.workload_timeout_s):
+                with _deadline(_workload_limit_s(workload, sizes)):
                     metrics.update(workload(mod, sizes))
+            except Skipped as exc:
+                metrics.update(exc.metrics)
+                skipped.update(exc.skipped)
             # One failing workload must not hide the others' figures.
             except Exception as exc:
                 errors[workload.__name__] = f"{type(exc).__name__}: {exc}"
@@ -489,6 +596,7 @@ def _run_workloads(backend: str, sizes: Sizes) -> Report:
         "payload": _payload_kind(),
         "metrics": metrics,
         "errors": errors,
+        "skipped": skipped,
     }
 
 
@@ -514,6 +622,7 @@ class BackendResult:
     version: str = "unknown"
     payload: str = "?"
     unavailable: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not measured
 
 
 def _become_subreaper() -> None:
@@ -608,7 +717,10 @@ def _bench_backend(backend: str, quick: bool) -> BackendResult:
     result.metrics.update(report["metrics"])
     result.version = report["version"]
     result.payload = report["payload"]
+    result.skipped = report.get("skipped", {})
     _print_errors(backend, report["errors"])
+    for metric, reason in result.skipped.items():
+        print(f"[{backend}] {metric} skipped: {reason}", flush=True)
     print(f"[{backend}] measuring daemon RSS ...", flush=True)
     try:
         result.metrics.update(_run_child("rss", backend, quick)["metrics"])
@@ -636,7 +748,9 @@ def _cell(result: BackendResult, metric: Metric) -> str:
     if result.unavailable:
         return result.unavailable
     value = result.metrics.get(metric.name)
-    return "error" if value is None else _format_value(value)
+    if value is None:
+        return "skipped" if metric.name in result.skipped else "error"
+    return _format_value(value)
 
 
 def _table_rows(results: list[BackendResult]) -> list[list[str]]:
@@ -693,7 +807,7 @@ def _print_cliff_check(results: list[BackendResult]) -> None:
             print(f"[{result.backend}] payload sweep: no cliff (each size's MB/s >= {CLIFF_TOLERANCE}x the next smaller size's)")
 
 
-def _print_footnote(results: list[BackendResult]) -> None:
+def _print_footnote(results: list[BackendResult], sizes: Sizes) -> None:
     ran = [r for r in results if r.metrics]
     machine = f"{os.cpu_count()} cores, Python {platform.python_version()}"
     print()
@@ -704,6 +818,19 @@ def _print_footnote(results: list[BackendResult]) -> None:
         print(f"100 MB argument: passed directly, not via put; payload type: {payloads}.")
         window = SWEEP_WINDOW_BYTES // 2**20
         print(f"Payload sweep: bytes arguments passed directly, at most {window} MiB of them in flight; MB = 10^6 bytes.")
+        print(
+            f"Tasks: no-op remote functions; tasks at once: {sizes.task_burst:,} submitted in a loop, then waited for "
+            f"(at most {sizes.task_burst_limit_s} s); driver RSS is its peak of after submitting and after the last result."
+        )
+    for r in ran:
+        rss = r.metrics.get("tasks at once: driver RSS [MB]")
+        if rss is not None:
+            verdict = "ok" if rss < TASK_BURST_RSS_MB else "MISS"
+            before = r.metrics.get(RSS_BEFORE_BURST, math.nan)
+            print(
+                f"[{r.backend}] tasks at once: driver RSS {rss:.0f} MB, {before:.0f} MB before the burst "
+                f"(target < {TASK_BURST_RSS_MB} MB): {verdict}."
+            )
     for r in ran:
         print(f"{r.backend} daemon RSS: {RSS_NOTES[r.backend]}, {RSS_ACTORS} live actors.")
     print("Ratio > 1 means zmesh is better. All figures are from one run.")
@@ -737,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     _print_table(_table_rows(results))
     _print_cliff_check(results)
-    _print_footnote(results)
+    _print_footnote(results, QUICK if args.quick else FULL)
     return 0
 
 

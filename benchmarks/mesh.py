@@ -1,10 +1,11 @@
-"""The mesh's figures against the issue's targets: convergence, failure detection, names, restarts, calls, stalls, bursts.
+"""The mesh's figures against the issue's targets: convergence, failure detection, names, restarts, calls, tasks, stalls, bursts.
 
 Usage::
 
     python benchmarks/mesh.py                        # every section, about 6 minutes on 2 cores
     python benchmarks/mesh.py --quick                # fewer repetitions, a 30 s stall run
     python benchmarks/mesh.py --only sigkill,calls   # selected sections
+    python benchmarks/mesh.py --only tasks           # remote functions over 3 nodes against one
     python benchmarks/mesh.py --stall-minutes 10     # the full stall-tolerance run
     python benchmarks/mesh.py --only burst --burst 600   # a smaller burst of creations
 
@@ -44,7 +45,7 @@ from zmesh.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 POLL_S = 0.02
 NAMESPACE = "mesh-bench"
 GONE = ("DEAD", "LEFT")
-SECTIONS = ("convergence", "sigkill", "sigstop", "sigterm", "names", "restart", "calls", "stalls", "burst")
+SECTIONS = ("convergence", "sigkill", "sigstop", "sigterm", "names", "restart", "calls", "tasks", "stalls", "burst")
 # Keeps Ray on the loopback interface and stops it from reporting usage statistics.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -58,6 +59,21 @@ class _Pinger:
 
 
 Pinger = zmesh.remote(_Pinger)  # not a decorator: mypy would keep the bare class's type
+
+
+def _noop() -> int:
+    return 1
+
+
+def _nap(seconds: float) -> tuple[float, float, str]:
+    """Sleep; when it started and ended (wall clock: the same on every process of the host) and on which node."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time(), str(zmesh.get_runtime_context().get_node_id())
+
+
+noop = zmesh.remote(_noop)
+nap = zmesh.remote(_nap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,6 +446,90 @@ def calls(opts: Options) -> list[Row]:
     return rows
 
 
+# --------------------------------------------------------------------------
+# Tasks (remote functions) over several nodes
+# --------------------------------------------------------------------------
+
+TASK_NODES = 3
+TASK_CPUS = 2  # per node: the spillback check's 60 one-CPU tasks fill 6 CPUs at once
+NAPS, NAP_S = 60, 0.5
+
+
+def _pipelined_tasks(count: int, strategy: str = "DEFAULT") -> float:
+    """Seconds to submit ``count`` no-op tasks, then get them all; after a warm-up that starts the workers."""
+    fn = noop.options(scheduling_strategy=strategy)
+    zmesh.get([fn.remote() for _ in range(200)], timeout=60)
+    start = time.perf_counter()
+    results = zmesh.get([fn.remote() for _ in range(count)], timeout=300)
+    elapsed = time.perf_counter() - start
+    assert sum(results) == count, "lost task results"
+    return elapsed
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most spans open at one instant (a span ending as another starts does not overlap it)."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = now = 0
+    for _, step in events:  # at equal times -1 sorts first: ends before starts
+        now += step
+        most = max(most, now)
+    return most
+
+
+def _spillback() -> tuple[int, float, dict[str, int]]:
+    """NAPS one-CPU tasks of NAP_S each from one driver: the most that ran at once, the time for all, tasks per node."""
+    start = time.perf_counter()
+    spans = zmesh.get([nap.remote(NAP_S) for _ in range(NAPS)], timeout=120)
+    elapsed = time.perf_counter() - start
+    per_node: dict[str, int] = {}
+    for _, _, node in spans:
+        per_node[node] = per_node.get(node, 0) + 1
+    return max_overlap([(a, b) for a, b, _ in spans]), elapsed, per_node
+
+
+def tasks(opts: Options) -> list[Row]:
+    count = 2000 if opts.quick else 10_000
+    with LocalCluster(nodes=1, num_cpus=TASK_CPUS, fast=False) as cluster:
+        cluster.connect(0)
+        one = _pipelined_tasks(count)
+    say(f"   one node of {TASK_CPUS} CPUs: {count:,} no-op tasks in {one:.3f} s ({count / one:,.0f} tasks/s)")
+    with LocalCluster(nodes=TASK_NODES, num_cpus=TASK_CPUS, fast=False) as cluster:
+        cluster.connect(0)
+        ids = {cluster.node_id(i): i for i in range(TASK_NODES)}
+        # On a fresh cluster first; then again right after the no-op bursts, whose leases have just gone back.
+        most, naps_s, per_node = _spillback()
+        say(f"   {NAPS} tasks of {NAP_S} s: at most {most} at once, all done in {naps_s:.2f} s; {_placed(per_node, ids)}")
+        spread = _pipelined_tasks(count)
+        say(f"   {TASK_NODES} nodes of {TASK_CPUS} CPUs: {count:,} no-op tasks in {spread:.3f} s ({count / spread:,.0f} tasks/s)")
+        spread_s = _pipelined_tasks(count, "SPREAD")
+        say(f"   {TASK_NODES} nodes, SPREAD: {count:,} no-op tasks in {spread_s:.3f} s ({count / spread_s:,.0f} tasks/s)")
+        again, again_s, again_nodes = _spillback()
+        say(f"   again, right after: at most {again} at once, all done in {again_s:.2f} s; {_placed(again_nodes, ids)}")
+    cpus = TASK_NODES * TASK_CPUS
+    return [
+        Row(f"one node: {count:,} pipelined no-op tasks [tasks/s]", count / one, "{:,.0f}"),
+        Row(f"{TASK_NODES} nodes: {count:,} pipelined no-op tasks [tasks/s]", count / spread, "{:,.0f}"),
+        Row(f"{TASK_NODES} nodes, SPREAD: {count:,} pipelined no-op tasks [tasks/s]", count / spread_s, "{:,.0f}"),
+        Row(f"  {TASK_NODES}-node time / one-node time [x]", spread / one, "{:.2f}", "<=", 1.5),
+        Row(f"spillback: {NAPS} one-CPU tasks of {NAP_S} s, most at once ({cpus} CPUs)", most, "{:.0f}", ">=", cpus),
+        Row("  nodes that ran some", len(per_node), "{:.0f}", ">=", TASK_NODES),
+        Row(
+            "  time until all done [s]",
+            naps_s,
+            "{:.2f}",
+            "<=",
+            2 * NAPS * NAP_S / cpus,
+            note=f"<= {2 * NAPS * NAP_S / cpus:g} (ideal {NAPS * NAP_S / cpus:g})",
+        ),
+        Row("spillback right after the no-op tasks: most at once", again, "{:.0f}", ">=", cpus),
+        Row("  time until all done [s]", again_s, "{:.2f}", "<=", 2 * NAPS * NAP_S / cpus),
+    ]
+
+
+def _placed(per_node: dict[str, int], ids: dict[str, int]) -> str:
+    return "per node " + ", ".join(f"node {ids.get(n, '?')}: {k}" for n, k in sorted(per_node.items(), key=lambda kv: ids.get(kv[0], 99)))
+
+
 RAY_SCRIPT = """
 import contextlib, ctypes, json, signal, statistics, sys, time
 import psutil
@@ -759,6 +859,7 @@ def main() -> int:
         "names": names,
         "restart": restart,
         "calls": calls,
+        "tasks": tasks,
         "stalls": stalls,
         "burst": burst,
     }

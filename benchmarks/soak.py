@@ -1,4 +1,4 @@
-"""Soak test: a long run of calls, put/get pairs and actor churn against a real node, checked for leaks.
+"""Soak test: a long run of calls, put/get pairs, actor churn and tasks against a real node, checked for leaks.
 
 Usage::
 
@@ -14,10 +14,13 @@ temporary directories), connects to it with ``zmesh.init(address="auto")`` and r
 3. 100,000 ``put``/``get`` pairs (with ``--pass-refs``, every tenth ref is also passed
    to the actor, which fetches it from the driver: this exercises the cross-process
    reference counting, which must free such a value once the call is done);
-4. 10,000 actor creations and ``kill``s, in batches of 20 so that few are alive at once.
+4. 10,000 actor creations and ``kill``s, in batches of 20 so that few are alive at once;
+5. 200,000 tasks (remote functions) in waves of 10,000 submitted at once, each wave then got;
+6. 1,000 streaming generator tasks of 10 items each, where this zmesh has them (``ObjectRefGenerator``).
 
 After the warm-up and after each phase it prints the RSS, open file descriptors and
-threads of the driver, the soak actor's worker, the node and its zygote, plus the
+threads of the driver, the soak actor's worker, the node and its zygote, each task
+worker the node keeps (``task <pid>``; the warm-up's tasks start them), plus the
 node's live actors and the IPC socket files in the run directory. The checks (one
 PASS/FAIL line each, exit status 1 if any fails): from the end of the warm-up to the
 end, RSS grows by at most 10 MB per process and fds and threads by at most 2; killed
@@ -62,6 +65,10 @@ PUT_GETS = 100_000
 ACTORS = 10_000
 WINDOW = 1000
 ACTOR_BATCH = 20
+TASKS = 200_000
+TASK_WAVE = 10_000
+STREAMS = 1000
+STREAM_ITEMS = 10
 # With --pass-refs, every n-th put ref also goes to the actor: the worker fetches it from the driver, which must free it afterwards.
 REF_TO_ACTOR_EVERY = 10
 WARMUP_FRACTION = 0.05
@@ -76,7 +83,6 @@ NODE_START_TIMEOUT_S = 30.0
 STOP_GRACE_S = 15.0
 # Killed workers exit asynchronously; this is how long they get before counting as left behind.
 SETTLE_TIMEOUT_S = 10.0
-ROLES = ("driver", "worker", "node", "zygote")
 # Variables that would point the driver at another node or another key than the soak's own.
 FOREIGN_ENV = ("ZMESH_ADDRESS", "ZMESH_CLUSTER_KEY_FILE")
 
@@ -103,6 +109,17 @@ class Churn:
         return os.getpid()
 
 
+def task_echo(value: int, nap_s: float = 0.0) -> tuple[int, int]:
+    """The soak's task: its argument back, and which worker ran it."""
+    time.sleep(nap_s)
+    return value, os.getpid()
+
+
+def task_stream(count: int) -> Iterator[int]:
+    """The soak's streaming generator task: ``count`` items, one ref each."""
+    yield from range(count)
+
+
 class SoakFailure(Exception):
     """A phase saw a wrong result or a broken invariant."""
 
@@ -115,9 +132,11 @@ class Counts:
     sync_calls: int = SYNC_CALLS
     put_gets: int = PUT_GETS
     actors: int = ACTORS
+    tasks: int = TASKS
+    streams: int = STREAMS
 
     def scaled(self, factor: float) -> Counts:
-        return Counts(*(max(1, round(n * factor)) for n in (self.pipelined_calls, self.sync_calls, self.put_gets, self.actors)))
+        return Counts(*(max(1, round(n * factor)) for n in vars(self).values()))
 
 
 @dataclass
@@ -152,6 +171,7 @@ class Soak:
     actor: Any = None
     worker_pid: int = 0
     zygote_pid: int = 0
+    task_pids: set[int] = field(default_factory=set)  # the node's task workers that ran the soak's tasks
     started: float = field(default_factory=time.perf_counter)
     snapshots: list[Snapshot] = field(default_factory=list)
     rates: dict[str, float] = field(default_factory=dict)
@@ -169,6 +189,11 @@ class Soak:
                 parts.append(f"{role} {psutil.Process(pid).memory_info().rss / 1e6:.1f}")
             except (psutil.Error, ValueError):
                 parts.append(f"{role} ?")
+        tasks = 0.0
+        for pid in self.task_pids:
+            with contextlib.suppress(psutil.Error):
+                tasks += psutil.Process(pid).memory_info().rss / 1e6
+        parts.append(f"{len(self.task_pids)} task workers {tasks:.1f} in all")
         return "RSS MB: " + ", ".join(parts)
 
 
@@ -279,6 +304,8 @@ def take_snapshot(soak: Soak, phase: str) -> Snapshot:
     if zygote_pid != soak.zygote_pid:
         raise SoakFailure(f"the zygote changed from pid {soak.zygote_pid} to {zygote_pid}: it died and was restarted")
     pids = {"driver": os.getpid(), "worker": soak.worker_pid, "node": soak.node.pid, "zygote": zygote_pid}
+    # Task workers the node let exit are left out: check_growth fails a role the warm-up had and the end lacks.
+    pids.update((f"task {pid}", pid) for pid in sorted(soak.task_pids) if psutil.pid_exists(pid))
     rt = current()
     assert rt is not None
     status = rt.request("status")
@@ -292,9 +319,9 @@ def take_snapshot(soak: Soak, phase: str) -> Snapshot:
     )
     soak.snapshots.append(snapshot)
     soak.say(f"== {phase} (t={snapshot.elapsed_s:.1f} s)")
-    soak.say(f"   {'process':<8} {'pid':>8} {'RSS MB':>8} {'fds':>5} {'threads':>7}")
+    soak.say(f"   {'process':<12} {'pid':>8} {'RSS MB':>8} {'fds':>5} {'threads':>7}")
     for role, stats in snapshot.procs.items():
-        soak.say(f"   {role:<8} {stats['pid']:>8.0f} {stats['rss_mb']:>8.1f} {stats['fds']:>5.0f} {stats['threads']:>7.0f}")
+        soak.say(f"   {role:<12} {stats['pid']:>8.0f} {stats['rss_mb']:>8.1f} {stats['fds']:>5.0f} {stats['threads']:>7.0f}")
     soak.say(
         f"   live actors {snapshot.live_actors}, zygote children {snapshot.zygote_children}, "
         f"socket files {snapshot.socket_files}, dropped messages {status['dropped_messages']}, clients {status['clients']}"
@@ -402,12 +429,61 @@ def phase_actors(soak: Soak, count: int, quiet: bool = False) -> None:
         soak.say(f"   actors done: {progress.rate(count):,.0f} actors/s overall (create, one call, kill)")
 
 
+def phase_tasks(soak: Soak, count: int, quiet: bool = False) -> None:
+    """``count`` tasks in waves of TASK_WAVE submitted at once, each wave then got and checked; notes the task workers."""
+    echo = zmesh.remote(task_echo)
+    if quiet:
+        # Slow tasks, several per CPU, take a lease on every CPU: the node starts all the task workers it keeps now.
+        cpus = int(zmesh.cluster_resources().get("CPU", 1))
+        soak.task_pids.update(pid for _, pid in zmesh.get([echo.remote(i, 0.1) for i in range(4 * cpus)], timeout=GET_TIMEOUT_S))
+    progress = Progress(soak, "tasks", count, "tasks", quiet)
+    done = 0
+    while done < count:
+        wave = range(done, min(done + TASK_WAVE, count))
+        results = zmesh.get([echo.remote(i) for i in wave], timeout=GET_TIMEOUT_S)
+        if [value for value, _ in results] != list(wave):
+            raise SoakFailure(f"task wave at {done}: wrong or out-of-order results")
+        soak.task_pids.update(pid for _, pid in results)
+        done += len(wave)
+        progress.update(done)
+    if not quiet:
+        soak.rates["tasks [tasks/s]"] = progress.rate(count)
+        soak.say(f"   tasks done: {progress.rate(count):,.0f} tasks/s overall, on {len(soak.task_pids)} task worker(s)")
+
+
+def phase_streams(soak: Soak, count: int, quiet: bool = False) -> None:
+    """``count`` streaming generator tasks of STREAM_ITEMS items each, every item's ref got as it comes.
+
+    Skipped (and said so) where this zmesh has no streaming generators yet.
+    """
+    if not hasattr(zmesh, "ObjectRefGenerator"):
+        if not quiet:
+            soak.say("   streams skipped: this zmesh has no streaming generators (zmesh.ObjectRefGenerator)")
+        return
+    stream = zmesh.remote(num_returns="streaming")(task_stream)
+    progress = Progress(soak, "streams", count, "streams", quiet)
+    for i in range(count):
+        items = [zmesh.get(ref, timeout=GET_TIMEOUT_S) for ref in stream.remote(STREAM_ITEMS)]
+        if items != list(range(STREAM_ITEMS)):
+            raise SoakFailure(f"stream {i}: got {items}")
+        progress.update(i + 1)
+    if not quiet:
+        soak.rates["streams [streams/s]"] = progress.rate(count)
+        soak.say(f"   streams done: {progress.rate(count):,.0f} streams/s overall")
+
+
+def _stray_children(soak: Soak) -> list[int]:
+    """The zygote's children other than the soak actor's worker and the task workers: killed actors' workers."""
+    children = {p.pid for p in psutil.Process(soak.zygote_pid).children()}
+    return sorted(children - {soak.worker_pid} - soak.task_pids)
+
+
 def wait_for_settled(soak: Soak) -> None:
     """Wait until killed actors' workers have exited and the node has forgotten them."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):
-            if len(psutil.Process(soak.zygote_pid).children()) <= 1:
+            if not _stray_children(soak):
                 return
         time.sleep(0.1)
 
@@ -424,7 +500,10 @@ def check(soak: Soak, name: str, ok: bool, detail: str) -> None:
 
 def check_growth(soak: Soak, baseline: Snapshot, end: Snapshot) -> None:
     """Per process: RSS, fds and threads from the end of the warm-up to the end, with the phase that grew most."""
-    for role in ROLES:
+    for role in baseline.procs:
+        if role not in end.procs:
+            check(soak, role, False, "this task worker exited after the warm-up: the node replaced it")
+            continue
         for key, limit, unit, fmt in (
             ("rss_mb", RSS_LIMIT_MB, " MB", ".1f"),
             ("fds", FD_SLACK, "", ".0f"),
@@ -433,7 +512,11 @@ def check_growth(soak: Soak, baseline: Snapshot, end: Snapshot) -> None:
             before, after = baseline.procs[role][key], end.procs[role][key]
             growth = after - before
             # The phase that added most, to say where a leak is; the first step (start -> warm-up) does not count.
-            steps = [(b.procs[role][key] - a.procs[role][key], b.phase) for a, b in itertools.pairwise(soak.snapshots[1:])]
+            steps = [
+                (b.procs[role][key] - a.procs[role][key], b.phase)
+                for a, b in itertools.pairwise(soak.snapshots[1:])
+                if role in a.procs and role in b.procs
+            ]
             worst = max(steps, default=(0.0, "-"))
             detail = f"{before:{fmt}} -> {after:{fmt}} ({growth:+{fmt}}{unit}, limit +{limit:{fmt}}{unit})"
             if growth > 0 and worst[0] > 0:
@@ -441,7 +524,15 @@ def check_growth(soak: Soak, baseline: Snapshot, end: Snapshot) -> None:
             check(soak, f"{role} {key.removesuffix('_mb')}", growth <= limit, detail)
     check(soak, "live actors", end.live_actors == 1, f"{end.live_actors} at the end (the soak actor only)")
     children = end.zygote_children
-    check(soak, "killed workers gone", children == 1, f"the zygote has {children} child process(es), the soak actor's worker only")
+    tasks = sum(1 for role in end.procs if role.startswith("task "))
+    new = sorted(set(end.procs) - set(baseline.procs))
+    check(soak, "task workers kept", not new, f"{tasks} at the end, {', '.join(new) or 'none'} started after the warm-up")
+    check(
+        soak,
+        "killed workers gone",
+        children == 1 + tasks,
+        f"the zygote has {children} child process(es), the soak actor's worker and {tasks} task worker(s) only",
+    )
     check(
         soak,
         "socket files during the run",
@@ -495,6 +586,8 @@ def run(soak: Soak) -> None:
     phase_calls(soak, warm(counts.pipelined_calls), warm(counts.sync_calls), quiet=True)
     phase_put_get(soak, warm(counts.put_gets), quiet=True)
     phase_actors(soak, warm(counts.actors), quiet=True)
+    phase_tasks(soak, warm(counts.tasks), quiet=True)
+    phase_streams(soak, warm(counts.streams), quiet=True)
     wait_for_settled(soak)
     baseline = take_snapshot(soak, "after warm-up")
 
@@ -506,6 +599,8 @@ def run(soak: Soak) -> None:
         ),
         ("put/get", f"{counts.put_gets:,} put/get pairs", lambda: phase_put_get(soak, counts.put_gets)),
         ("actors", f"{counts.actors:,} actor creations and kills", lambda: phase_actors(soak, counts.actors)),
+        ("tasks", f"{counts.tasks:,} tasks in waves of {TASK_WAVE:,}", lambda: phase_tasks(soak, counts.tasks)),
+        ("streams", f"{counts.streams:,} streams of {STREAM_ITEMS} items", lambda: phase_streams(soak, counts.streams)),
     ]
     for name, title, body in phases:
         soak.say(f"{title} ...")
@@ -563,10 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     check(soak, "no process left behind", not left, ", ".join(left) or "none of the run dir's after SIGTERM to the node")
     check(soak, "no socket file left", not sockets, ", ".join(sockets) or f"{run_dir / 's'} is empty")
     ok = error is None and all(c.ok for c in soak.checks)
-    for role in ROLES:
-        if len(soak.snapshots) >= 2:
+    for role in soak.snapshots[1].procs if len(soak.snapshots) >= 2 else ():
+        if role in soak.snapshots[-1].procs:
             first, last = soak.snapshots[1].procs[role], soak.snapshots[-1].procs[role]
-            soak.say(f"   {role:<7} RSS {first['rss_mb']:.1f} -> {last['rss_mb']:.1f} MB since warm-up")
+            soak.say(f"   {role:<12} RSS {first['rss_mb']:.1f} -> {last['rss_mb']:.1f} MB since warm-up")
     soak.say(f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - soak.started:.0f} s)")
     if args.json:
         print(report_json(soak, ok, error), flush=True)
