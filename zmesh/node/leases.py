@@ -169,11 +169,12 @@ class Leases:
             lease.blocked += 1
             if lease.blocked == 1 and cpus:
                 self._resources.release(Reservation(cpus, []))
-                self._chores.schedule = True
+                self._changed()
         elif lease.blocked > 0:
             lease.blocked -= 1
             if lease.blocked == 0 and cpus:
                 self._resources.take(cpus)
+                self._changed()
 
     def client_gone(self, client: Client) -> None:
         """A caller exited: its leases end, and workers it may have left mid-task are killed."""
@@ -213,6 +214,7 @@ class Leases:
                     lease.tried.add(self._me)
                     continue
                 self._waiting.remove(lease)
+                self._chores.publish = True
                 lease.reservation, lease.host = reservation, self._me
                 self._bind(lease)
                 mine = view[0]
@@ -253,7 +255,12 @@ class Leases:
         if lease.blocked and reservation.demand.get("CPU"):
             reservation = Reservation({k: v for k, v in reservation.demand.items() if k != "CPU"}, reservation.gpu_ids)
         self._resources.release(reservation)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Our resources changed: waiting leases may fit now, and the other members must see it (gossip)."""
         self._chores.schedule = True
+        self._chores.publish = True
 
     def _rest(self, proc: Proc) -> None:
         proc.idle_since = time.monotonic()
@@ -389,6 +396,7 @@ class Leases:
             answer(True, f"no room for {demand} (available {self._resources.available})")
             return
         lease = Lease(lease_id, demand, "DEFAULT", None, sender, answer, time.monotonic())
+        self._chores.publish = True
         lease.reservation, lease.host = reservation, self._me
         self._leases[lease_id] = lease
         self._bind(lease)
