@@ -169,11 +169,12 @@ class Leases:
             lease.blocked += 1
             if lease.blocked == 1 and cpus:
                 self._resources.release(Reservation(cpus, []))
-                self._chores.schedule = True
+                self._chores.schedule = self._chores.publish = True
         elif lease.blocked > 0:
             lease.blocked -= 1
             if lease.blocked == 0 and cpus:
                 self._resources.take(cpus)
+                self._chores.publish = True
 
     def client_gone(self, client: Client) -> None:
         """A caller exited: its leases end, and workers it may have left mid-task are killed."""
@@ -213,6 +214,7 @@ class Leases:
                     continue
                 self._waiting.remove(lease)
                 lease.reservation, lease.host = reservation, self._me
+                self._chores.publish = True  # the other members place by what our entry says is free
                 self._bind(lease)
                 mine = view[0]
                 view[0] = scheduler.NodeView(self._me, mine.total, dict(self._resources.available), mine.actors, mine.draining)
@@ -261,7 +263,7 @@ class Leases:
         if lease.blocked and reservation.demand.get("CPU"):
             reservation = Reservation({k: v for k, v in reservation.demand.items() if k != "CPU"}, reservation.gpu_ids)
         self._resources.release(reservation)
-        self._chores.schedule = True
+        self._chores.schedule = self._chores.publish = True
 
     def _rest(self, proc: Proc) -> None:
         proc.idle_since = time.monotonic()
@@ -393,6 +395,7 @@ class Leases:
         if lease_id in self._leases:
             return  # a retry of one we took: its answer comes when its worker serves
         reservation = None if self._placement.draining or self._mesh.leaving else self._resources.try_reserve(demand)
+        self._chores.publish = True  # reserved, or refused because the sender's view of us was stale: either way, tell
         if reservation is None:
             answer(True, f"no room for {demand} (available {self._resources.available})")
             return
