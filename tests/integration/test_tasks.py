@@ -363,7 +363,14 @@ def test_cancel_a_task_queued_behind_a_full_node(driver: NodeProcess, tmp_path: 
     wait_for(lambda: all(s.exists() for s in started), 20, what="four tasks to fill the node")
     never_ran = tmp_path / "never"
     queued = touch.remote(str(never_ran))
+
+    def one_request_waits() -> bool:
+        tasks = _status()["tasks"]
+        return tasks["granted"] == 4 and len(tasks["waiting"]) == 1 and tasks["waiting"][0]["demand"] == {"CPU": 1.0}
+
+    wait_for(one_request_waits, 10, what="four leases granted and the fifth task's request waiting in status")
     zmesh.cancel(queued)
+    wait_for(lambda: _status()["tasks"]["waiting"] == [], 10, what="the cancelled task's request to be withdrawn")
     gate.touch()
     assert zmesh.get(busy, timeout=20) == [0, 1, 2, 3]
     with pytest.raises(TaskCancelledError):
