@@ -44,3 +44,22 @@ def test_spillback_right_after_a_batch_uses_every_member(cluster: LocalCluster) 
         spans = zmesh.get([nap.remote(0.4) for _ in range(12)], timeout=60)
         assert most_at_once(spans) == 6
         assert len({node for *_, node in spans}) == 3
+
+
+@zmesh.remote
+def where_after(seconds: float) -> str:
+    time.sleep(seconds)
+    return zmesh.get_runtime_context().get_node_id()
+
+
+@pytest.mark.timeout(90)
+def test_spread_tasks_submitted_one_after_another_land_on_every_member(cluster: LocalCluster) -> None:
+    """SPREAD ranked members by actors only: a task submitted just after another went to the same node (found by the task tests)."""
+    spread = where_after.options(scheduling_strategy="SPREAD")
+    for _ in range(3):
+        refs = []
+        for _ in range(3):
+            refs.append(spread.remote(1.0))
+            # The previous one has its lease before the next is submitted: what made them pile up.
+            zmesh.wait([refs[-1]], timeout=0.15)
+        assert len(set(zmesh.get(refs, timeout=60))) == 3
