@@ -54,7 +54,11 @@ def where_after(seconds: float) -> str:
 
 @pytest.mark.timeout(90)
 def test_spread_tasks_submitted_one_after_another_land_on_every_member(cluster: LocalCluster) -> None:
-    """SPREAD ranked members by actors only: a task submitted just after another went to the same node (found by the task tests)."""
+    """SPREAD tasks submitted one after another, each while the one before runs, land on every member.
+
+    The task tests saw them pile up two to a node while members published their freed or reserved CPUs late
+    (fixed above); SPREAD now also counts each member's task leases with its actors.
+    """
     spread = where_after.options(scheduling_strategy="SPREAD")
     for _ in range(3):
         refs = []
