@@ -246,6 +246,15 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"waiting creations ({len(waiting)}):")
     for a in waiting:
         lines.append(f"  {a['actor_id']:<17} {a['class_name']:<20} needs {a['resources']}")
+    tasks = status.get("tasks") or {}  # a node of an older version runs no tasks
+    if tasks:
+        lines.append(
+            f"tasks: {tasks['granted']} worker lease(s) granted, {tasks['workers']} task worker(s) ({tasks['idle_workers']} idle), "
+            f"{len(tasks['waiting'])} lease request(s) waiting:"
+        )
+        for w in tasks["waiting"]:
+            why = "  (no member could ever fit it)" if w.get("warned") else ""
+            lines.append(f"  tasks needing {w['demand']} waiting {w['waited_s']:g} s{why}")
     counts = f"dropped messages: {status['dropped_messages']}   refused connections: {status['refused_connections']}"
     members = status.get("members") or []
     lines.append(f"members ({len(members)}):")
