@@ -180,6 +180,7 @@ METRICS = (
     *(Metric(name, higher_is_better=True) for size in PAYLOAD_SWEEP for name in (size.calls_metric, size.mbps_metric)),
     Metric("tasks sync [tasks/s]", higher_is_better=True),
     Metric("tasks pipelined [tasks/s]", higher_is_better=True),
+    Metric("1,000-item stream [items/s]", higher_is_better=True),
     Metric("tasks at once: submit [s]", higher_is_better=False),
     Metric("tasks at once: all done [s]", higher_is_better=False),
     Metric("tasks at once: driver RSS [MB]", higher_is_better=False),
@@ -409,6 +410,26 @@ def bench_task_pipelined(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
     return {"tasks pipelined [tasks/s]": sizes.task_pipelined / elapsed}
 
 
+def numbers(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+STREAM_ITEMS = 1000
+
+
+def bench_stream(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    """A generator task of 1,000 small items, each taken as it comes (Ray 2.60 streams generator tasks too)."""
+    gen = mod.remote(numbers)
+    _expect([mod.get(r) for r in gen.remote(3)] == [0, 1, 2], "bad warm-up stream")
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        total = sum(mod.get(ref) for ref in gen.remote(STREAM_ITEMS))
+        rates.append(STREAM_ITEMS / (time.perf_counter() - start))
+        _expect(total == STREAM_ITEMS * (STREAM_ITEMS - 1) // 2, "lost stream items")
+    return {"1,000-item stream [items/s]": sorted(rates)[1]}
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -453,6 +474,7 @@ WORKLOADS: tuple[Workload, ...] = (
     bench_payload_sweep,
     bench_task_sync,
     bench_task_pipelined,
+    bench_stream,
     bench_actor_creation,
     # Last: a backend that does not finish its burst leaves the rest of it running.
     bench_task_burst,
