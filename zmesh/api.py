@@ -306,7 +306,7 @@ def wait(
     ready_at = rt.objects.first_done(map(_ref_id, items), num_returns)
     if len(ready_at) < num_returns:
         entries = rt.entries_for([(r.id, r.owner) for r in items])
-        rt.objects.wait_done(entries, num_returns, timeout)
+        rt.wait_done(entries, num_returns, timeout)
         ready_at = [i for i, entry in enumerate(entries) if entry.done][:num_returns]
     ready = [items[i] for i in ready_at]
     not_ready = _Refs()
