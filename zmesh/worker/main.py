@@ -35,23 +35,29 @@ ASYNC_DEFAULT_CONCURRENCY = 1000  # Ray's default for async actors
 _MAX_ERROR_CHARS = 64 * 1024
 
 
-class _LogStream(io.TextIOBase):
-    """Sends each line printed in the actor to the driver that owns it."""
+class LogStream(io.TextIOBase):
+    """Sends each line printed in the actor (or task) to the driver that owns it (or called it).
 
-    def __init__(self, rt: Runtime, owner: str, prefix: str, stream: str, direct: Callable[[str, str, str], bool]) -> None:
-        self._rt, self._owner, self._prefix, self._stream = rt, owner, prefix, stream
+    ``owner`` None: lines that cannot go ``direct`` (on the running call's connection) go to the node's log.
+    ``prefix`` may be changed between calls (a task worker names each task's lines).
+    """
+
+    def __init__(self, rt: Runtime, owner: str | None, prefix: str, stream: str, direct: Callable[[str, str, str], bool]) -> None:
+        self._rt, self._owner, self.prefix, self._stream = rt, owner, prefix, stream
         self._direct = direct
         self._buffer = ""
         self._lock = threading.Lock()
 
     def _send(self, text: str) -> None:
-        if self._direct(self._prefix, self._stream, text) or self._rt.send_log(self._owner, self._prefix, self._stream, text):
+        if self._direct(self.prefix, self._stream, text):
+            return
+        if self._owner is not None and self._rt.send_log(self._owner, self.prefix, self._stream, text):
             return
         # The owner is gone (a detached actor outlives its creator): the line goes to the node's log instead.
         fallback = sys.__stderr__ if self._stream == "stderr" else sys.__stdout__
         if fallback is not None:
             try:
-                fallback.write(f"({self._prefix}) {text}")
+                fallback.write(f"({self.prefix}) {text}")
                 fallback.flush()
             except (OSError, ValueError):
                 pass
@@ -294,8 +300,8 @@ def main(node_address: str, token: str, security: Security, listen_host: str, *,
     owner = spec.get("owner_address")
     if owner:
         prefix = f"{worker.class_name} pid={os.getpid()}"
-        sys.stdout = _LogStream(rt, owner, prefix, "stdout", worker.log_direct)
-        sys.stderr = _LogStream(rt, owner, prefix, "stderr", worker.log_direct)
+        sys.stdout = LogStream(rt, owner, prefix, "stdout", worker.log_direct)
+        sys.stderr = LogStream(rt, owner, prefix, "stderr", worker.log_direct)
     try:
         worker.construct()
     except BaseException as exc:

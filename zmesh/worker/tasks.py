@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import signal
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from zmesh.runtime.inbound import header_len
 from zmesh.transport import protocol, serialization
 from zmesh.transport.ids import ObjectId
 from zmesh.worker import executors, framing, streams
-from zmesh.worker.main import adopt_code_path, resolve_refs
+from zmesh.worker.main import LogStream, adopt_code_path, resolve_refs
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class TaskWorker:
         self.credits = streams.Credits()  # streaming tasks' producers, paced by their callers' acks
         self.credits.register(rt.inbound)
         self.executor = executors.Inline(self)
+        # Lines a task prints go to its caller ahead of its result (as Ray shows them on the driver's console).
+        self._out = LogStream(rt, None, "task", "stdout", self._log_direct)
+        self._err = LogStream(rt, None, "task", "stderr", self._log_direct)
+        sys.stdout, sys.stderr = self._out, self._err
 
     def serve(self) -> str:
         return self.executor.address
@@ -90,6 +95,7 @@ class TaskWorker:
                 del self._cancelled[oid]
                 raise TaskCancelledError(f"task {where} was cancelled before it started")
             self.rt.task_id = ObjectId(oid)
+            self._out.prefix = self._err.prefix = f"{where} pid={os.getpid()}"
             self._running = oid
             try:
                 value = fn(*args, **kwargs)
@@ -101,6 +107,8 @@ class TaskWorker:
             finally:
                 self._running = None
                 self.rt.task_id = None
+                self._out.flush()
+                self._err.flush()
             ok, parts, refs = framing.frame_value(self.rt, oids, where, value, "task")
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             ok, parts, refs = False, framing.error_frames(oids, where, exc), []
@@ -164,6 +172,12 @@ class TaskWorker:
         target, self._cancel = self._cancel, None
         if target is not None and target == self._running:
             raise TaskCancelledError("the task was cancelled while it ran")
+
+    def _log_direct(self, prefix: str, stream: str, text: str) -> bool:
+        current = self.executor.current
+        if current is None:
+            return False
+        return self.executor.send_ahead([protocol.header_frame(protocol.LOG, (prefix, stream, text))], current[1])
 
     def _blocked(self, blocked: bool) -> None:
         if self._running is not None:
