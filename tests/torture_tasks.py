@@ -43,7 +43,6 @@ HERE = Path(__file__).resolve().parent
 INNER_TIMEOUT = 20.0  # bounds every wait inside a task, so a lost task shows up as an error, not a hang
 SLEEP_S = 20.0  # how long a task that waits to be cancelled or released runs at most
 
-
 # ------------------------------------------------------------------ the tasks
 
 
@@ -204,6 +203,26 @@ class TaskWorkload:
                 elif isinstance(op, Cancel) and op.when == "force":
                     count += 1
         return count
+
+    def retries(self) -> bool:
+        """Whether a task may run again: a kill (it retries what was in flight on its worker) or a raise that retries."""
+        return self.kills() > 0 or any(
+            isinstance(op, Chain) and any(x.fault in ("raise", "raise_once") and x.opts.retries_on_value_error() for x in op.links)
+            for c in self.callers
+            for op in c.ops
+        )
+
+    def without_nested_gets(self) -> TaskWorkload:
+        """The same workload with every ref passed top-level: chains' "nested" links and fan-ins become "top"."""
+
+        def plain(op: Any) -> Any:
+            if isinstance(op, Chain):
+                return Chain(tuple(dataclasses.replace(x, mode="top") for x in op.links), op.value)
+            if isinstance(op, Fan) and op.how == "nested":
+                return dataclasses.replace(op, how="top")
+            return op
+
+        return TaskWorkload(tuple(dataclasses.replace(c, ops=tuple(plain(op) for op in c.ops)) for c in self.callers))
 
     def collateral(self, opts: Opts) -> tuple[type[BaseException], ...]:
         """The error a task with ``opts`` may end with through no fault of its own (a kill of the worker it was queued on)."""

