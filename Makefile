@@ -50,7 +50,7 @@ soak: $(STAMP)
 
 # Not in CI: the workload-space test, then the mesh's invariant checker, with fresh seeds for MINUTES minutes each; failures print as minimal reproducers.
 torture: $(STAMP)
-	ZMESH_TORTURE_MINUTES=$(MINUTES) $(PY) -m pytest -q tests/integration/test_torture.py -x --timeout=0
+	ZMESH_TORTURE_MINUTES=$(MINUTES) $(PY) -m pytest -q tests/integration/test_torture.py tests/integration/test_torture_tasks.py -x --timeout=0
 	ZMESH_SIM_MINUTES=$(MINUTES) $(PY) -m pytest -q -s tests/unit/test_mesh_invariants.py -k drawn -x --timeout=0
 
 # Not in CI: the simulated mesh's invariants (tests/sim/) over fresh drawn histories for MINUTES minutes; a failure prints its shrunk history.

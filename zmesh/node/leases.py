@@ -299,8 +299,14 @@ class Leases:
         return worker_id in self._by_worker
 
     def wants(self, token: str) -> bool:
+        """Whether the queued fork for ``token`` is still worth making; if not the pool drops it, and so do we."""
         proc = self._procs.get(token)
-        return proc is not None and proc.lease is not None
+        if proc is not None and proc.lease is None:
+            # Its lease was handed back before the fork: no worker will come to report started or exited.
+            del self._procs[token]
+            self._by_worker.pop(proc.worker_id, None)
+            return False
+        return proc is not None
 
     def _init_reply(self, proc: Proc) -> tuple[Any, list[Any]]:
         return (proc.worker_id, 0, {"kind": "tasks"}), []
