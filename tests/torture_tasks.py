@@ -212,18 +212,6 @@ class TaskWorkload:
             for op in c.ops
         )
 
-    def without_nested_gets(self) -> TaskWorkload:
-        """The same workload with every ref passed top-level: chains' "nested" links and fan-ins become "top"."""
-
-        def plain(op: Any) -> Any:
-            if isinstance(op, Chain):
-                return Chain(tuple(dataclasses.replace(x, mode="top") for x in op.links), op.value)
-            if isinstance(op, Fan) and op.how == "nested":
-                return dataclasses.replace(op, how="top")
-            return op
-
-        return TaskWorkload(tuple(dataclasses.replace(c, ops=tuple(plain(op) for op in c.ops)) for c in self.callers))
-
     def collateral(self, opts: Opts) -> tuple[type[BaseException], ...]:
         """The error a task with ``opts`` may end with through no fault of its own (a kill of the worker it was queued on)."""
         return (WorkerCrashedError,) if opts.max_retries != -1 and self.kills() > opts.max_retries else ()

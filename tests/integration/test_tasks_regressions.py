@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,49 @@ def test_spread_tasks_submitted_one_after_another_land_on_every_member(cluster: 
             # The previous one has its lease before the next is submitted: what made them pile up.
             zmesh.wait([refs[-1]], timeout=0.15)
         assert len(set(zmesh.get(refs, timeout=60))) == 3
+
+
+@zmesh.remote
+class Mailbox:
+    def __init__(self) -> None:
+        self.refs: list[Any] | None = None
+
+    def put(self, refs: list[Any]) -> None:
+        self.refs = refs
+
+    def take(self) -> list[Any] | None:
+        return self.refs
+
+
+@zmesh.remote
+def same(x: int) -> int:
+    return x
+
+
+@zmesh.remote
+def waits_for_a_later_task(mailbox: Any) -> int:
+    deadline = time.monotonic() + 20
+    while (refs := zmesh.get(mailbox.take.remote(), timeout=10)) is None:
+        assert time.monotonic() < deadline, "the ref never came"
+        time.sleep(0.005)
+    result: int = zmesh.get(refs[0], timeout=10)
+    return result
+
+
+@pytest.mark.timeout(60)
+def test_a_task_waiting_for_one_queued_behind_it_on_its_worker_does_not_deadlock() -> None:
+    """Quick tasks let a lease keep many in flight; a task sent behind one that waits for it sat in that worker's
+    socket until the wait timed out. The waiting task now gives back what is queued behind it (found by the torture test)."""
+    zmesh.init(num_cpus=4)
+    try:
+        whole = same.options(num_cpus=4)  # one lease holds the node: everything of this shape goes to one worker
+        mailbox = Mailbox.remote()
+        for _ in range(3):
+            assert zmesh.get([whole.remote(i) for i in range(128)], timeout=30) == list(range(128))  # deep pipelining
+            waiter = waits_for_a_later_task.options(num_cpus=4).remote(mailbox)
+            later = whole.remote(7)  # sent to the same worker, behind the waiter
+            mailbox.put.remote([later])
+            assert zmesh.get(waiter, timeout=30) == 7
+            zmesh.get(mailbox.put.remote(None), timeout=10)
+    finally:
+        zmesh.shutdown()

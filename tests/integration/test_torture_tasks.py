@@ -82,9 +82,7 @@ def links(spread: bool, faults: bool) -> st.SearchStrategy[Link]:
 
 
 def ops(spread: bool, faults: bool) -> st.SearchStrategy[Any]:
-    shapes = st.sampled_from(
-        [(d, w) for d in (1, 2, 3) for w in (1, 2, 3) if (d < 3 or KNOWN_DEEP_NEST_HANG_FIXED) and sum(w**k for k in range(1, d + 1)) <= 14]
-    )
+    shapes = st.sampled_from([(d, w) for d in (1, 2, 3) for w in (1, 2, 3) if sum(w**k for k in range(1, d + 1)) <= 14])
     choices = [
         st.builds(Chain, st.lists(links(spread, faults), min_size=1, max_size=4).map(tuple), values()),
         st.builds(Chain, st.lists(links(spread, faults), min_size=1, max_size=4).map(tuple), values()),
@@ -108,16 +106,8 @@ def workloads(
         driver = draw(st.integers(0, drivers - 1))
         steps = tuple(draw(st.lists(ops(spread, faults), min_size=1, max_size=max_ops)))
         callers.append(Caller(steps, driver, draw(st.sampled_from(tw.HOWS))))
-    w = TaskWorkload(tuple(callers))
-    return w if KNOWN_RETRY_DEADLOCK_FIXED or not w.retries() else w.without_nested_gets()
+    return TaskWorkload(tuple(callers))
 
-
-# test_a_retry_is_not_queued_behind_a_task_that_waits_for_it: a retried task can be queued behind a task blocked in
-# get on it, and both wait until the get times out. While that bug stands, a workload with retries (a fault that
-# retries, or a kill that retries what was queued on its worker) gets its refs top-level only, never inside a task.
-KNOWN_RETRY_DEADLOCK_FIXED = False
-# test_tasks_three_levels_deep_end: nest(3, 2) on a 4-CPU node hangs until the inner gets time out; depth 3 is not drawn.
-KNOWN_DEEP_NEST_HANG_FIXED = False
 
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture]
 
@@ -149,7 +139,6 @@ def explore(
 
 # Not strict: drawn workloads with nested submits (Nest) from several threads hang now and then until the inner
 # gets time out ("child tasks never ended"); see test_tasks_three_levels_deep_end and the issue 15 report.
-@pytest.mark.xfail(strict=False, reason="nested submits from several caller threads hang at times (issue 15 report)")
 @pytest.mark.timeout(TIMEOUT)
 def test_tasks_on_one_node(local: None, tmp_path: Path) -> None:
     """Up to 3 caller threads on an embedded node: chains, nested submits, fan-in, raising and crashing tasks, cancels."""
@@ -220,9 +209,8 @@ def _get_nested(holder: list[Any]) -> Any:
     return zmesh.get(holder[0], timeout=5)
 
 
-# Not strict: the lease takes more than one task in flight only while answers come within QUICK_S (2 ms); on a
-# loaded machine they may not, and then the bug does not show.
-@pytest.mark.xfail(strict=False, reason="task_calls pipelines a retried task behind the task blocked on it (issue 15 report)")
+# The lease takes more than one task in flight only while answers come within QUICK_S (2 ms): on a loaded machine
+# this may not reproduce the old bug; test_tasks_regressions.py has a deterministic test of it.
 @pytest.mark.timeout(60)
 def test_a_retry_is_not_queued_behind_a_task_that_waits_for_it(isolated_run_dir: Path, tmp_path: Path) -> None:
     """A lease takes several quick tasks in flight (depth). Task B gets the ref of task P inside its body; P raises
@@ -239,7 +227,6 @@ def test_a_retry_is_not_queued_behind_a_task_that_waits_for_it(isolated_run_dir:
         zmesh.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="nested submits 3 deep, 2 wide hang on a 4-CPU node (issue 15 report)")
 @pytest.mark.timeout(90)
 def test_tasks_three_levels_deep_end(isolated_run_dir: Path) -> None:
     """A task submits 2 tasks that each submit 2 that each submit 2, and each gets its children: 15 tasks, 7 waiting."""

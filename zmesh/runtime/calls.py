@@ -169,9 +169,12 @@ def split_calls(identity: bytes, msg: protocol.Message) -> tuple[CallTarget, lis
     return target, items
 
 
-def refusal(target: CallTarget, items: list[CallItem]) -> list[Any]:
-    """The REFUSED message answering a batch for ``target`` (not the receiver's actor and incarnation): none of it ran."""
-    return [protocol.header_frame(REFUSED, (*target, *(item[1] for item in items)))]
+def refusal(target: CallTarget, items: list[Any], kind: bytes = REFUSED) -> list[Any]:
+    """The REFUSED message answering a batch for ``target`` (not the receiver's actor and incarnation): none of it ran.
+
+    ``kind`` RETURNED: tasks a task worker gives back unrun (its running task waits), in the same shape.
+    """
+    return [protocol.header_frame(kind, (*target, *(item[1] for item in items)))]
 
 
 def split_refusal(msg: protocol.Message) -> tuple[CallTarget, list[tuple[bytes, ...]]]:

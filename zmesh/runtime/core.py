@@ -131,6 +131,7 @@ class Runtime:
         self.task_calls.register(self.inbound)
         self.inbound.peer.register(protocol.RESULT, self._on_results)
         self.inbound.peer.register(protocol.REFUSED, self._on_refused)
+        self.inbound.peer.register(protocol.RETURNED, lambda address, m: self.task_calls.on_returned(address, *calls.split_refusal(m)))
 
         for server in self._servers:
             self._loop.watch(server, functools.partial(self._on_router, server))

@@ -345,6 +345,19 @@ class TaskCalls:
             self._lost(lease, "another process answered at its address")
             self._hand_back(lease.lease_id)
 
+    def on_returned(self, address: str, target: calls.CallTarget, returned: list[tuple[bytes, ...]]) -> None:
+        """The worker gave these tasks back unrun (its running task waits in get): they go to another lease."""
+        lease = self._lease_at.get(address)
+        if lease is None or target != (lease.worker_id, 0):
+            return
+        again = [task for oids in returned if (task := lease.inflight.pop(ObjectId(oids[0]), None)) is not None]
+        for task in again:
+            task.lease = None
+        lease.depth = 1  # its running task is slow: one at a time until answers come quickly again
+        shape = self._shapes[lease.shape]
+        shape.queue.extendleft(reversed(again))
+        self._pump(shape)
+
     def on_node_lost(self, why: str) -> None:
         error = NodeUnavailableError(why)
         for task in list(self._tasks.values()):

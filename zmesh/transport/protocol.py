@@ -41,6 +41,7 @@ RESULT = b"r"  # ((oids, ok, frame counts, packed value frames), ...) + value fr
 REFUSED = b"f"  # (actor_id, incarnation, oids, ...): calls for another actor or incarnation, not run
 # caller -> leased task worker: (worker_id, 0, (oids, function key, options, packed frames), ...); answered by RESULT
 TASK = b"T"
+RETURNED = b"n"  # (worker_id, 0, oids, ...): tasks a worker sends back unrun, as its running task waits in get
 CANCEL = b"c"  # (object_id, force): caller -> the runtime of the task worker running that task
 LEASE_LOST = b"e"  # (lease_id, reason): node -> the client holding that lease (its worker or host is gone)
 # a streaming call's items (worker -> caller, on the call's connection) and the caller's credit (caller -> worker)
@@ -71,6 +72,7 @@ KNOWN_TYPES = frozenset(
         RESULT,
         REFUSED,
         TASK,
+        RETURNED,
         CANCEL,
         LEASE_LOST,
         ITEM,

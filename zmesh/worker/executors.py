@@ -95,6 +95,13 @@ class Inline:
         # Messages a streaming call's wait read off the sockets that are not its acks: run after it, in order.
         self._deferred: collections.deque[tuple[sockets.Socket, list[Any]]] = collections.deque()
         self._pumped = False  # a streaming call read the sockets itself: their epoll signals may be spent
+        # Set while the running task waits in get: what is queued behind it goes back to its callers unrun, as it
+        # comes (the task may wait for one of them). Tasks only: an actor's calls wait their turn, in order.
+        self._giving_back = threading.Event()
+        # The batch being answered and the index of the call running now: the rest of it goes back first.
+        self._batch: tuple[sockets.Socket, bytes, list[Any], int] | None = None
+        self._batch_given = False
+        self._giver: threading.Thread | None = None
 
     def submit(self, items: list[CallItem]) -> None:
         raise protocol.ProtocolError("a sequential actor takes calls on its own sockets only")
@@ -156,6 +163,7 @@ class Inline:
             if self._held and time.monotonic() - self._held_since >= _HOLD_S:
                 self._send_held()
             self.current = (sock, item[0])
+            self._batch = (sock, item[0], items, index)
             self._lock.release()
             try:
                 entry, flat = self.target.run(item)
@@ -166,10 +174,74 @@ class Inline:
                 self._held_to, self._held_since = (sock, item[0]), time.monotonic()
             self._held.append(entry)
             self._held_frames.extend(flat)
-            if index == last or len(self._held) >= _HOLD_MAX:
+            self._batch = None
+            if index == last or len(self._held) >= _HOLD_MAX or self._batch_given:
                 self._send_held()
             elif len(self._held) == 1:
                 self._watch_held()
+            if self._batch_given:
+                self._batch_given = False
+                return  # the rest went back to its caller while this call waited
+
+    # ------------------------------------------------------------------ a task waiting in get gives its queue back
+
+    def give_back(self, blocked: bool) -> None:
+        """The running task starts (True) or stops (False) waiting in get (main thread, during the task)."""
+        if not blocked:
+            with self._lock:
+                self._giving_back.clear()
+                self._pumped = True  # the giver may have read signals the main thread's epoll now misses
+            return
+        with self._lock:
+            self._send_held()
+            batch = self._batch
+            if batch is not None and not self._batch_given:
+                self._batch_given = True
+                sock, identity, items, index = batch
+                self._return(sock, identity, items[index + 1 :])
+            self._giving_back.set()
+            self._give_back_now()
+        if self._giver is None:
+            self._giver = threading.Thread(target=self._give_back_late, name="zmesh-give-back", daemon=True)
+            self._giver.start()
+
+    def _give_back_late(self) -> None:
+        """While the running task waits: tasks that arrive meanwhile go back too, within 20 ms."""
+        while True:
+            self._giving_back.wait()
+            time.sleep(0.02)
+            with self._lock:
+                if self._giving_back.is_set():
+                    self._give_back_now()
+
+    def _give_back_now(self) -> None:
+        """Read the sockets: tasks go back unrun, acks and releases are handled, the rest waits (``_lock`` held)."""
+        for sock in self.sockets:
+            while sockets.readable(sock):
+                self._between_items(sock, sockets.recv(sock))
+        kept: collections.deque[tuple[sockets.Socket, list[Any]]] = collections.deque()
+        for sock, frames in self._deferred:
+            try:
+                msg = protocol.decode(frames[1:])
+                if msg.type != self.target.message_type:
+                    raise protocol.ProtocolError("not a task")
+                target, items = self.target.split(frames[0], msg)
+            except (protocol.ProtocolError, serialization.DeserializationError):
+                kept.append((sock, frames))  # answered (or dropped) after the task, as it would have been
+                continue
+            if target != self.target.call_target:
+                kept.append((sock, frames))
+                continue
+            self._return(sock, frames[0], items)
+        self._deferred = kept
+
+    def _return(self, sock: sockets.Socket, identity: bytes, items: list[Any]) -> None:
+        if not items:
+            return
+        try:
+            sockets.send(sock, [identity, *calls.refusal(self.target.call_target, items, protocol.RETURNED)])
+        except zmq.ZMQError:
+            pass  # the caller is gone
 
     def send_item(self, frames: list[Any]) -> None:
         """Send a streaming call's item to its caller (main thread, during the call); earlier calls' results go first."""

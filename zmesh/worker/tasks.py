@@ -180,8 +180,13 @@ class TaskWorker:
         return self.executor.send_ahead([protocol.header_frame(protocol.LOG, (prefix, stream, text))], current[1])
 
     def _blocked(self, blocked: bool) -> None:
-        if self._running is not None:
-            self.rt.node.send(protocol.encode(protocol.REQUEST, (0, "blocked", (bool(blocked),))))
+        """The running task starts or stops waiting in get: its CPUs are lent meanwhile, and the tasks queued
+        behind it go back to their callers unrun (one of them may be what it waits for)."""
+        if self._running is None:
+            return
+        if threading.get_ident() == self._main:
+            self.executor.give_back(blocked)
+        self.rt.node.send(protocol.encode(protocol.REQUEST, (0, "blocked", (bool(blocked),))))
 
 
 def _sync(values: Any) -> Any:
