@@ -2,7 +2,8 @@
 
 A workload is a few caller threads, in one or several driver processes, each playing a list of
 ops: task chains passing refs (top-level or nested in a list) with faults on the way, tasks that
-submit tasks and get them, fan-out/fan-in, cancels. Every ref an op makes is judged exactly:
+submit tasks and get them, fan-out/fan-in, cancels, streaming generator tasks taken whole or
+stopped early (with an error mid-stream, and windows down to one item). Every ref an op makes is judged exactly:
 its value, or the one error the op allows. A worker kill (a crashing task, a forced cancel) may
 also take tasks that were in flight on the same lease; those cost a retry, so a task with fewer
 retries than the workload has kills may end with WorkerCrashedError, and nothing else.
@@ -11,8 +12,8 @@ After the callers, the runner checks that nothing is left: the driver's objects,
 counts and task state are back where they were, sampled task workers hold no objects, and every
 node has no granted or waiting lease and no busy task worker once the leases linger out.
 
-A new op kind (a streaming generator, say) is one more dataclass, one branch in ``_submit``
-returning its Pending refs, and one strategy in the test file.
+A new op kind is one more dataclass, one branch in ``_submit`` returning its Pending refs, and one
+strategy in the test file.
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def nest(depth: int, width: int, value: Any, how: str) -> Any:
         if len(ready) != len(refs):
             raise TimeoutError(f"{len(refs) - len(ready)} child tasks never ended")
     return [depth, zmesh.get(refs, timeout=INNER_TIMEOUT)]
+
+
+@zmesh.remote
+def produce(count: int, value: Any, fail_at: int | None) -> Any:
+    """A streaming task: ``[i, value]`` for each i, raising instead at ``fail_at``."""
+    for i in range(count):
+        if i == fail_at:
+            raise ValueError(f"stream broke at {i}")
+        yield [i, value]
 
 
 @zmesh.remote
@@ -186,6 +196,18 @@ class Cancel:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stream:
+    """A generator task of ``count`` items ``[i, value]``, raising at ``fail_at`` if set; the caller takes ``take`` refs
+    (fewer than it makes: an early stop, the generator dropped there) with ``window`` as its back-pressure window."""
+
+    count: int
+    take: int
+    fail_at: int | None = None
+    window: int | None = None
+    value: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskWorkload:
     callers: tuple[Caller, ...]
 
@@ -226,6 +248,8 @@ class TaskWorkload:
                     total += (2 + 2 * op.width**op.depth) * tw.value_bytes(op.value)
                 elif isinstance(op, Fan):
                     total += (2 + 3 * op.count) * tw.value_bytes(op.value)
+                elif isinstance(op, Stream):
+                    total += (2 + op.count) * tw.value_bytes(op.value)
         return total
 
 
@@ -312,6 +336,8 @@ def _submit(w: TaskWorkload, op: Any, where: str, salt: str, scratch: Path, dead
         return out
     if isinstance(op, Cancel):
         return _cancel(w, op, where, salt, scratch, deadline)
+    if isinstance(op, Stream):
+        return _stream(w, op, where, builder, deadline)
     raise TypeError(f"not a task workload op: {op!r}")
 
 
@@ -338,6 +364,38 @@ def _cancel(w: TaskWorkload, op: Cancel, where: str, salt: str, scratch: Path, d
     return [Pending(where, ref, Fails(TaskCancelledError))]
 
 
+def _stream(w: TaskWorkload, op: Stream, where: str, builder: Any, deadline: float) -> list[Pending]:
+    """Take ``op.take`` refs from a generator task, in order; at its end, the next one is StopIteration."""
+    arg, want = builder.build(op.value)
+    fn = produce.options(_generator_backpressure_num_objects=op.window) if op.window else produce
+    gen = fn.remote(op.count, arg, op.fail_at)
+    made = op.count if op.fail_at is None else op.fail_at + 1  # the failing item is a ref too: its get raises
+    # A stream is never retried: a kill of the worker it shares a lease with may end it early.
+    errors = w.collateral(Opts(max_retries=0))
+    out = []
+    for i in range(min(op.take, made)):
+        try:
+            ref = gen._next_sync(max(tw._left(deadline), 0.1))
+        except errors:
+            return out
+        except StopIteration:
+            raise AssertionError(f"{where}: the stream ended after {i} of {made} items") from None
+        if i == op.fail_at:
+            out.append(Pending(f"{where} item {i}", ref, Boom(f"stream broke at {i}")))
+        else:
+            out.append(Pending(f"{where} item {i}", ref, [i, tw.top(want)], errors))
+    if op.take >= made:
+        try:
+            extra = gen._next_sync(max(tw._left(deadline), 0.1))
+        except StopIteration:
+            return out
+        except errors:
+            return out
+        raise AssertionError(f"{where}: the stream gave a ref past its {made} items: {extra!r}")
+    del gen  # an early stop: the producer is told to stop, and the items it made past ``take`` are freed
+    return out
+
+
 def check_wait(refs: list[Any], where: str, deadline: float) -> None:
     """zmesh.wait on many task refs: a partial wait, then all of them; ready lists in input order, nothing lost."""
     half = max(1, len(refs) // 2)
@@ -345,7 +403,7 @@ def check_wait(refs: list[Any], where: str, deadline: float) -> None:
     assert len(ready) == half, f"{where}: zmesh.wait(num_returns={half}) gave {len(ready)} ready refs"
     assert [r for r in refs if r in set(ready)] == ready, f"{where}: zmesh.wait's ready list is out of order"
     assert collections.Counter(ready + rest) == collections.Counter(refs), f"{where}: zmesh.wait lost or invented refs"
-    _, left = zmesh.wait(rest, num_returns=len(rest), timeout=tw._left(deadline))
+    left = zmesh.wait(rest, num_returns=len(rest), timeout=tw._left(deadline))[1] if rest else []
     assert not left, f"{where}: {len(left)} tasks never ended"
 
 
@@ -425,6 +483,7 @@ def residue(rt: Any) -> dict[str, int]:
         "tasks": tc.pending,
         "queued": sum(len(s.queue) for s in list(tc._shapes.values())),
         "inflight": sum(len(x.inflight) for x in list(tc._leases.values())),
+        "streams": len(rt.streams),
     }
 
 

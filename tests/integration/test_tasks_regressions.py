@@ -114,3 +114,42 @@ def test_a_task_waiting_for_one_queued_behind_it_on_its_worker_does_not_deadlock
             zmesh.get(mailbox.put.remote(None), timeout=10)
     finally:
         zmesh.shutdown()
+
+
+@zmesh.remote
+def waits_for_the_mailbox(mailbox: Any) -> str:
+    deadline = time.monotonic() + 20
+    while zmesh.get(mailbox.take.remote(), timeout=10) is None:
+        assert time.monotonic() < deadline, "the mailbox stayed empty"
+        time.sleep(0.005)
+    return "done"
+
+
+@zmesh.remote
+def fresh(x: int) -> int:
+    return x + 1
+
+
+@pytest.mark.timeout(60)
+def test_tasks_given_back_keep_their_function_and_their_cancel() -> None:
+    """Two bugs of tasks given back by a waiting task (found by the torture test): the first task of a function carries
+    its code, and the worker never kept it, so later tasks of it failed there ("never sent to this worker"); and a task
+    cancelled while it was away was dropped, never ended."""
+    zmesh.init(num_cpus=4)
+    try:
+        mailbox = Mailbox.remote()
+        whole = same.options(num_cpus=4)
+        assert zmesh.get([whole.remote(i) for i in range(128)], timeout=30) == list(range(128))  # deep pipelining
+        waiter = waits_for_the_mailbox.options(num_cpus=4).remote(mailbox)
+        first = fresh.options(num_cpus=4).remote(1)  # behind the waiter, with fresh's code: given back
+        doomed = whole.remote(0)  # behind it too, cancelled while it is away
+        zmesh.cancel(doomed)
+        with pytest.raises(zmesh.exceptions.TaskCancelledError):
+            zmesh.get(doomed, timeout=20)
+        assert zmesh.get(first, timeout=20) == 2
+        mailbox.put.remote(["go"])
+        assert zmesh.get(waiter, timeout=20) == "done"
+        # The waiter's worker gets fresh's tasks again, without its code now.
+        assert zmesh.get([fresh.options(num_cpus=4).remote(i) for i in range(200)], timeout=30) == [i + 1 for i in range(200)]
+    finally:
+        zmesh.shutdown()

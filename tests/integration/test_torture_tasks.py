@@ -14,7 +14,7 @@ import torture_tasks as tt
 import torture_workloads as tw
 from hypothesis import HealthCheck, Phase, assume, example, given, note, seed, settings
 from hypothesis import strategies as st
-from torture_tasks import Cancel, Chain, Fan, Link, Nest, Opts, TaskWorkload
+from torture_tasks import Cancel, Chain, Fan, Link, Nest, Opts, Stream, TaskWorkload
 from torture_workloads import Caller, Collect
 
 import zmesh
@@ -92,6 +92,15 @@ def ops(spread: bool, faults: bool) -> st.SearchStrategy[Any]:
         st.builds(Fan, st.integers(1, 40), st.sampled_from(("wait", "top", "nested")), values(1, 0), options(spread)),
         st.builds(Collect, st.sampled_from(tw.HOWS)),
     ]
+    streams = st.builds(
+        Stream,
+        st.integers(0, 300),
+        st.integers(0, 320),
+        st.one_of(st.none(), st.integers(0, 40)) if faults else st.none(),
+        st.sampled_from((None, 1, 2, 64)),
+        values(1, 0),
+    )
+    choices.append(streams)
     if faults:
         choices.append(st.builds(Cancel, st.sampled_from(("pending", "running", "force", "now"))))
     return st.one_of(choices)

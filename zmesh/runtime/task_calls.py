@@ -204,7 +204,9 @@ class TaskCalls:
                 batch: list[tuple[tuple[Any, ...], list[Any]]] = []
                 while queue and len(lease.inflight) < lease.depth:
                     task = queue.popleft()
-                    if task.cancelled:
+                    if task.cancelled:  # cancelled while it was away (given back by a worker): it ends here
+                        self._finish(task)
+                        self._results.fail(task.oids, TaskCancelledError(f"task {task.name} was cancelled"))
                         continue
                     batch.append(self._entry(task, lease))
                 if batch:

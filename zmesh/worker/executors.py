@@ -39,6 +39,9 @@ class Target(Protocol):
     def split(self, identity: bytes, msg: protocol.Message) -> tuple[calls.CallTarget, list[Any]]:
         """The target a batch names and its items, in order; ProtocolError if malformed."""
 
+    def keep_code(self, items: list[Any]) -> None:
+        """Items go back to their caller unrun: keep any code they carry, which later ones will not (tasks)."""
+
     def refusal(self, target: calls.CallTarget, items: list[CallItem]) -> list[Any]:
         """The frames refusing a batch meant for ``target`` (another actor or incarnation), unrun."""
 
@@ -238,6 +241,7 @@ class Inline:
     def _return(self, sock: sockets.Socket, identity: bytes, items: list[Any]) -> None:
         if not items:
             return
+        self.target.keep_code(items)
         try:
             sockets.send(sock, [identity, *calls.refusal(self.target.call_target, items, protocol.RETURNED)])
         except zmq.ZMQError:

@@ -144,6 +144,9 @@ class ActorWorker:
     def split(self, identity: bytes, msg: protocol.Message) -> tuple[calls.CallTarget, list[Any]]:
         return calls.split_calls(identity, msg)
 
+    def keep_code(self, items: list[Any]) -> None:
+        pass  # an actor's calls carry no code
+
     def refusal(self, target: calls.CallTarget, items: list[CallItem]) -> list[Any]:
         """The answer to a batch meant for another actor or incarnation (a caller's stale view): none of it runs."""
         logger.debug("refusing %d call(s) for actor %s incarnation %d: this is %s incarnation %d", len(items), *target, *self.call_target)

@@ -75,6 +75,15 @@ class TaskWorker:
     def split(self, identity: bytes, msg: protocol.Message) -> tuple[calls.CallTarget, list[Any]]:
         return calls.split_tasks(identity, msg)
 
+    def keep_code(self, items: list[Any]) -> None:
+        """Tasks given back unrun: the functions they carry are kept, as the caller sends them to this worker once."""
+        for _, _, fn_key, options, frames in items:
+            if frames[0]:
+                try:
+                    self._function(fn_key, frames[0], options)
+                except Exception:  # it fails, naming why, wherever the task runs
+                    logger.debug("could not load the function of a task given back", exc_info=True)
+
     def refusal(self, target: calls.CallTarget, items: list[Any]) -> list[Any]:
         logger.debug("refusing %d task(s) for worker %s: this is %s", len(items), target[0], self.worker_id)
         return calls.refusal(target, items)
