@@ -58,7 +58,8 @@ def test_spread_tasks_submitted_one_after_another_land_on_every_member(cluster: 
     """SPREAD tasks submitted one after another, each while the one before runs, land on every member.
 
     The task tests saw them pile up two to a node while members published their freed or reserved CPUs late
-    (fixed above); SPREAD now also counts each member's task leases with its actors.
+    (fixed above). Counting each member's task leases with its actors made it worse: the caller's idle leases of
+    other shapes, lingering, pushed SPREAD away from their nodes; it ranks by actors, CPU load and recent placements.
     """
     spread = where_after.options(scheduling_strategy="SPREAD")
     for _ in range(3):

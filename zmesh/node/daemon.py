@@ -174,10 +174,6 @@ class Node:
         if change.state in (membership.DEAD, membership.LEFT):
             self.leases.member_gone(change.node_id)
 
-    def _entry(self) -> dict[str, Any]:
-        """This node's gossip entry: the actor layer's, and how many task leases run here."""
-        return {**self.actors.entry(), "leases": self.leases.granted_here()}
-
     def _worker_spawned(self, token: str, pid: int) -> None:
         if self.leases.owns_token(token):
             self.leases.spawned(token, pid)
@@ -201,7 +197,7 @@ class Node:
         # At once, not at the next round: the refutation that follows re-sends our entry at a new
         # incarnation, and it must not carry the buried actors back into the others' views.
         self.chores.publish = False
-        self.mesh.set_entry(self._entry(), time.monotonic())
+        self.mesh.set_entry(self.actors.entry(), time.monotonic())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -286,7 +282,7 @@ class Node:
             # At most one new version of our entry per gossip round, however busy the node is.
             chores.publish = False
             self._next_publish = now + self.config.gossip_round_s
-            self.mesh.set_entry(self._entry(), now)
+            self.mesh.set_entry(self.actors.entry(), now)
         if chores.schedule or now >= chores.schedule_at:
             chores.schedule = False
             chores.schedule_at = float("inf")

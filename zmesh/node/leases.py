@@ -189,8 +189,7 @@ class Leases:
     def schedule(self, now: float) -> None:
         if not self._waiting:
             return
-        # SPREAD ranks members by what they run: their task leases count with their actors.
-        view = [dataclasses.replace(v, actors=v.actors + self._leases_on(v.node_id)) for v in self._placement.node_views()]
+        view = self._placement.node_views()
         members = {m.node_id: m.state for m in self._mesh.membership.members()}
         for lease in list(self._waiting):
             decision = scheduler.place(
@@ -223,17 +222,6 @@ class Leases:
             else:
                 self._forward(lease, decision.node_id, now)
 
-    def granted_here(self) -> int:
-        """Leases granted on this node now (its gossip entry carries the count, for SPREAD elsewhere)."""
-        return sum(1 for x in self._leases.values() if x.state == GRANTED and x.host == self._me)
-
-    def _leases_on(self, node_id: str) -> int:
-        if node_id == self._me:
-            return self.granted_here()
-        entry = self._mesh.gossip.entry(node_id)
-        count = entry.data.get("leases") if entry is not None else None
-        return count if isinstance(count, int) and count >= 0 else 0
-
     def _bind(self, lease: Lease) -> None:
         """Give ``lease`` (resources reserved here) a worker: an idle one, else a new one from the pool."""
         lease.state = STARTING
@@ -254,7 +242,6 @@ class Leases:
     def _grant(self, lease: Lease, proc: Proc) -> None:
         lease.state, lease.proc, proc.lease = GRANTED, proc, lease
         self.granted += 1
-        self._chores.publish = True
         env = {}
         if lease.reservation is not None and lease.reservation.gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, lease.reservation.gpu_ids))
