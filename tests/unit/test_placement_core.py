@@ -157,3 +157,25 @@ def test_after_a_partition_every_member_picks_the_same_winner(holders: list[tupl
     items = [registry.Holder(actor_id, created) for created, actor_id in holders]
     winner = registry.pick_winner(items)
     assert all(registry.pick_winner(list(order)) == winner for order in itertools.islice(itertools.permutations(items), 10))
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=6),
+    st.integers(0, 5),
+)
+def test_spread_for_tasks_takes_every_member_that_fits_in_turn(nodes: list[tuple[int, bool]], start: int) -> None:
+    """Round robin over the members with room, by id, from the one after the last: a burst of SPREAD leases lands on
+    each member in turn, whatever gossip says of their load."""
+    view = [scheduler.NodeView(f"n{i}", {"CPU": 4}, {"CPU": float(free)}, draining=draining) for i, (free, draining) in enumerate(nodes)]
+    fit = sorted(v.node_id for v in view if not v.draining and v.available["CPU"] >= 1)
+    last = f"n{start}"
+    seen = []
+    for _ in range(len(fit)):
+        pick = scheduler.spread_after({"CPU": 1}, view, set(), last)
+        if not fit:
+            assert pick is None
+            return
+        assert pick is not None and pick.node_id in fit
+        seen.append(pick.node_id)
+        last = pick.node_id
+    assert sorted(seen) == fit

@@ -18,6 +18,7 @@ a task waits in ``zmesh.get`` its lease lends its CPUs back (``blocked``), as Ra
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 TOKEN_PREFIX = "t:"  # the worker pool's tokens of task workers (an actor's are its own)
 WAITING, FORWARDED, STARTING, GRANTED = "WAITING", "FORWARDED", "STARTING", "GRANTED"
 RETURNED = ("Returned", "the lease was handed back before it was granted")
+RECENT_S = 1.0  # a few gossip rounds: how long a placement counts against its member for the next ones
 _START_TRIES = 3  # workers that may die starting for one lease before it fails
 
 Answer = Callable[[bool, Any], None]
@@ -110,7 +112,10 @@ class Leases:
         self._by_worker: dict[str, Proc] = {}
         self._by_client: dict[ClientId, Proc] = {}
         self._idle: list[Proc] = []
-        self._placed_recently: dict[str, int] = {}
+        # Where leases went in the last RECENT_S (here too): gossip shows a member's reservation a round or
+        # more after it granted; DEFAULT breaks ties between members with room away from them meanwhile.
+        self._recent: collections.deque[tuple[float, str]] = collections.deque()
+        self._spread_last = ""  # the member the last SPREAD lease went to: the next goes to the next one that fits
         self._keep_idle = config.task_workers_idle or max(1, int(resources.total.get("CPU", 0)) or (os.cpu_count() or 1))
         self.granted = 0  # leases ever granted here (status)
 
@@ -191,9 +196,15 @@ class Leases:
             return
         view = self._placement.node_views()
         members = {m.node_id: m.state for m in self._mesh.membership.members()}
+        while self._recent and now - self._recent[0][0] > RECENT_S:
+            self._recent.popleft()
+        recent = collections.Counter(node for _, node in self._recent)
         for lease in list(self._waiting):
-            decision = scheduler.place(
-                lease.demand, lease.strategy, self._me, view, lease.tried, self._placed_recently,
+            spread = scheduler.spread_after(lease.demand, view, lease.tried, self._spread_last) if lease.strategy == "SPREAD" else None
+            if spread is not None:
+                self._spread_last = spread.node_id
+            decision = spread or scheduler.place(
+                lease.demand, lease.strategy, self._me, view, lease.tried, recent,
                 members, now - lease.waiting_since, self._config.affinity_wait_s,
             )  # fmt: skip
             if isinstance(decision, scheduler.Fail):
@@ -215,12 +226,16 @@ class Leases:
                     continue
                 self._waiting.remove(lease)
                 self._chores.publish = True
+                self._recent.append((now, self._me))
+                recent[self._me] += 1
                 lease.reservation, lease.host = reservation, self._me
                 self._bind(lease)
                 mine = view[0]
                 view[0] = scheduler.NodeView(self._me, mine.total, dict(self._resources.available), mine.actors, mine.draining)
             else:
                 self._forward(lease, decision.node_id, now)
+                self._recent.append((now, decision.node_id))
+                recent[decision.node_id] += 1
 
     def _bind(self, lease: Lease) -> None:
         """Give ``lease`` (resources reserved here) a worker: an idle one, else a new one from the pool."""
@@ -363,11 +378,9 @@ class Leases:
     def _forward(self, lease: Lease, target: str, now: float) -> None:
         self._waiting.remove(lease)
         lease.state, lease.host = FORWARDED, target
-        self._placed_recently[target] = self._placed_recently.get(target, 0) + 1
         body = {"lease_id": lease.lease_id, "demand": lease.demand}
 
         def on_reply(ok: bool, value: Any, _: list[Any]) -> None:
-            self._placed_recently[target] = max(0, self._placed_recently.get(target, 1) - 1)
             if self._leases.get(lease.lease_id) is not lease or lease.state != FORWARDED:
                 if ok and isinstance(value, list | tuple):
                     self._mesh.send(target, "lease_return", {"lease_id": lease.lease_id, "kill": False})

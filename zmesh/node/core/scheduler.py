@@ -108,6 +108,16 @@ def place(
     return Place(min(candidates, key=lambda n: (n.actors + recent.get(n.node_id, 0), _load(n, recent), n.node_id)).node_id)
 
 
+def spread_after(demand: Mapping[str, float], view: Sequence[NodeView], tried: frozenset[str] | set[str], last: str) -> Place | None:
+    """SPREAD for task leases, as Ray spreads tasks: round robin over the members that fit now, the next one by id after
+    ``last``. Fewest-actors (``place``) would read each member's load from gossip, a round or more behind a burst;
+    None when no member fits now (``place`` then says whether to wait or fail)."""
+    fit = sorted(n.node_id for n in view if not n.draining and n.node_id not in tried and fits(demand, n.available))
+    if not fit:
+        return None
+    return Place(next((n for n in fit if n > last), fit[0]))
+
+
 def _affinity(
     demand: Mapping[str, float],
     target: str | None,
