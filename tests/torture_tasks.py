@@ -369,7 +369,8 @@ def _stream(w: TaskWorkload, op: Stream, where: str, builder: Any, deadline: flo
     arg, want = builder.build(op.value)
     fn = produce.options(_generator_backpressure_num_objects=op.window) if op.window else produce
     gen = fn.remote(op.count, arg, op.fail_at)
-    made = op.count if op.fail_at is None else op.fail_at + 1  # the failing item is a ref too: its get raises
+    fails = op.fail_at is not None and op.fail_at < op.count
+    made = op.fail_at + 1 if fails and op.fail_at is not None else op.count  # the failing item is a ref too: its get raises
     # A stream is never retried: a kill of the worker it shares a lease with may end it early.
     errors = w.collateral(Opts(max_retries=0))
     out = []
@@ -380,7 +381,7 @@ def _stream(w: TaskWorkload, op: Stream, where: str, builder: Any, deadline: flo
             return out
         except StopIteration:
             raise AssertionError(f"{where}: the stream ended after {i} of {made} items") from None
-        if i == op.fail_at:
+        if fails and i == op.fail_at:
             out.append(Pending(f"{where} item {i}", ref, Boom(f"stream broke at {i}")))
         else:
             out.append(Pending(f"{where} item {i}", ref, [i, tw.top(want)], errors))

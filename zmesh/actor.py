@@ -98,12 +98,12 @@ class ActorClass:
         return ActorClass(self._cls, ActorOptions.build(self._options, **options), self._shared)
 
     def _class_blob(self) -> tuple[str, bytes, MethodMeta]:
-        if "blob" not in self._shared:
+        code = self._shared.get("code")
+        if code is None:
+            # One assignment: a thread creating its first actor of this class at the same moment sees all or none.
             blob = serialization.dumps_code(self._cls)
-            self._shared["blob"] = blob
-            self._shared["key"] = hashlib.sha256(blob).hexdigest()[:32]
-            self._shared["methods"] = _methods(self._cls)
-        return self._shared["key"], self._shared["blob"], self._shared["methods"]
+            code = self._shared["code"] = (hashlib.sha256(blob).hexdigest()[:32], blob, _methods(self._cls))
+        return code
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         rt = current_runtime()

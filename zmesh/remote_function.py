@@ -53,17 +53,17 @@ class RemoteFunction:
         """A copy with these options; raises ValueError on a bad one."""
         return RemoteFunction(self._fn, TaskOptions.build(self._options, **options), self._shared)
 
-    def _blob(self) -> tuple[str, bytes]:
-        if "blob" not in self._shared:
+    def _blob(self) -> tuple[str, bytes, list[str]]:
+        """(key, pickled function, import path), made once; one assignment, so a thread racing us sees all or none."""
+        code = self._shared.get("code")
+        if code is None:
             try:
                 blob = serialization.dumps_code(self._fn)
             except serialization.SerializationError as exc:
                 raise TypeError(f"remote function {self.__qualname__!r} cannot be pickled: {exc.__cause__ or exc}") from None
-            self._shared["blob"] = blob
-            self._shared["key"] = "f" + hashlib.sha256(blob).hexdigest()[:32]
             # Modules the function refers to by name must import in the worker as they do here.
-            self._shared["path"] = code_path()
-        return self._shared["key"], self._shared["blob"]
+            code = self._shared["code"] = ("f" + hashlib.sha256(blob).hexdigest()[:32], blob, code_path())
+        return code
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         arity = self._arity
@@ -73,7 +73,7 @@ class RemoteFunction:
             except TypeError as exc:
                 raise TypeError(f"{self.__qualname__}.remote(): {exc}") from None
         rt = current_runtime()
-        key, blob = self._blob()
+        key, blob, path = self._blob()
         opts = self._options
         with ownership.collect() as refs:
             frames = serialization.dumps_args(args, kwargs)
@@ -101,7 +101,7 @@ class RemoteFunction:
             retry_exceptions=opts.retry_exceptions,
             keep=refs or None,
             deps=[],
-            path=self._shared["path"],
+            path=path,
         )
         rt.submit_task(task, deps, self._demand, self._strategy)
         if returns == 1:

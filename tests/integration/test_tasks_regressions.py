@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -154,3 +155,40 @@ def test_tasks_given_back_keep_their_function_and_their_cancel() -> None:
         assert zmesh.get([fresh.options(num_cpus=4).remote(i) for i in range(200)], timeout=30) == [i + 1 for i in range(200)]
     finally:
         zmesh.shutdown()
+
+
+def test_the_first_remote_calls_of_a_function_and_a_class_from_many_threads_at_once(local: None) -> None:
+    """The code was made once, in three assignments: a thread racing the first one read a half-made entry (KeyError:
+    'path'; found by the task torture test). Fresh function and class objects, so each round races a first use; the
+    old window was a few bytecodes wide, so this does not catch it every time (the torture test did, from drivers)."""
+    for _ in range(5):
+        race_first_use()
+
+
+def race_first_use() -> None:
+    def double(x: int) -> int:
+        return 2 * x
+
+    class Box:
+        def get(self, x: int) -> int:
+            return x
+
+    fn, cls = zmesh.remote(double), zmesh.remote(Box)
+    refs: list[Any] = []
+    errors: list[BaseException] = []
+    gate = threading.Barrier(8)
+
+    def use(i: int) -> None:
+        try:
+            gate.wait(timeout=10)
+            refs.append(fn.remote(i) if i % 2 else cls.remote().get.remote(i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not errors, errors
+    assert sorted(zmesh.get(refs, timeout=30)) == sorted(2 * i if i % 2 else i for i in range(8))

@@ -73,8 +73,10 @@ def links(spread: bool, faults: bool) -> st.SearchStrategy[Link]:
     kinds = ("", "", "raise", "raise_once", "exit_once", "kill_once") if faults else ("",)
 
     def fix(x: Link) -> Link:
-        # A task that always raises and retries on it for ever would never end.
-        if x.fault == "raise" and x.opts.max_retries == -1 and x.opts.retry_exceptions in (True, "ValueError"):
+        # A task that always raises and retries on it for ever would never end, as in Ray: one that raises itself,
+        # or a nested link, which re-raises an upstream error from its get (an application error like any other).
+        raises = x.fault == "raise" or x.mode == "nested"
+        if raises and x.opts.max_retries == -1 and x.opts.retry_exceptions in (True, "ValueError"):
             return Link(x.mode, x.fault, Opts(1, x.opts.retry_exceptions, x.opts.spread))
         return x
 
