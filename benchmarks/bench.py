@@ -411,7 +411,7 @@ def bench_task_pipelined(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
 
 
 def numbers(n: int) -> Iterator[int]:
-    for i in range(n):  # not ``yield from``: Ray 2.60's generator tasks cannot take it
+    for i in range(n):  # noqa: UP028 - not ``yield from``: Ray 2.60's generator tasks cannot take it
         yield i
 
 
