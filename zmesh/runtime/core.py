@@ -359,9 +359,7 @@ class Runtime:
 
     def _after_round(self) -> None:
         self.object_service.after_round()
-        now = time.monotonic()
-        self.task_calls.after_round(now)
-        self.peers.reap(now)
+        self.task_calls.after_round(time.monotonic())
         if self.kind == "worker" and self.dropped != self._dropped_reported and self.node.lost is None:
             self._dropped_reported = self.dropped
             self.node.send_now(protocol.encode(protocol.REQUEST, (0, "dropped", (self.dropped,))))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +16,6 @@ from zmesh.transport.security import Security
 
 # Gone peers remembered, so late messages to them are dropped instead of queued for ever.
 _REMEMBER_GONE = 10_000
-# A dropped connection is closed this long after: closing it while its engine still fails on a peer that just died,
-# half-way through sending a message of several frames, makes libzmq 4.3 abort the process (session_base.cpp:233,
-# libzmq issue #3442). Left a moment, the engine's own error cleans up first.
-CLOSE_AFTER_S = 2.0
 
 
 class ConnectFailed(ZmeshError):
@@ -44,7 +39,6 @@ class Peers:
         self._loop = loop
         self._on_message = on_message
         self._sockets: dict[str, sockets.Socket] = {}
-        self._closing: list[tuple[float, sockets.Socket]] = []  # dropped, closed CLOSE_AFTER_S later (reap)
         self.gone: Recent[str, None] = Recent(_REMEMBER_GONE)
         loop.on_close(self.close_all)
 
@@ -67,16 +61,11 @@ class Peers:
         return sock
 
     def drop(self, address: str) -> None:
-        """Let go of the connection to ``address``: nothing more is read or sent on it, and it is closed soon (``reap``)."""
+        """Close the connection to ``address``; what was queued on it is discarded."""
         sock = self._sockets.pop(address, None)
         if sock is not None:
             self._loop.unwatch(sock)
-            self._closing.append((time.monotonic(), sock))
-
-    def reap(self, now: float) -> None:
-        """Close the connections dropped ``CLOSE_AFTER_S`` ago or more (I/O thread)."""
-        while self._closing and now - self._closing[0][0] >= CLOSE_AFTER_S:
-            self._closing.pop(0)[1].close(linger=0)
+            sock.close(linger=0)
 
     def mark_gone(self, address: str) -> None:
         self.gone.add(address, None)
@@ -84,9 +73,6 @@ class Peers:
     def close_all(self) -> None:
         for address in list(self._sockets):
             self.drop(address)
-        for _, sock in self._closing:
-            sock.close(linger=0)
-        self._closing.clear()
 
     def __len__(self) -> int:
         return len(self._sockets)
