@@ -294,7 +294,6 @@ class ObjectService:
         with self._lock:
             entry = self._store.get_locked(oid)
             if entry is not None and not entry.done:
-                entry.remote_waiters = objects.listed(entry.remote_waiters)
                 entry.remote_waiters.append(identity)
                 return
         self._outbox.send_router([identity, *self._object_frames(oid, entry)])

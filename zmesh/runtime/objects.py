@@ -38,15 +38,6 @@ class Waiter:
         return self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
 
 
-# The empty list every entry starts with, never appended to: ``listed`` swaps in a list of its own first.
-_NONE: list[Any] = []
-
-
-def listed(items: list[Any]) -> list[Any]:
-    """``items`` if it is an entry's own list, else a new one to store back on the entry before appending."""
-    return [] if items is _NONE else items
-
-
 class Entry:
     __slots__ = (
         "borrowers",
@@ -68,10 +59,9 @@ class Entry:
         self.ok = True
         self.error: BaseException | None = None  # an error raised on this side, never serialized
         self.done = False
-        # Made on first use (``listed``): most entries never wait for anything, and a task burst makes 100,000 of them.
-        self.waiters: list[Waiter] = _NONE
-        self.callbacks: list[Callable[[], None]] = _NONE
-        self.remote_waiters: list[bytes] = _NONE
+        self.waiters: list[Waiter] = []
+        self.callbacks: list[Callable[[], None]] = []
+        self.remote_waiters: list[bytes] = []
         self.owned = owned
         self.fetching = False
         # Owned: processes that told us they hold references to it (address -> how many times).
@@ -195,9 +185,9 @@ class ObjectStore:
         entry.ok = ok
         entry.error = error
         entry.done = True
-        waiters, entry.waiters = entry.waiters, _NONE
-        callbacks, entry.callbacks = entry.callbacks, _NONE
-        remote, entry.remote_waiters = entry.remote_waiters, _NONE
+        waiters, entry.waiters = entry.waiters, []
+        callbacks, entry.callbacks = entry.callbacks, []
+        remote, entry.remote_waiters = entry.remote_waiters, []
         self._maybe_free(oid)  # nobody holds a reference any more: a fire-and-forget call
         return entry, waiters, callbacks, remote
 
@@ -222,7 +212,6 @@ class ObjectStore:
                         return ready
                     event.clear()
                     for e in pending:
-                        e.waiters = listed(e.waiters)
                         e.waiters.append(event)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -239,7 +228,6 @@ class ObjectStore:
             if entry.done:
                 return True
             event.clear()
-            entry.waiters = listed(entry.waiters)
             entry.waiters.append(event)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         done = event.wait(remaining)
@@ -264,7 +252,6 @@ class ObjectStore:
     def add_callback(self, entry: Entry, callback: Callable[[], None]) -> None:
         with self._lock:
             if not entry.done:
-                entry.callbacks = listed(entry.callbacks)
                 entry.callbacks.append(callback)
                 return
         callback()

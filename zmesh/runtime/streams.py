@@ -190,7 +190,6 @@ class Streams:
             return
         entry = self._store.get_locked(stream.generator)
         if entry is not None and not entry.done:
-            entry.callbacks = objects.listed(entry.callbacks)
             entry.callbacks.append(functools.partial(self._wake, stream))
             stream.watching = True
 

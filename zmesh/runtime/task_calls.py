@@ -136,7 +136,7 @@ class TaskCalls:
 
     def submit(self, task: Task, deps: list[tuple[ObjectId, str]]) -> None:
         """Queue ``task`` (its result entries already made); ``deps``: its top-level ref inputs."""
-        task.deps = self._results.entries_for(deps) if deps else _NO_DEPS
+        task.deps = self._results.entries_for(deps) if deps else []
         self._incoming.append(task)
         self._loop.push((RUN, None, self._take_incoming))
 
@@ -183,7 +183,7 @@ class TaskCalls:
         if task.cancelled:
             return False
         failed = next((e for e in task.deps if not e.ok or e.error is not None), None)
-        task.deps = _NO_DEPS
+        task.deps = []
         if failed is not None:
             self._finish(task)
             self._results.complete([(oid, failed.frames, False, failed.error) for oid in task.oids])
@@ -457,9 +457,6 @@ class TaskCalls:
             return
         frames = protocol.encode(protocol.CANCEL, (bytes(task.oids[0]), bool(recursive)))
         self._loop.push((TO_PEER, lease.runtime_address, frames))
-
-
-_NO_DEPS: list[objects.Entry] = []  # shared, never appended to: most tasks have no ref inputs
 
 
 def _ignore(ok: bool, value: Any, payload: list[Any]) -> None:
