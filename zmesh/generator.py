@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from zmesh.exceptions import ZmeshError
 from zmesh.object_ref import ObjectRef
-from zmesh.runtime import Runtime
+from zmesh.runtime import Runtime, objects
 from zmesh.runtime.streams import Stream
 
 
@@ -92,18 +91,6 @@ class ObjectRefGenerator:
 
 async def _changed(rt: Runtime, stream: Stream) -> None:
     """Wait until the stream may have something for its consumer (an item, its end, an error)."""
-    loop = asyncio.get_running_loop()
-    woken = loop.create_future()
-
-    def set_woken() -> None:
-        if not woken.done():
-            woken.set_result(None)
-
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(set_woken)
-        except RuntimeError:
-            pass  # the loop closed while waiting
-
+    woken, wake = objects.loop_waiter()
     rt.streams.on_change(stream, wake)
     await woken

@@ -5,13 +5,12 @@ Its module path is part of the wire format (refs are pickled across processes).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 from collections.abc import Generator
 from typing import Any
 
 from zmesh import runtime as runtime_mod
-from zmesh.runtime import Runtime, ownership
+from zmesh.runtime import Runtime, objects, ownership
 from zmesh.transport.ids import ObjectId
 
 
@@ -75,21 +74,9 @@ class ObjectRef:
 
     def __await__(self) -> Generator[Any, None, Any]:
         rt = self._runtime()
-        loop = asyncio.get_running_loop()
         entry = rt.entries_for([(self.id, self.owner)])[0]
-        waiter = loop.create_future()
-
-        def wake() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        def wake_soon() -> None:
-            try:
-                loop.call_soon_threadsafe(wake)
-            except RuntimeError:
-                pass  # the loop closed while waiting: nobody is left to wake
-
-        rt.objects.add_callback(entry, wake_soon)
+        waiter, wake = objects.loop_waiter()
+        rt.objects.add_callback(entry, wake)
         yield from waiter.__await__()
         return rt.value_of(entry)
 

@@ -6,6 +6,7 @@ Thread-safe under the runtime's lock: user threads wait, the I/O thread complete
 from __future__ import annotations
 
 import _thread
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -263,6 +264,24 @@ class ObjectStore:
                 _, waiters, callbacks, _ = self.complete_locked(oid, None, ok=False, error=error)
                 woken.append((waiters, callbacks))
         return woken
+
+
+def loop_waiter() -> tuple[asyncio.Future[None], Callable[[], None]]:
+    """A future on the running loop, and what any thread calls to complete it (nothing once that loop closed)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(done)
+        except RuntimeError:
+            pass  # the loop closed while waiting: nobody is left to wake
+
+    return future, wake
 
 
 def wake(waiters: Iterable[Waiter], callbacks: Iterable[Callable[[], None]]) -> None:

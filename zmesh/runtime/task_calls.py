@@ -119,7 +119,6 @@ class TaskCalls:
         self._lease_at: dict[str, Lease] = {}
         self._tasks: dict[ObjectId, Task] = {}  # every task not finished, by its first result id
         self._lease_ids = 0
-        self._submitted = 0  # how many tasks were ever submitted: names the task of a worker (get_task_id)
 
     def register(self, inbound: Inbound) -> None:
         inbound.news.register(protocol.LEASE_LOST, lambda _, m: self._lease_lost(str(m.header[0]), str(m.header[1])), header_len(2))

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from zmesh.runtime import Runtime, calls
+from zmesh.runtime import Runtime, calls, objects
 from zmesh.runtime.inbound import Inbound
 from zmesh.transport import protocol
 from zmesh.transport.ids import ObjectId, item_id
@@ -66,19 +66,7 @@ class Credit:
             return self._cond.wait_for(lambda: self.cancelled or self.allows(index), timeout)
 
     async def wait_async(self, index: int, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        woken = loop.create_future()
-
-        def set_woken() -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(set_woken)
-            except RuntimeError:
-                pass  # the loop closed: nobody is left waiting
-
+        woken, wake = objects.loop_waiter()
         with self._cond:
             if self.cancelled or self.allows(index):
                 return True
