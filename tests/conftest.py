@@ -18,7 +18,7 @@ from zmq.utils import garbage as zmq_garbage
 
 import zmesh
 from zmesh.testing import NodeProcess, wait_for, zmesh_processes
-from zmesh.transport import rundir, sockets
+from zmesh.transport import rundir, shm, sockets
 
 # Warm workers (node/pool/warm.py) outlive a test's last creation by warm_idle_s before they are sent away, and
 # every test waits for its processes to be gone: a short idle keeps that wait short (nodes and drivers the
@@ -70,6 +70,7 @@ class _Resources:
     fds: set[int]
     sockets: set[str]
     contexts: int
+    segments: set[str]
 
     @classmethod
     def now(cls, run_dir: Path) -> _Resources:
@@ -84,6 +85,7 @@ class _Resources:
             fds={int(fd) for fd in os.listdir("/proc/self/fd")},
             sockets={p.name for p in rundir.socket_dir().glob("*.sock")},
             contexts=sum(1 for ctx in sockets.live_contexts if not ctx.closed),
+            segments=_segments(),
         )
 
     def leaked_since(self, before: _Resources) -> dict[str, Any]:
@@ -99,7 +101,20 @@ class _Resources:
             leaks["IPC socket files"] = sorted(self.sockets - before.sockets)
         if self.contexts > before.contexts:
             leaks["ZeroMQ contexts"] = self.contexts - before.contexts
+        if self.segments - before.segments:
+            leaks["shared-memory segments"] = sorted(self.segments - before.segments)
         return leaks
+
+
+def _segments() -> set[str]:
+    """Object-store files in /dev/shm; a SIGKILLed node's lock file is no leak (the next node sweeps it), its segments are."""
+    names = {p.name for p in shm.directory().glob("zmesh.*")}
+    for lock in [n for n in names if n.endswith(".lock")]:
+        store = lock[len("zmesh.") : -len(".lock")]
+        if not any(n.startswith(f"zmesh.{store}.") and n != lock for n in names) and shm.lock_is_free(store):
+            shm.unlink(lock)
+            names.discard(lock)
+    return names
 
 
 def _fd_target(fd: int) -> str:

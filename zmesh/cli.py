@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--num-cpus", type=_amount_arg, default=None, help="CPUs to advertise (default: all)")
     node.add_argument("--num-gpus", type=_amount_arg, default=None, help="GPUs to advertise (default 0)")
+    node.add_argument(
+        "--object-store-memory",
+        metavar="BYTES",
+        default=None,
+        help="shared memory for large objects, e.g. 2G (default: 30%% of the machine's memory)",
+    )
     node.add_argument("--resources", type=_resources, default=None, help="custom resources as JSON, e.g. '{\"special\": 1}'")
     node.add_argument("--log-level", type=_log_level, default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     node.add_argument("--cluster", metavar="NAME", help="cluster name: nodes of this host with the same name find each other")
@@ -135,6 +141,7 @@ _NODE_FLAGS = {
     "num_cpus": ("--num-cpus", "num_cpus"),
     "num_gpus": ("--num-gpus", "num_gpus"),
     "resources": ("--resources", "resources"),
+    "object_store_memory": ("--object-store-memory", "object_store_memory"),
     "cluster": ("--cluster", "cluster"),
     "join": ("--join", "join"),
     "mdns": ("--mdns", "mdns"),
@@ -150,7 +157,7 @@ def _run_node(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         given = {dest: getattr(args, dest) for dest in _NODE_FLAGS if getattr(args, dest) is not None}
-        for dest in ("join", "mdns"):  # given as text, as --config would give them
+        for dest in ("join", "mdns", "object_store_memory"):  # given as text, as --config would give them
             if dest in given:
                 given[dest] = parse_field(dest, given[dest])
         flags = {field: (flag, given[dest]) for dest, (flag, field) in _NODE_FLAGS.items() if dest in given}

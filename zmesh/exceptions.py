@@ -10,6 +10,7 @@
      ├── GetTimeoutError         also a TimeoutError
      ├── ActorAlreadyExistsError also a ValueError
      ├── ObjectLostError         the owner of an object is gone
+     ├── ObjectStoreFullError    a large value does not fit in its node's shared-memory store
      ├── TaskCancelledError      the task was cancelled with zmesh.cancel()
      ├── WorkerCrashedError      the task's worker died and no retry was left
      └── NodeUnavailableError    also a ConnectionError: no node answered
@@ -27,6 +28,7 @@ __all__ = [
     "GetTimeoutError",
     "NodeUnavailableError",
     "ObjectLostError",
+    "ObjectStoreFullError",
     "TaskCancelledError",
     "TaskError",
     "WorkerCrashedError",
@@ -60,6 +62,10 @@ class ActorAlreadyExistsError(ZmeshError, ValueError):
 
 class ObjectLostError(ZmeshError):
     """The value behind an ObjectRef can no longer be fetched (its owner exited)."""
+
+
+class ObjectStoreFullError(ZmeshError):
+    """A large value does not fit in its node's object store (``--object-store-memory``); the message gives the sizes."""
 
 
 class TaskCancelledError(ZmeshError):

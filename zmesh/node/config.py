@@ -42,6 +42,16 @@ class NodeConfig:
     # Task workers kept when no lease wants them (0: one per CPU); more than that exit after task_idle_s idle.
     task_workers_idle: int = 0
     task_idle_s: float = 10.0
+    # ---- the shared-memory object store (see docs/objects.md)
+    # Bytes of large objects this node's store holds at once; None: 30% of the machine's memory, as Ray's default.
+    object_store_memory: int | None = None
+    # Values whose frames reach this many bytes go into shared memory (docs/objects.md says why 1 MiB).
+    store_threshold: int = 1 << 20
+    # A transfer from another node moves in chunks of this size, with this many chunks in flight.
+    transfer_chunk: int = 4 << 20
+    transfer_window: int = 4
+    # A transfer with no chunk arriving for this long fails its readers (ObjectLostError).
+    transfer_stall_s: float = 10.0
 
     # ---- the mesh (see docs/mesh.md)
     # Nodes of one host with the same cluster name find each other through the run directory.
@@ -116,6 +126,13 @@ class NodeConfig:
             raise ValueError(f"keepers must be an int in 0..8, got {self.keepers!r}")
         if not (self.affinity_wait_s >= 0 and self.name_grace_s > 0 and self.name_conflict_s >= 0):
             raise ValueError(f"affinity_wait_s must be >= 0 and name_grace_s > 0, got {self.affinity_wait_s!r}, {self.name_grace_s!r}")
+        store = self.object_store_memory
+        if store is not None and (isinstance(store, bool) or not isinstance(store, int) or store < 1):
+            raise ValueError(f"object_store_memory must be a number of bytes >= 1, got {self.object_store_memory!r}")
+        for name in ("store_threshold", "transfer_chunk", "transfer_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         for name in ("warm_workers", "worker_start_limit", "task_workers_idle"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -155,6 +172,22 @@ def parse_seed(seed: str) -> str:
     return f"tcp://{host.strip('[]')}:{int(port)}"
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(raw: str) -> int:
+    """``2G``, ``512M``, ``1000000``: a number of bytes (binary units); ValueError naming the text otherwise."""
+    text = raw.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        value = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"expected a size such as 2G, 512M or 1000000, got {raw!r}") from None
+    if not 1 <= value < 1 << 60:
+        raise ValueError(f"a size must be at least 1 byte, got {raw!r}")
+    return int(value)
+
+
 def parse_field(name: str, raw: str) -> Any:
     """A config field's value from text (an environment variable or ``--config KEY=VALUE``)."""
     fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
@@ -173,6 +206,8 @@ def parse_field(name: str, raw: str) -> Any:
             return raw.lower() in ("1", "true", "yes", "on")
         if name in ("cluster", "host", "cluster_key"):
             return raw
+        if name == "object_store_memory":
+            return parse_bytes(raw)
         if fields[name].type == "int":
             return int(raw)
         return float(raw)

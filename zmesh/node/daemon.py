@@ -42,6 +42,7 @@ from zmesh.node.pool.workers import WorkerPool
 from zmesh.node.pool.zygote_link import ZygoteLink
 from zmesh.node.requests import Reply, ReplyError, Requests
 from zmesh.node.sessions import Sessions
+from zmesh.node.store.service import ObjectStore
 from zmesh.transport import protocol, rundir, serialization, sockets
 from zmesh.transport.ids import ClientId, new_node_id
 from zmesh.transport.security import Security, ZapHandler, resolve_key
@@ -120,6 +121,12 @@ class Node:
             lambda token: self.leases.wants(token) if self.leases.owns_token(token) else self.table.by_token(token) is not None,
         )  # fmt: skip
         self.sessions = Sessions(self._poller, self.security.key.fingerprint if self.security.key is not None else None)
+        # Made before the mesh link it relays through, so reached through lambdas; nothing calls them before _wire.
+        self.store = ObjectStore(
+            self.node_id, self.config, self._ctx, self.security, self._poller,
+            lambda node_id, kind, body: self.mesh.send(node_id, kind, body),
+            lambda holders: self.actors.gone_addresses(holders) if self._started else [],
+        )  # fmt: skip
         self.started_at = time.time()
         self._next_publish = 0.0
         self._started = False
@@ -165,6 +172,8 @@ class Node:
         self.requests = Requests(
             self.node_id, self.config, self.table, self.hosted, self.actors, self.leases, self.status, self.request_stop
         )
+        self.requests.ops.update(self.store.ops())
+        self.actors.register("store_free", lambda s, b, p, r: self.store.on_mesh_free(b))
         self._started = True
 
     # ------------------------------------------------------------------ the mesh link's hooks
@@ -173,6 +182,7 @@ class Node:
         self.actors.on_member(change)
         if change.state in (membership.DEAD, membership.LEFT):
             self.leases.member_gone(change.node_id)
+            self.store.member_gone(change.node_id)
 
     def _worker_spawned(self, token: str, pid: int) -> None:
         if self.leases.owns_token(token):
@@ -263,6 +273,8 @@ class Node:
                         os.read(self._wake_r, 4096)
                     elif self.pool.owns(sock):
                         self.pool.on_readable()
+                    elif self.store.on_readable(sock, woke):
+                        pass
                     elif (exited := self.sessions.exited(sock)) is not None:
                         self._client_gone(exited, "exited")
                 except Exception:
@@ -292,6 +304,7 @@ class Node:
         self.leases.tend(now)
         self.actors.names.tick(now)
         self.pool.tend(now)
+        self.store.tend(now)
         if self.actors.placement.drained():
             logger.info("zmesh node %s: drained; leaving the mesh", self.node_id)
             self._stopping = True
@@ -316,6 +329,7 @@ class Node:
         self._door.close()
         if self._zap is not None:
             self._zap.close()
+        self.store.close()  # every segment of this node's store unlinked: no reader maps a file that may linger
         self._ctx.term()
         with self._wake_lock:
             wake_w, self._wake_w = self._wake_w, -1
@@ -430,6 +444,7 @@ class Node:
             "address": self.address,
             "pid": os.getpid(),
             "resources": self.resources.total,
+            "store": self.store.info(),
         }
         self._send(identity, protocol.encode_json(protocol.WELCOME_TAG, info))
 
@@ -441,6 +456,7 @@ class Node:
             sockets.remove_ipc(client.address)
         self.actors.deaths.client_gone(client, why)
         self.leases.client_gone(client)
+        self.store.client_gone(client_id.hex())
 
     # ------------------------------------------------------------------ status
 
@@ -468,5 +484,6 @@ class Node:
             "cluster": self.security.key.fingerprint if self.security.key is not None else None,
             "warm_workers": self.pool.describe() if self._started else {},
             "tasks": self.leases.describe() if self._started else {},
+            "object_store": self.store.describe(),
             **self._lag.summary(time.monotonic()),
         }

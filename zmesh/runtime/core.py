@@ -33,6 +33,7 @@ from zmesh.runtime.node_client import NodeClient, node_error
 from zmesh.runtime.object_service import ObjectService
 from zmesh.runtime.outbox import RESULT, RUN, STOP, TO_PEER, Outbox
 from zmesh.runtime.peers import ConnectFailed, Peers
+from zmesh.runtime.segments import Segments
 from zmesh.runtime.streams import Streams
 from zmesh.runtime.task_calls import Task, TaskCalls
 from zmesh.transport import protocol, rundir, serialization, sockets
@@ -87,6 +88,7 @@ class Runtime:
         self.actor_incarnation = 0
         self.actor_handle_parts: tuple[str, str, bytes] | None = None  # (actor id, class name, meta) for current_actor
         self.on_close_hooks: list[Callable[[], None]] = []
+        self.segments: Segments | None = None  # this process's end of the node's object store, once welcomed
         # Set in a task worker: told True when the task it runs starts waiting in get/wait, False when it stops.
         self.on_blocked: Callable[[bool], None] | None = None
         self.task_id: ObjectId | None = None  # the task running now, in a task worker
@@ -153,6 +155,11 @@ class Runtime:
         except BaseException:
             self.close(goodbye=False)
             raise
+        # Large values go to the node's shared-memory store from now on (serialization's one store per process).
+        store = self.node_info.get("store")
+        if isinstance(store, dict):
+            self.segments = Segments(self.node, self._loop, self.client_id.hex(), store)
+            serialization.use_store(self.segments)
 
     def _is_closed(self) -> bool:
         return self.closed
@@ -325,6 +332,8 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
+        if self.segments is not None and serialization.current_store() is self.segments:
+            serialization.use_store(None)
         for hook in self.on_close_hooks:
             hook()
         if goodbye:
@@ -359,6 +368,8 @@ class Runtime:
 
     def _after_round(self) -> None:
         self.object_service.after_round()
+        if self.segments is not None:
+            self.segments.after_round()
         self.task_calls.after_round(time.monotonic())
         if self.kind == "worker" and self.dropped != self._dropped_reported and self.node.lost is None:
             self._dropped_reported = self.dropped

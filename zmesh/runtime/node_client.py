@@ -11,7 +11,14 @@ from typing import Any
 import zmq
 from zmq.utils import monitor as zmq_monitor
 
-from zmesh.exceptions import ActorAlreadyExistsError, ActorDiedError, NodeUnavailableError, ZmeshError
+from zmesh.exceptions import (
+    ActorAlreadyExistsError,
+    ActorDiedError,
+    NodeUnavailableError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    ZmeshError,
+)
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.transport import protocol, sockets
 from zmesh.transport.security import HANDSHAKE_FAILED, Security, handshake_refusal
@@ -25,6 +32,8 @@ _NODE_ERRORS: dict[str, type[Exception]] = {
     "ConnectionError": NodeUnavailableError,
     "ActorAlreadyExistsError": ActorAlreadyExistsError,
     "ActorDiedError": ActorDiedError,
+    "ObjectLostError": ObjectLostError,
+    "ObjectStoreFullError": ObjectStoreFullError,
     "ValueError": ValueError,
     "TypeError": TypeError,
 }

@@ -173,9 +173,19 @@ class ObjectService:
             # A fresh copy each time: raising the stored one would hang this call's traceback (and
             # through its frames the caller's ObjectRefs) on an error many entries share, for ever.
             raise copy.copy(entry.error)
-        assert entry.frames is not None
+        frames = entry.frames
+        assert frames is not None
+        if serialization.is_descriptor(frames):
+            # Mapped (or pulled to this node) once per entry: later gets of one ref share the mapping.
+            mapped = entry.mapped
+            if mapped is None:
+                try:
+                    mapped = entry.mapped = serialization.read_descriptor(frames)
+                except serialization.DeserializationError as exc:
+                    raise TaskError(f"could not deserialize the result: {exc}") from None
+            frames = mapped[0]
         try:
-            value = serialization.loads_value(entry.frames)
+            value = serialization.loads_value(frames)
         except serialization.DeserializationError as exc:
             raise TaskError(f"could not deserialize the result: {exc}") from None
         if not entry.ok:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from zmesh.exceptions import GetTimeoutError
+from zmesh.transport import serialization
 from zmesh.transport.ids import ObjectId
 
 
@@ -49,6 +50,7 @@ class Entry:
         "fetching",
         "frames",
         "lender",
+        "mapped",
         "ok",
         "owned",
         "remote_waiters",
@@ -71,6 +73,8 @@ class Entry:
         self.contained: list[Any] | None = None
         # The worker that lent us the refs inside this result: told when we let go of it.
         self.lender: str | None = None
+        # A value in shared memory, once read here: its mapped frames and what keeps them (serialization.read_descriptor).
+        self.mapped: tuple[list[Any], Any] | None = None
 
 
 class ObjectStore:
@@ -179,9 +183,13 @@ class ObjectStore:
         The peers that asked for it meanwhile are taken off the entry here, before it may be freed:
         left on it, they kept an entry nobody referenced any more for ever (the torture test found it).
         """
+        # Written for us in shared memory (a result, an item): held while the entry is, let go with it, or now.
+        hold = serialization.adopt(frames)
         entry = self._entries.get(oid)
         if entry is None or entry.done:
             return None, [], [], []
+        if hold is not None:
+            entry.contained = [*(entry.contained or ()), hold]
         entry.frames = frames
         entry.ok = ok
         entry.error = error

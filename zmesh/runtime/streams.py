@@ -26,7 +26,7 @@ from zmesh.runtime.actors import Recent
 from zmesh.runtime.inbound import Inbound
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.outbox import RUN, TO_PEER, Outbox
-from zmesh.transport import protocol
+from zmesh.transport import protocol, serialization
 from zmesh.transport.ids import ObjectId, item_id
 
 _REMEMBER_STOPPED = 10_000
@@ -228,6 +228,7 @@ class Streams:
         generator, index, frames, lent = calls.split_item(msg)
         gen = ObjectId(generator)
         oid = item_id(gen, index)
+        hold = serialization.adopt(frames)  # an item in shared memory, written for us: let go with its entry, or now
         with self._lock:
             stream = self._open.get(gen)
             if stream is not None:
@@ -235,6 +236,8 @@ class Streams:
                     raise protocol.ProtocolError(f"item {index} of a stream came where item {stream.received} was due")
                 entry = self._store.new_owned_locked(oid)
                 entry.frames, entry.done = frames, True
+                if hold is not None:
+                    entry.contained = [hold]
                 if lent:
                     entry.lender = address
                 self._store.add_ref_locked(oid)  # the stream's, until the consumer takes it

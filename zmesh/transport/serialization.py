@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 import cloudpickle
 
@@ -20,6 +20,57 @@ _OOB_THRESHOLD = 64 * 1024
 
 
 _unpickling = threading.RLock()
+
+
+class SegmentStore(Protocol):
+    """This process's end of its node's shared-memory store (``runtime/segments.py``)."""
+
+    threshold: int
+
+    def write(self, frames: list[Any]) -> list[Any]:
+        """Put ``frames`` in a new segment; returns the one descriptor frame that stands for them."""
+        ...
+
+    def read(self, descriptor: Any) -> tuple[list[Any], Any]:
+        """The frames a descriptor stands for, mapped, and what must stay alive while they are read."""
+        ...
+
+    def adopt(self, frames: list[Any]) -> Any:
+        """What keeps a segment written for this process alive (None if it was not written for us)."""
+        ...
+
+
+# Set by the process's runtime once it knows its node (one runtime per process). Module state, not a parameter:
+# values are pickled deep inside cloudpickle and user code, and every path that makes frames would carry it.
+_store: SegmentStore | None = None
+
+
+def use_store(store: SegmentStore | None) -> None:
+    global _store
+    _store = store
+
+
+def current_store() -> SegmentStore | None:
+    return _store
+
+
+def is_descriptor(frames: list[Any]) -> bool:
+    """Whether a value's frames are a shared-memory descriptor (``S``) rather than the value itself."""
+    return len(frames) == 1 and bytes(memoryview(frames[0])[:1]) == b"S"
+
+
+def read_descriptor(frames: list[Any]) -> tuple[list[Any], Any]:
+    """The mapped frames behind a descriptor, and what keeps them readable (see ``SegmentStore.read``)."""
+    if _store is None:
+        raise DeserializationError("a shared-memory value arrived in a process without an object store")
+    return _store.read(frames[0])
+
+
+def adopt(frames: list[Any] | None) -> Any:
+    """The hold on a segment written for this process (a result, an item), to keep with its entry; else None."""
+    if frames is None or len(frames) != 1 or _store is None or not is_descriptor(frames):
+        return None
+    return _store.adopt(frames)
 
 
 class SerializationError(TypeError):
@@ -87,19 +138,23 @@ def _is_small_atom(value: Any) -> bool:
 
 def dumps_value(value: Any) -> list[Any]:
     """Frames for one value: ``[pickle stream, *out-of-band buffers]``."""
+    store = _store
     if type(value) is bytes and len(value) >= _OOB_THRESHOLD:
+        if store is not None and len(value) >= store.threshold:
+            return store.write([b"B", value])
         return [b"B", value]
     if _is_plain(value):
         return [pickle.dumps(value, protocol=5)]
     buffers: list[Any] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
-        raw = buf.raw()
+        try:
+            raw = buf.raw()
+        except BufferError:
+            return True  # not contiguous: pickled in-band, which copies it once (docs/objects.md)
         if raw.nbytes < _OOB_THRESHOLD:
             return True
-        # A value is a snapshot of the moment it was passed: copy what its owner could still
-        # change (a numpy array, a bytearray); immutable bytes travel without a copy.
-        buffers.append(raw if type(raw.obj) is bytes else bytes(raw))
+        buffers.append(raw)
         return False
 
     stream = io.BytesIO()
@@ -107,14 +162,23 @@ def dumps_value(value: Any) -> list[Any]:
         cloudpickle.CloudPickler(stream, protocol=5, buffer_callback=keep_large).dump(value)
     except Exception as exc:
         raise SerializationError(f"cannot serialize {_describe(value)}: {exc}") from exc
-    return [stream.getvalue(), *buffers]
+    head = stream.getvalue()
+    if store is not None and len(head) + sum(b.nbytes for b in buffers) >= store.threshold:
+        # Written once, into shared memory, before this returns: the segment is the snapshot.
+        return store.write([head, *buffers])
+    # A value is a snapshot of the moment it was passed: copy what its owner could still
+    # change (a numpy array, a bytearray); immutable bytes travel without a copy.
+    return [head, *(raw if type(raw.obj) is bytes else bytes(raw) for raw in buffers)]
 
 
 def loads_value(frames: list[Any]) -> Any:
     if not frames:
         raise DeserializationError("value has no frames")
+    if is_descriptor(frames):
+        # ``_keep`` holds the segment until this returns; the views the value keeps hold the mapping after.
+        frames, _keep = read_descriptor(frames)
     head = frames[0]
-    if head == b"B" and len(frames) == 2:
+    if len(frames) == 2 and head == b"B":
         return bytes(frames[1])
     try:
         # Read-only views: every get of one object shares its frames, so no reader may change them (as Ray's store).

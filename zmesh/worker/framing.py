@@ -6,15 +6,20 @@ import traceback
 from typing import Any
 
 from zmesh.exceptions import TaskError
-from zmesh.runtime import Runtime, calls, ownership
+from zmesh.runtime import Runtime, calls, ownership, segments
 from zmesh.transport import serialization
 
 Reply = tuple[tuple[Any, ...], list[Any]]  # a result's batch entry and its frames
 
 
-def frame_value(rt: Runtime, oids: tuple[Any, ...], where: str, value: Any, kind: str) -> tuple[bool, list[list[Any]], list[Any]]:
-    """(ok, frames of each return value, refs pickled into them); ValueError when the count of values is wrong."""
-    with ownership.collect() as refs:
+def frame_value(
+    rt: Runtime, caller: bytes, oids: tuple[Any, ...], where: str, value: Any, kind: str
+) -> tuple[bool, list[list[Any]], list[Any]]:
+    """(ok, frames of each return value, refs pickled into them); ValueError when the count of values is wrong.
+
+    A large value goes into shared memory held for ``caller``, who owns it: it outlives this worker.
+    """
+    with ownership.collect() as refs, segments.holding(caller.hex()):
         if len(oids) == 1:
             parts = [serialization.dumps_value(value)]
         else:

@@ -182,7 +182,7 @@ class ActorWorker:
             value = method(*args, **kwargs)
             if window is not None:  # streaming: the items go out now, the result is their count
                 value = streams.produce(value, self._stream_call(identity, oids, method_name, window), self.credits, self.rt)
-            ok, parts, refs = self._frame_value(oids, method_name, value)
+            ok, parts, refs = self._frame_value(identity, oids, method_name, value)
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
         return self._reply(identity, oids, ok, parts, refs)
@@ -198,7 +198,7 @@ class ActorWorker:
                 result = await streams.produce_async(result, self._stream_call(identity, oids, method_name, window), self.credits, self.rt)
             elif inspect.isawaitable(result):
                 result = await result
-            ok, parts, refs = self._frame_value(oids, method_name, result)
+            ok, parts, refs = self._frame_value(identity, oids, method_name, result)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -213,7 +213,7 @@ class ActorWorker:
         inline = executor if isinstance(executor, executors.Inline) else None
 
         def frame(value: Any) -> tuple[list[Any], list[Any]]:
-            _, parts, refs = self._frame_value(oids, method_name, value)
+            _, parts, refs = self._frame_value(identity, oids, method_name, value)
             return parts[0], refs
 
         send = inline.send_item if inline is not None else functools.partial(self.rt.send_to_caller, identity)
@@ -231,9 +231,9 @@ class ActorWorker:
         args, kwargs = serialization.loads_args(frames)
         return method, args, kwargs
 
-    def _frame_value(self, oids: tuple[Any, ...], method_name: str, value: Any) -> tuple[bool, list[list[Any]], list[Any]]:
+    def _frame_value(self, identity: bytes, oids: tuple[Any, ...], method_name: str, value: Any) -> tuple[bool, list[list[Any]], list[Any]]:
         """(ok, frames of each return value, refs pickled into them)."""
-        return framing.frame_value(self.rt, oids, f"{self.class_name}.{method_name}", value, "method")
+        return framing.frame_value(self.rt, identity, oids, f"{self.class_name}.{method_name}", value, "method")
 
     def _error_frames(self, oids: tuple[Any, ...], method_name: str, exc: BaseException) -> list[list[Any]]:
         return framing.error_frames(oids, f"{self.class_name}.{method_name}", exc)

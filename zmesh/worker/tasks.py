@@ -118,7 +118,7 @@ class TaskWorker:
                 self.rt.task_id = None
                 self._out.flush()
                 self._err.flush()
-            ok, parts, refs = framing.frame_value(self.rt, oids, where, value, "task")
+            ok, parts, refs = framing.frame_value(self.rt, identity, oids, where, value, "task")
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             ok, parts, refs = False, framing.error_frames(oids, where, exc), []
         return framing.reply(self.rt, identity, oids, ok, parts, refs)
@@ -128,7 +128,7 @@ class TaskWorker:
 
     def _stream_call(self, identity: bytes, oids: tuple[Any, ...], where: str, window: int) -> streams.StreamCall:
         def frame(value: Any) -> tuple[list[Any], list[Any]]:
-            _, parts, refs = framing.frame_value(self.rt, oids, where, value, "task")
+            _, parts, refs = framing.frame_value(self.rt, identity, oids, where, value, "task")
             return parts[0], refs
 
         inline = self.executor
