@@ -58,10 +58,14 @@ BORROWED = b"d"  # (object_id, ok): owner -> borrower
 UNBORROW = b"u"  # (object_id, borrower address): borrower -> owner
 RELEASE_LENT = b"l"  # (object_id,): caller -> the worker that lent it the refs inside that result
 # node -> node (see node/mesh.py): one-way, always from the sender's DEALER to the receiver's ROUTER
+CHUNK_GET = b"x"  # (transfer id, segment name, offset, length): a reading node -> the segment's node (data socket)
+CHUNK = b"X"  # (transfer id, offset, error or None) + the chunk's bytes
 MESH = b"m"  # (channel, sender node id, body dict) + payload frames
 
 KNOWN_TYPES = frozenset(
     {
+        CHUNK_GET,
+        CHUNK,
         GOODBYE,
         REQUEST,
         REPLY,

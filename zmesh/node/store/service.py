@@ -63,7 +63,15 @@ class ObjectStore:
         self.server = DataServer(ctx, security, config.host, node_id)
         poller.register(self.server.socket, zmq.POLLIN)
         self.puller = Puller(
-            ctx, security, node_id, poller, config.transfer_chunk, config.transfer_window, config.transfer_stall_s, self._finished
+            ctx,
+            security,
+            node_id,
+            poller,
+            # A chunk over the message limit would cost the connection (ZeroMQ drops the peer): keep under it.
+            max(1, min(config.transfer_chunk, security.max_message_bytes - 4096)),
+            config.transfer_window,
+            config.transfer_stall_s,
+            self._finished,
         )
         self._next_check = 0.0
 
