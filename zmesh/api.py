@@ -77,6 +77,7 @@ def init(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     resources: dict[str, float] | None = None,
+    object_store_memory: int | None = None,
     ignore_reinit_error: bool = False,
     connect_timeout: float = 5.0,
     cluster_key: str | os.PathLike[str] | None = None,
@@ -87,7 +88,8 @@ def init(
     (loopback only, stopped at exit). ``"auto"``: the node running on this host.
     ``"host:port"``: that node. ``cluster_key``: the key file of the cluster
     (default: ``$ZMESH_CLUSTER_KEY_FILE``, the local node's, or this user's own
-    key, made on first use). Returns a description of the node.
+    key, made on first use). ``object_store_memory``: bytes of shared memory for
+    large objects on a new local node (default 30% of RAM). Returns a description of the node.
     """
     global _embedded, _atexit_registered
     with _lock:
@@ -113,9 +115,10 @@ def init(
             node_address = _parse_address(address)
         else:
             raise ValueError(f"address must be a str or None, got {type(address).__name__}")
-        if node_address is not None and (num_cpus is not None or num_gpus is not None or resources):
+        if node_address is not None and (num_cpus is not None or num_gpus is not None or resources or object_store_memory):
             raise ValueError(
-                "num_cpus, num_gpus and resources describe a new local node; they cannot be given when connecting to a running one"
+                "num_cpus, num_gpus, resources and object_store_memory describe a new local node; "
+                "they cannot be given when connecting to a running one"
             )
         if node_address is None:
             from zmesh.node.config import NodeConfig
@@ -125,6 +128,7 @@ def init(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus or 0,
                 resources=custom,
+                **({"object_store_memory": object_store_memory} if object_store_memory is not None else {}),
                 advertise=False,
                 cluster_key=key_path,
                 insecure=os.environ.get(INSECURE_ENV) == "1",

@@ -1,0 +1,357 @@
+"""The shared-memory object store on one host: zero copy, freeing by reference counts, capacity, crashes.
+
+Real processes throughout: the embedded node or a `zmesh node` daemon, real workers, real
+segments in /dev/shm (the leak check fails a test that leaves one).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import zmesh
+from zmesh.exceptions import ObjectStoreFullError
+from zmesh.testing import NodeProcess, wait_for
+from zmesh.transport import shm
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1 << 20
+
+
+def _segments() -> list[str]:
+    return sorted(p.name for p in shm.directory().glob("zmesh.*") if not p.name.endswith(".lock"))
+
+
+def _in_shared_memory(address: int) -> bool:
+    """Whether ``address`` lies in a mapping of one of zmesh's segments in this process."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if start <= address < end and len(parts) > 5 and os.path.basename(parts[5]).startswith("zmesh."):
+                return True
+    return False
+
+
+def _rss_anon_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@zmesh.remote
+class Reader:
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def inspect(self, array: Any) -> tuple[bool, bool, float]:
+        """(backed by a segment, writeable, a checksum), read without a copy."""
+        return _in_shared_memory(array.__array_interface__["data"][0]), bool(array.flags.writeable), float(array[::4096].sum())
+
+    def anon_growth_reading(self, ref: list[zmesh.ObjectRef]) -> tuple[int, float]:
+        before = _rss_anon_kib()
+        array = zmesh.get(ref[0], timeout=60)
+        total = float(array.sum())  # touches every page
+        return _rss_anon_kib() - before, total
+
+    def keep(self, refs: list[zmesh.ObjectRef]) -> int:
+        self.kept.extend(refs)
+        return len(self.kept)
+
+    def keep_value(self, array: Any) -> int:
+        self.kept.append(array)
+        return len(self.kept)
+
+    def checksum_kept(self) -> float:
+        return float(sum(float(a[::4096].sum()) for a in self.kept))
+
+    def drop(self) -> None:
+        self.kept.clear()
+
+    def make(self, nbytes: int) -> Any:
+        return np.full(nbytes, 7, dtype=np.uint8)
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+
+@zmesh.remote
+def make_array(nbytes: int) -> Any:
+    return np.full(nbytes, 3, dtype=np.uint8)
+
+
+@zmesh.remote
+def total(array: Any) -> int:
+    return int(array.sum())
+
+
+@pytest.fixture
+def local() -> Any:
+    zmesh.init(num_cpus=4)
+    yield
+    zmesh.shutdown()
+
+
+def test_a_large_put_is_read_without_a_copy_here_and_in_an_actor(local: None) -> None:
+    array = np.arange(4 * MiB // 8, dtype=np.float64)
+    ref = zmesh.put(array)
+    assert len(_segments()) == 1
+    mine = zmesh.get(ref, timeout=30)
+    assert _in_shared_memory(mine.__array_interface__["data"][0]) and not mine.flags.writeable
+    reader = Reader.remote()
+    backed, writeable, checksum = zmesh.get(reader.inspect.remote(ref), timeout=30)
+    assert backed and not writeable
+    assert checksum == float(array[::4096].sum())
+    # By value: written once into a segment at .remote(), mapped by the worker.
+    assert zmesh.get(reader.inspect.remote(array), timeout=30)[0]
+    # A large result: written by the worker for us, mapped here.
+    result = zmesh.get(reader.make.remote(3 * MiB), timeout=30)
+    assert _in_shared_memory(result.__array_interface__["data"][0]) and result.sum() == 21 * MiB
+    del mine, result
+    zmesh.kill(reader)
+
+
+def test_a_reader_does_not_copy_what_it_reads(local: None) -> None:
+    """Private memory of a reader stays flat while it reads every page of a 200 MB array."""
+    ref = zmesh.put(np.ones(200 * MiB, dtype=np.uint8))
+    reader = Reader.remote()
+    growth_kib, checksum = zmesh.get(reader.anon_growth_reading.remote([ref]), timeout=60)
+    assert checksum == 200 * MiB
+    assert growth_kib < 20 * 1024, f"the reader's private memory grew by {growth_kib} KiB reading 200 MiB"
+    zmesh.kill(reader)
+
+
+def test_segments_go_when_the_last_reference_anywhere_goes(local: None) -> None:
+    ref = zmesh.put(np.ones(2 * MiB, dtype=np.uint8))
+    reader = Reader.remote()
+    assert zmesh.get(reader.keep.remote([ref]), timeout=30) == 1  # the actor borrows it
+    del ref
+    assert len(_segments()) == 1  # the borrower keeps it
+    zmesh.get(reader.drop.remote(), timeout=30)
+    wait_for(lambda: not _segments(), timeout=10, what="the segment to go with the borrower's last reference")
+    # A task's large result: held for us, freed with our ref.
+    result = make_array.remote(3 * MiB)
+    assert zmesh.get(total.remote(result), timeout=30) == 9 * MiB
+    assert len(_segments()) == 1
+    del result
+    wait_for(lambda: not _segments(), timeout=10, what="the task result's segment to go with its ref")
+    # A by-value argument: kept until the call's result, then freed; the worker's copy of the array outlives it.
+    array = np.full(3 * MiB, 5, dtype=np.uint8)
+    assert zmesh.get(reader.keep_value.remote(array), timeout=30) == 1
+    wait_for(lambda: not _segments(), timeout=10, what="the argument's segment to go after the call")
+    assert zmesh.get(reader.checksum_kept.remote(), timeout=30) == float(array[::4096].sum())
+    zmesh.kill(reader)
+
+
+def test_the_same_value_put_freed_and_put_again(local: None) -> None:
+    for round_ in range(3):
+        ref = zmesh.put(np.full(2 * MiB, round_, dtype=np.uint8))
+        assert int(zmesh.get(ref, timeout=30)[0]) == round_
+        del ref
+        wait_for(lambda: not _segments(), timeout=10, what="the segment to go")
+
+
+def test_a_put_larger_than_the_store_names_both_sizes() -> None:
+    zmesh.init(num_cpus=2, object_store_memory=8 * MiB)
+    with pytest.raises(ObjectStoreFullError) as info:
+        zmesh.put(np.zeros(10 * MiB, dtype=np.uint8))
+    assert "10.0 MiB" in str(info.value) and "8.0 MiB" in str(info.value)
+    first = zmesh.put(np.zeros(5 * MiB, dtype=np.uint8))
+    with pytest.raises(ObjectStoreFullError, match="is full"):
+        zmesh.put(np.zeros(5 * MiB, dtype=np.uint8))
+    # Too large as an argument: refused at the call, nothing sent.
+    with pytest.raises(ObjectStoreFullError):
+        total.remote(np.zeros(5 * MiB, dtype=np.uint8))
+    del first
+    wait_for(lambda: not _segments(), timeout=10, what="the first value's segment to go")
+    second = zmesh.put(np.zeros(5 * MiB, dtype=np.uint8))
+    # A result too large for the store fails its get with the store's error, at once: no hang, no crash.
+    with pytest.raises(ObjectStoreFullError):
+        zmesh.get(make_array.remote(9 * MiB), timeout=30)
+    del second
+    assert zmesh.get(total.remote(np.ones(1000, dtype=np.uint8)), timeout=30) == 1000
+    zmesh.shutdown()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    size=st.one_of(
+        st.integers(MiB - 4096, MiB + 4096),  # the store's threshold, head and buffers counted together
+        st.integers(60 * 1024, 70 * 1024),  # the out-of-band frame threshold
+        st.integers(1, 3 * MiB),
+    ),
+    kind=st.sampled_from(["numpy", "bytes", "bytearray", "strided", "str"]),
+)
+def test_values_round_trip_on_both_sides_of_the_store_threshold(size: int, kind: str) -> None:
+    if not zmesh.is_initialized():
+        zmesh.init(num_cpus=2)
+    value: Any = {
+        "numpy": lambda: np.arange(size, dtype=np.uint8),
+        "bytes": lambda: os.urandom(size),
+        "bytearray": lambda: bytearray(os.urandom(size)),
+        "strided": lambda: np.arange(2 * size, dtype=np.uint8)[::2],  # not contiguous: pickled in-band, one copy
+        "str": lambda: "z" * size,
+    }[kind]()
+    ref = zmesh.put(value)
+    reader = _reader()
+    for got in (
+        zmesh.get(ref, timeout=30),
+        zmesh.get(reader.echo.remote(ref), timeout=30),
+        zmesh.get(reader.echo.remote(value), timeout=30),
+    ):
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(got, value)
+        elif isinstance(value, str):
+            assert got == value
+        else:
+            assert bytes(got) == bytes(value)
+    del ref, got
+    wait_for(lambda: not _segments(), timeout=10, what="every segment to go")
+
+
+_readers: dict[int, Any] = {}
+
+
+def _reader() -> Any:
+    # One actor for all of hypothesis's examples in a runtime: creating one per example would dominate the test.
+    from zmesh import runtime
+
+    key = id(runtime.current())
+    if key not in _readers:
+        _readers.clear()
+        _readers[key] = Reader.remote()
+    return _readers[key]
+
+
+def test_a_stream_of_large_items(local: None) -> None:
+    @zmesh.remote
+    def chunks(n: int) -> Any:
+        for i in range(n):
+            yield np.full(MiB + i, i, dtype=np.uint8)
+
+    seen = [int(zmesh.get(ref, timeout=30)[-1]) for ref in chunks.remote(6)]
+    assert seen == list(range(6))
+    wait_for(lambda: not _segments(), timeout=10, what="the items' segments to go")
+
+
+_OWNER = """
+import sys, time, numpy as np, zmesh
+zmesh.init(address=sys.argv[1])
+reader = zmesh.get_actor("reader")
+ref = zmesh.put(np.full(8 << 20, 9, dtype=np.uint8))
+assert zmesh.get(reader.keep_value.remote(ref), timeout=30) == 1
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_owner_sigkilled_while_a_reader_maps_its_value(tmp_path: Path) -> None:
+    """The owner's segment goes with it; the reader that maps it keeps reading (Linux keeps the pages)."""
+    node = NodeProcess(str(tmp_path / "run"), "--num-cpus", "2")
+    try:
+        zmesh.init(address=node.address)
+        reader = Reader.options(name="reader", lifetime="detached").remote()
+        zmesh.get(reader.drop.remote(), timeout=30)
+        owner = subprocess.Popen(
+            [sys.executable, "-c", _OWNER, node.address], stdout=subprocess.PIPE, text=True, env={**os.environ, **node.env}
+        )
+        try:
+            assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+            assert len(_segments()) == 1
+            owner.send_signal(signal.SIGKILL)
+            owner.wait(timeout=10)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait()
+            owner.stdout.close()
+        wait_for(lambda: not _segments(), timeout=15, what="the dead owner's segment to be unlinked")
+        assert zmesh.get(reader.checksum_kept.remote(), timeout=30) == float(9 * ((8 << 20) // 4096))
+        zmesh.kill(reader)
+        zmesh.shutdown()
+    finally:
+        node.stop()
+
+
+_PUTTER = """
+import sys, numpy as np, zmesh
+zmesh.init(address=sys.argv[1])
+refs = [zmesh.put(np.ones(2 << 20, dtype=np.uint8)) for _ in range(3)]
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_sigkilled_node_s_segments_are_swept_by_the_next_node(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    node = NodeProcess(run, "--num-cpus", "1")
+    putter = subprocess.Popen(
+        [sys.executable, "-c", _PUTTER, node.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **node.env},
+    )
+    try:
+        assert putter.stdout is not None and putter.stdout.readline().strip() == "ready"
+        assert len(_segments()) == 3
+        os.kill(node.pid, signal.SIGKILL)
+        psutil.Process(node.pid).wait(timeout=10)
+        putter.kill()
+        putter.wait(timeout=10)
+        assert len(_segments()) == 3  # nobody cleaned up: the node died with them
+    finally:
+        if putter.poll() is None:
+            putter.kill()
+            putter.wait()
+        for pipe in (putter.stdin, putter.stdout):
+            if pipe is not None:
+                pipe.close()
+        node.stop()
+    again = NodeProcess(run, "--num-cpus", "1")
+    try:
+        assert not _segments()
+    finally:
+        again.stop()
+
+
+def test_a_worker_result_outlives_the_worker(local: None) -> None:
+    reader = Reader.remote()
+    ref = reader.make.remote(2 * MiB)
+    zmesh.wait([ref], timeout=30)
+    zmesh.kill(reader)
+    assert int(zmesh.get(ref, timeout=30).sum()) == 14 * MiB
+
+
+def test_a_garbled_descriptor_is_a_clear_error_and_the_node_lives_on(local: None) -> None:
+    from zmesh.runtime import segments
+    from zmesh.transport import serialization
+
+    bad = [b"S" + serialization.dumps_header(("n", "tcp://127.0.0.1:1", "../../etc/passwd", (1,), "x"))]
+    with pytest.raises(serialization.DeserializationError, match="descriptor"):
+        serialization.loads_value(bad)
+    with pytest.raises(ValueError):
+        segments.parse(b"S" + serialization.dumps_header((1, 2, 3)))
+    from zmesh import runtime
+
+    rt = runtime.current()
+    assert rt is not None
+    for args in (("../x", 10, "h"), (f"zmesh.{rt.node_info['node_id']}.ok", -5, "h"), ("zmesh.ffffffffffff.x", 10, "h")):
+        with pytest.raises(ValueError):
+            rt.request("store_alloc", args)
+    with pytest.raises(ValueError):
+        rt.request("store_pull", ("zz", "tcp://127.0.0.1:1", "../../etc/passwd", 10, "h"))
+    assert zmesh.get(zmesh.put(np.ones(2 * MiB, dtype=np.uint8)), timeout=30).sum() == 2 * MiB
