@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
