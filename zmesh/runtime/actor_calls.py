@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zmesh.exceptions import NodeUnavailableError
-from zmesh.runtime import calls, objects
+from zmesh.runtime import calls, objects, segments
 from zmesh.runtime.actors import ALIVE, DEAD, ActorConn, Call, Recent, apply_state, refuse
 from zmesh.runtime.inbound import Inbound, header_len
 from zmesh.runtime.io_loop import IoLoop
@@ -227,7 +227,9 @@ class ActorCalls:
                 if call is None:
                     continue  # a late answer from a worker already declared dead
                 finished.append(call)
-                if lent:
+                if lent & calls.ARGS_RELEASED:
+                    segments.reusable(call.keep)
+                if lent & calls.LENT:
                     for oid in oids:
                         entry = self._store.get_locked(ObjectId(oid))
                         if entry is not None:

@@ -38,7 +38,7 @@ CallItem = tuple[bytes, tuple[bytes, ...], str, "str | None", list[Any], "int | 
 # (caller identity, result object ids, function key, options, argument frames: the function's own first)
 TaskItem = tuple[bytes, tuple[bytes, ...], str, dict[str, Any], list[Any]]
 # (result object ids, ok, the frames of each return value, whether the worker lent refs inside it)
-ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]], bool]
+ResultItem = tuple[tuple[bytes, ...], bool, list[list[Any]], int]  # (oids, ok, parts, flags)
 
 # send(kind, destination, target (None for results), entries, payload frames)
 SendBatch = Callable[[bytes, Any, "CallTarget | None", list[tuple[Any, ...]], list[Any]], None]
@@ -83,14 +83,19 @@ def split_tasks(identity: bytes, msg: protocol.Message) -> tuple[CallTarget, lis
     return target, items
 
 
-def result_entry(oids: tuple[bytes, ...], ok: bool, parts: list[list[Any]], lent: bool = False) -> tuple[tuple[Any, ...], list[Any]]:
-    """One result's batch entry (``parts``: the frames of each return value, or of the error per id).
+# A result entry's flags (its fifth field, absent when none is set).
+LENT = 1  # the value holds refs the worker keeps alive for the caller until it sends RELEASE_LENT
+ARGS_RELEASED = 2  # the worker mapped the call's shared-memory arguments and no longer does: the caller may reuse them
 
-    ``lent``: the value holds refs the worker keeps alive for the caller until it sends RELEASE_LENT.
-    """
+
+def result_entry(
+    oids: tuple[bytes, ...], ok: bool, parts: list[list[Any]], lent: bool = False, released: bool = False
+) -> tuple[tuple[Any, ...], list[Any]]:
+    """One result's batch entry (``parts``: the frames of each return value, or of the error per id)."""
     slot, frames = protocol.pack([f for part in parts for f in part])
     entry = (oids, ok, [len(part) for part in parts], slot)
-    return ((*entry, True) if lent else entry), frames
+    flags = (LENT if lent else 0) | (ARGS_RELEASED if released else 0)
+    return ((*entry, flags) if flags else entry), frames
 
 
 def message(kind: bytes, entries: list[tuple[Any, ...]], payload: list[Any], target: CallTarget | None = None) -> list[Any]:
@@ -206,7 +211,8 @@ def split_results(msg: protocol.Message) -> list[ResultItem]:
         for count in counts:
             parts.append(frames[start : start + count])
             start += count
-        items.append((oids, bool(ok), parts, len(entry) == 5 and entry[4] is True))
+        flags = entry[4] if len(entry) == 5 and type(entry[4]) is int else 0
+        items.append((oids, bool(ok), parts, flags))
     if pos != len(payload):
         raise protocol.ProtocolError("a result batch has frames no entry accounts for")
     return items

@@ -332,8 +332,10 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
-        if self.segments is not None and serialization.current_store() is self.segments:
-            serialization.use_store(None)
+        if self.segments is not None:
+            if serialization.current_store() is self.segments:
+                serialization.use_store(None)
+            self.segments.close()
         for hook in self.on_close_hooks:
             hook()
         if goodbye:

@@ -22,7 +22,9 @@ node, however many of its processes read it), and mapped there.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -37,8 +39,12 @@ from zmesh.transport import protocol, serialization, shm
 
 # A pull waits as long as the transfer takes; the node answers it or fails it (sender lost, no progress).
 _PULL_TIMEOUT_S = 24 * 3600.0
+# Segments kept for reuse: a loop passing a large argument by value writes into warm pages each time.
+_POOL_MAX = 4
+_POOL_IDLE_S = 1.0
 
 _holding = threading.local()
+_reading = threading.local()
 
 
 @contextmanager
@@ -50,6 +56,35 @@ def holding(holder: str) -> Iterator[None]:
         yield
     finally:
         _holding.holder = outer
+
+
+class reading:
+    """Collect weak references to the mappings this thread makes for a call's arguments, into ``mapped``."""
+
+    __slots__ = ("_mapped", "_outer")
+
+    def __init__(self, mapped: list[Any]) -> None:
+        self._mapped = mapped
+
+    def __enter__(self) -> list[Any]:
+        self._outer = getattr(_reading, "mapped", None)
+        _reading.mapped = self._mapped
+        return self._mapped
+
+    def __exit__(self, *exc: object) -> None:
+        _reading.mapped = self._outer
+
+
+def released(mapped: list[Any]) -> bool:
+    """Whether this process mapped argument segments and no longer does: their writer may reuse them."""
+    return bool(mapped) and all(ref() is None for ref in mapped)
+
+
+def reusable(kept: list[Any] | None) -> None:
+    """The one reader of a call's argument segments let go of them: the writer's holds may pool them."""
+    for hold in kept or ():
+        if type(hold) is Hold:
+            hold.reusable = True
 
 
 def parse(descriptor: Any) -> tuple[str, str, str, tuple[int, ...], str]:
@@ -66,19 +101,29 @@ def parse(descriptor: Any) -> tuple[str, str, str, tuple[int, ...], str]:
 
 
 class Hold:
-    """One hold on a segment: letting go of this object (in any thread, at any moment) lets go of the hold."""
+    """One hold on a segment: letting go of this object (in any thread, at any moment) lets go of the hold.
 
-    __slots__ = ("__weakref__", "_segments", "key")
+    The writer's hold keeps the writer's mapping (``mm``): a segment whose only reader said it no longer
+    maps it (``reusable``) goes to the writer's pool instead, and its pages are written again, warm.
+    """
 
-    def __init__(self, segments: Segments, node_id: str, name: str, holder: str) -> None:
+    __slots__ = ("__weakref__", "_segments", "key", "mm", "reusable", "size")
+
+    def __init__(self, segments: Segments, node_id: str, name: str, holder: str, mm: Any = None, size: int = 0) -> None:
         self._segments = segments
         self.key = (node_id, name, holder)
+        self.mm = mm
+        self.size = size
+        self.reusable = False
 
     def __reduce__(self) -> Any:
         raise TypeError("a segment hold cannot be pickled")
 
     def __del__(self) -> None:
-        self._segments.let_go(self.key)
+        if self.reusable and self.mm is not None:
+            self._segments.pool_put(self.key, self.mm, self.size)
+        else:
+            self._segments.let_go(self.key)
 
 
 class Segments:
@@ -94,7 +139,11 @@ class Segments:
         self._names = itertools.count(1)
         self._freed: deque[tuple[str, str, str]] = deque()
         self._maps: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        # Segments of ours that their one reader let go of: (name, size, mapping, since), newest last.
+        self._pool: deque[tuple[str, int, Any, float]] = deque()
+        self._pool_lock = threading.RLock()  # Hold.__del__ may run (a collection) while this thread holds it
         self.written = 0  # segments this process wrote (tests, status)
+        self.reused = 0
 
     # ------------------------------------------------------------------ writing (user threads)
 
@@ -103,7 +152,15 @@ class Segments:
         _, size = shm.layout(lengths)
         holder = getattr(_holding, "holder", None) or self._me
         name = shm.segment_name(self.node_id, f"{self._me[:24]}-{next(self._names):x}")
-        self._node.request("store_alloc", (name, size, holder))  # ObjectStoreFullError names the sizes
+        mm = self._reuse(name, frames, size) if holder == self._me else None
+        if mm is not None:
+            return self._written(name, mm, lengths, holder)
+        try:
+            self._node.request("store_alloc", (name, size, holder))  # ObjectStoreFullError names the sizes
+        except ObjectStoreFullError:
+            if not self._drain_pool():
+                raise
+            self._node.request("store_alloc", (name, size, holder))
         try:
             mm = shm.create(name, frames, size)
         except shm.NoSpaceError as exc:
@@ -112,12 +169,54 @@ class Segments:
         except BaseException:
             self._node.send(protocol.encode(protocol.REQUEST, (0, "store_free", (self.node_id, name, holder))))
             raise
-        self._maps[name] = mm
         self.written += 1
+        return self._written(name, mm, lengths, holder)
+
+    def _written(self, name: str, mm: Any, lengths: tuple[int, ...], holder: str) -> list[Any]:
+        self._maps[name] = mm
         if holder == self._me:
             # Whoever collects the refs pickled now keeps this (a put's entry, a call's kept refs).
-            ownership.pickled(Hold(self, self.node_id, name, holder))
+            ownership.pickled(Hold(self, self.node_id, name, holder, mm, shm.view(mm).nbytes))
         return [b"S" + serialization.dumps_header((self.node_id, self.data_address, name, lengths, holder))]
+
+    # ------------------------------------------------------------------ reusing our own segments
+
+    def _reuse(self, name: str, frames: list[Any], size: int) -> Any:
+        """Write into a pooled segment of at least ``size`` bytes (at most twice), renamed: warm pages, no round trip."""
+        with self._pool_lock:
+            fits = [i for i, entry in enumerate(self._pool) if size <= entry[1] <= 2 * size]
+            if not fits:
+                return None
+            old, _, mm, _ = self._pool[fits[-1]]
+            del self._pool[fits[-1]]
+        try:
+            os.rename(shm.directory() / old, shm.directory() / name)
+        except OSError:
+            self._freed.append((self.node_id, old, self._me))
+            return None
+        # A new name: a descriptor of the old value can never reach these bytes. The node learns it in order.
+        self._node.send(protocol.encode(protocol.REQUEST, (0, "store_rename", (old, name, self._me))))
+        shm.write(mm, frames)
+        self.reused += 1
+        return mm
+
+    def pool_put(self, key: tuple[str, str, str], mm: Any, size: int) -> None:
+        """From ``Hold.__del__``: keep a segment nobody maps any more for the next value of about its size."""
+        with self._pool_lock:
+            self._pool.append((key[1], size, mm, time.monotonic()))
+            while len(self._pool) > _POOL_MAX:
+                self._freed.append((self.node_id, self._pool.popleft()[0], self._me))
+        self._loop.wake()
+
+    def _drain_pool(self) -> bool:
+        """Let go of every pooled segment (the store is full); whether there was any."""
+        with self._pool_lock:
+            pooled, self._pool = self._pool, deque()
+        for name, *_ in pooled:
+            self._node.send(protocol.encode(protocol.REQUEST, (0, "store_free", (self.node_id, name, self._me))))
+        if pooled:
+            self._node.request("gone", ([],))  # the frees above are answered in order: the room is there after this
+        return bool(pooled)
 
     # ------------------------------------------------------------------ reading (user threads)
 
@@ -138,6 +237,9 @@ class Segments:
             except FileNotFoundError:
                 raise ObjectLostError(f"the shared-memory copy {name} is gone (freed, or its node restarted)") from None
             self._maps[name] = mm
+        mapped = getattr(_reading, "mapped", None)
+        if mapped is not None:
+            mapped.append(weakref.ref(mm))
         return shm.frames_of(mm, lengths), keep
 
     def adopt(self, frames: list[Any]) -> Hold | None:
@@ -155,8 +257,18 @@ class Segments:
         self._freed.append(key)
         self._loop.wake()
 
+    def close(self) -> None:
+        """The runtime is closing: pooled segments go (the node frees what we held when we leave)."""
+        with self._pool_lock:
+            self._pool.clear()
+        self._maps.clear()
+
     def after_round(self) -> None:
         """On the I/O thread: tell the node (ours relays to another store's node) which holds are gone."""
+        if self._pool and time.monotonic() - self._pool[0][3] > _POOL_IDLE_S:
+            with self._pool_lock:
+                while self._pool and time.monotonic() - self._pool[0][3] > _POOL_IDLE_S:
+                    self._freed.append((self.node_id, self._pool.popleft()[0], self._me))
         freed = self._freed
         while freed:
             try:

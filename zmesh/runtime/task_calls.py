@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zmesh.exceptions import NodeUnavailableError, TaskCancelledError, WorkerCrashedError
-from zmesh.runtime import calls, objects
+from zmesh.runtime import calls, objects, segments
 from zmesh.runtime.inbound import Inbound, header_len
 from zmesh.runtime.io_loop import IoLoop
 from zmesh.runtime.node_client import NodeClient, node_error
@@ -394,8 +394,10 @@ class TaskCalls:
                 task.retries -= 1 if task.retries > 0 else 0
                 self._shapes[task.shape].queue.appendleft(task)
                 continue
+            if lent & calls.ARGS_RELEASED:
+                segments.reusable(task.keep)
             self._finish(task)
-            if lent:
+            if lent & calls.LENT:
                 for oid in oids:
                     entry = self._store.get_locked(ObjectId(oid))
                     if entry is not None:

@@ -13,6 +13,7 @@ starts later can tell a dead store's leftovers (after a SIGKILL) and unlink them
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -30,6 +31,46 @@ _NAME = re.compile(r"^zmesh\.([0-9a-f]{1,32})\.([0-9a-z_-]{1,80})$")
 
 class NoSpaceError(OSError):
     """The shared-memory file system has no room for a segment."""
+
+
+# Mapped with libc's mmap, not Python's: an ``mmap.mmap`` keeps a duplicate descriptor open for its life, and a
+# process holding a thousand large objects would run out of descriptors. A mapping here is a ctypes array over
+# the mapped bytes; it unmaps itself when the last view of it goes.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _Unmap:
+    """Kept by a mapping's array: unmaps the pages when the array (and so every view of it) is gone."""
+
+    __slots__ = ("address", "size")
+
+    def __init__(self, address: int, size: int) -> None:
+        self.address = address
+        self.size = size
+
+    def __del__(self) -> None:
+        _libc.munmap(self.address, self.size)
+
+
+def _map(fd: int, size: int, writable: bool) -> Any:
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    address = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot map {size:,} bytes of shared memory: {os.strerror(err)}")
+    mapping = (ctypes.c_ubyte * size).from_address(address)
+    setattr(mapping, "_unmap", _Unmap(address, size))  # noqa: B010 (the array keeps its unmapper alive)
+    return mapping
+
+
+def view(mapping: Any) -> memoryview:
+    """A byte view of a mapping (writable only for the writer's own mapping)."""
+    return memoryview(mapping).cast("B")
 
 
 def directory() -> Path:
@@ -64,7 +105,7 @@ def layout(lengths: Iterable[int]) -> tuple[list[int], int]:
     return offsets, max(pos, 1)
 
 
-def create(name: str, frames: list[Any], size: int) -> mmap.mmap:
+def create(name: str, frames: list[Any], size: int) -> Any:
     """Make segment ``name`` holding ``frames`` (one copy each); its mapping stays writable only here."""
     path = directory() / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -78,40 +119,50 @@ def create(name: str, frames: list[Any], size: int) -> mmap.mmap:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = _map(fd, size, writable=True)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     os.close(fd)
-    offsets, _ = layout(memoryview(f).nbytes for f in frames)
-    for frame, offset in zip(frames, offsets, strict=True):
-        view = memoryview(frame).cast("B")
-        mm[offset : offset + view.nbytes] = view
+    write(mm, frames)
     return mm
 
 
-def create_empty(name: str, size: int) -> mmap.mmap:
+def write(mapping: Any, frames: list[Any]) -> None:
+    """Copy ``frames`` into a writable mapping, each at its aligned offset."""
+    target = view(mapping)
+    offsets, _ = layout(memoryview(f).nbytes for f in frames)
+    for frame, offset in zip(frames, offsets, strict=True):
+        source = memoryview(frame).cast("B")
+        target[offset : offset + source.nbytes] = source
+
+
+def create_empty(name: str, size: int) -> Any:
     """A segment to be filled later (a transfer from another node)."""
     return create(name, [], size)
 
 
-def open_map(name: str) -> mmap.mmap:
+def open_map(name: str) -> Any:
     """Map segment ``name`` read-only; FileNotFoundError once it is freed."""
     fd = os.open(directory() / name, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        if size < 1:
+            raise FileNotFoundError(f"segment {name} is empty")
+        return _map(fd, size, writable=False)
     finally:
         os.close(fd)
 
 
-def frames_of(mm: mmap.mmap, lengths: Iterable[int]) -> list[memoryview]:
+def frames_of(mapping: Any, lengths: Iterable[int]) -> list[memoryview]:
     """Read-only views of each frame in a mapping: no copy."""
-    view = memoryview(mm).toreadonly()
-    offsets, _ = layout(lengths := list(lengths))
-    return [view[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
+    whole = view(mapping).toreadonly()
+    offsets, end = layout(lengths := list(lengths))
+    if end > whole.nbytes and lengths:
+        raise ValueError(f"a descriptor's frames ({end:,} bytes) run past its segment ({whole.nbytes:,} bytes)")
+    return [whole[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
 
 
 def unlink(name: str) -> None:

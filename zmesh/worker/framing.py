@@ -54,11 +54,21 @@ def error_frames(oids: tuple[Any, ...], where: str, exc: BaseException) -> list[
 
 
 def reply(
-    rt: Runtime, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any], settle: bool = True
+    rt: Runtime,
+    identity: bytes,
+    oids: tuple[Any, ...],
+    ok: bool,
+    parts: list[list[Any]],
+    refs: list[Any],
+    settle: bool = True,
+    released: bool = False,
 ) -> Reply:
-    """The result's entry; refs inside it are lent to the caller, and what we borrowed is registered first."""
+    """The result's entry; refs inside it are lent to the caller, and what we borrowed is registered first.
+
+    ``released``: the call's shared-memory arguments were mapped here and are no longer (the caller may reuse them).
+    """
     if refs:
         rt.lend(identity, oids[0], refs)
     if settle:
         rt.settle_borrows()
-    return calls.result_entry(oids, ok, parts, lent=bool(refs))
+    return calls.result_entry(oids, ok, parts, lent=bool(refs), released=released)

@@ -22,7 +22,7 @@ from typing import Any
 from zmesh import runtime as runtime_mod
 from zmesh.exceptions import ActorDiedError, NodeUnavailableError
 from zmesh.object_ref import ObjectRef
-from zmesh.runtime import Runtime, calls
+from zmesh.runtime import Runtime, calls, segments
 from zmesh.transport import protocol, serialization
 from zmesh.transport.security import Security
 from zmesh.worker import executors, framing, streams
@@ -176,24 +176,28 @@ class ActorWorker:
     def run(self, item: CallItem) -> executors.Reply:
         """Run one call on this thread; returns its result's batch entry and frames."""
         identity, oids, method_name, group, frames, window = item
+        mapped: list[Any] = []  # the mappings of shared-memory arguments, weakly: gone once nothing here reads them
         try:
-            method, args, kwargs = self._prepare(method_name, group, frames)
+            method, args, kwargs = self._prepare(method_name, group, frames, mapped)
             args, kwargs = resolve_refs(args, kwargs)
             value = method(*args, **kwargs)
+            del args, kwargs
             if window is not None:  # streaming: the items go out now, the result is their count
                 value = streams.produce(value, self._stream_call(identity, oids, method_name, window), self.credits, self.rt)
             ok, parts, refs = self._frame_value(identity, oids, method_name, value)
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
-        return self._reply(identity, oids, ok, parts, refs)
+        return self._reply(identity, oids, ok, parts, refs, released=segments.released(mapped))
 
     async def run_async(self, item: CallItem) -> executors.Reply:
         identity, oids, method_name, group, frames, window = item
+        mapped: list[Any] = []
         try:
-            method, args, kwargs = self._prepare(method_name, group, frames)
+            method, args, kwargs = self._prepare(method_name, group, frames, mapped)
             args = [await a if isinstance(a, ObjectRef) else a for a in args]
             kwargs = {k: (await v if isinstance(v, ObjectRef) else v) for k, v in kwargs.items()}
             result = method(*args, **kwargs)
+            del args, kwargs
             if window is not None:
                 result = await streams.produce_async(result, self._stream_call(identity, oids, method_name, window), self.credits, self.rt)
             elif inspect.isawaitable(result):
@@ -205,7 +209,7 @@ class ActorWorker:
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
         if not self.rt.borrows.settled:
             await asyncio.to_thread(self.rt.settle_borrows)  # owners answer over the network: never block the loop
-        return self._reply(identity, oids, ok, parts, refs, settle=False)
+        return self._reply(identity, oids, ok, parts, refs, settle=False, released=segments.released(mapped))
 
     def _stream_call(self, identity: bytes, oids: tuple[Any, ...], method_name: str, window: int) -> streams.StreamCall:
         """How this executor sends a streaming call's items: the inline one on its call socket, else via the I/O thread."""
@@ -219,7 +223,7 @@ class ActorWorker:
         send = inline.send_item if inline is not None else functools.partial(self.rt.send_to_caller, identity)
         return streams.StreamCall(oids[0], identity, window, send, frame, inline.wait_credit if inline is not None else None)
 
-    def _prepare(self, method_name: str, group: str | None, frames: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:
+    def _prepare(self, method_name: str, group: str | None, frames: list[Any], mapped: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:
         """The bound method and its decoded arguments (top-level refs still refs: each executor resolves them its way)."""
         if self.group_of(method_name, group) is None:
             defined = ", ".join(repr(g) for g in self.limits if g != DEFAULT_GROUP) or "none"
@@ -228,7 +232,8 @@ class ActorWorker:
         method = getattr(self.instance, method_name, None)
         if method is None or not callable(method):
             raise AttributeError(f"'{self.class_name}' actor has no method {method_name!r}")
-        args, kwargs = serialization.loads_args(frames)
+        with segments.reading(mapped):
+            args, kwargs = serialization.loads_args(frames)
         return method, args, kwargs
 
     def _frame_value(self, identity: bytes, oids: tuple[Any, ...], method_name: str, value: Any) -> tuple[bool, list[list[Any]], list[Any]]:
@@ -239,9 +244,16 @@ class ActorWorker:
         return framing.error_frames(oids, f"{self.class_name}.{method_name}", exc)
 
     def _reply(
-        self, identity: bytes, oids: tuple[Any, ...], ok: bool, parts: list[list[Any]], refs: list[Any], settle: bool = True
+        self,
+        identity: bytes,
+        oids: tuple[Any, ...],
+        ok: bool,
+        parts: list[list[Any]],
+        refs: list[Any],
+        settle: bool = True,
+        released: bool = False,
     ) -> executors.Reply:
-        return framing.reply(self.rt, identity, oids, ok, parts, refs, settle)
+        return framing.reply(self.rt, identity, oids, ok, parts, refs, settle, released)
 
 
 def adopt_code_path(paths: list[str]) -> None:

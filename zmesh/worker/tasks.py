@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from zmesh.exceptions import TaskCancelledError
-from zmesh.runtime import Runtime, calls
+from zmesh.runtime import Runtime, calls, segments
 from zmesh.runtime.inbound import header_len
 from zmesh.transport import protocol, serialization
 from zmesh.transport.ids import ObjectId
@@ -95,10 +95,12 @@ class TaskWorker:
         identity, oids, fn_key, options, frames = item
         oid = oids[0]
         where = fn_key
+        mapped: list[Any] = []  # the mappings of shared-memory arguments, weakly: gone once nothing here reads them
         try:
             fn, where = self._function(fn_key, frames[0], options)
             self._environment(options.get("env"))
-            args, kwargs = serialization.loads_args(frames[1:])
+            with segments.reading(mapped):
+                args, kwargs = serialization.loads_args(frames[1:])
             args, kwargs = resolve_refs(args, kwargs)
             if oid in self._cancelled:
                 del self._cancelled[oid]
@@ -108,6 +110,7 @@ class TaskWorker:
             self._running = oid
             try:
                 value = fn(*args, **kwargs)
+                del args, kwargs
                 if inspect.iscoroutine(value):
                     value = asyncio.run(value)
                 window = options.get("window")
@@ -121,7 +124,7 @@ class TaskWorker:
             ok, parts, refs = framing.frame_value(self.rt, identity, oids, where, value, "task")
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             ok, parts, refs = False, framing.error_frames(oids, where, exc), []
-        return framing.reply(self.rt, identity, oids, ok, parts, refs)
+        return framing.reply(self.rt, identity, oids, ok, parts, refs, released=segments.released(mapped))
 
     async def run_async(self, item: calls.TaskItem) -> executors.Reply:
         return self.run(item)

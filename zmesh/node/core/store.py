@@ -87,6 +87,16 @@ class StoreBook:
             self.used += size
         return refusal
 
+    def rename(self, old: str, new: str, holder: str) -> bool:
+        """A writer reused its own segment for a new value under a new name (it alone held it)."""
+        seg = self._segments.get(old)
+        if seg is None or seg.source is not None or set(seg.holders) != {holder} or new in self._segments:
+            return False
+        del self._segments[old]
+        seg.name = new
+        self._segments[new] = seg
+        return True
+
     def free(self, name: str, holder: str, every: bool = False) -> list[Segment]:
         """``holder`` lets go of one hold (or all, ``every``); returns the segments now gone (to unlink, to answer)."""
         seg = self._segments.get(name)

@@ -83,6 +83,7 @@ class ObjectStore:
         return {
             "store_alloc": lambda c, a, p, r: self._alloc(str(a[0]), int(a[1]), str(a[2]), r),
             "store_free": lambda c, a, p, r: self._free(str(a[0]), str(a[1]), str(a[2]), r),
+            "store_rename": lambda c, a, p, r: self._rename(str(a[0]), str(a[1]), str(a[2])),
             "store_pull": lambda c, a, p, r: self._pull(str(a[0]), str(a[1]), str(a[2]), int(a[3]), str(a[4]), r),
         }
 
@@ -105,6 +106,10 @@ class ObjectStore:
             self._send_mesh(node_id, "store_free", {"name": name, "holder": holder})
             return
         self._drop(self.book.free(name, holder))
+
+    def _rename(self, old: str, new: str, holder: str) -> None:
+        if shm.store_of(new) == self.node_id and shm.valid_name(new) and not self.book.rename(old, new, holder):
+            logger.warning("zmesh node: a rename of segment %s by %s did not match the ledger", old, holder[:16])
 
     def on_mesh_free(self, body: dict[str, Any]) -> None:
         """Another node relays a free of one of our segments."""

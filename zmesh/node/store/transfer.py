@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import mmap
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +35,7 @@ class DataServer:
     def __init__(self, ctx: zmq.Context[Any], security: Security, host: str, store_id: str) -> None:
         self.socket, self.address = sockets.router(ctx, security, host, 0)
         self._store_id = store_id
-        self._maps: dict[str, tuple[mmap.mmap, float]] = {}
+        self._maps: dict[str, tuple[memoryview, float]] = {}
         self.bytes_sent = 0
         self.malformed = 0
 
@@ -68,10 +67,10 @@ class DataServer:
             error = f"segment {name} is not held by this node any more (freed, or its owner is gone)"
             self._send(identity, protocol.encode(CHUNK, (tid, offset, error)))
             return
-        if not 0 <= offset < len(mm) or length < 1:
+        if not 0 <= offset < mm.nbytes or length < 1:
             self._send(identity, protocol.encode(CHUNK, (tid, offset, f"bad range {offset}+{length} of {name}")))
             return
-        view = memoryview(mm)[offset : offset + length]
+        view = mm[offset : offset + length]
         self.bytes_sent += view.nbytes
         self._send(identity, protocol.encode(CHUNK, (tid, offset, None), [view]))
 
@@ -81,13 +80,13 @@ class DataServer:
         except zmq.ZMQError:
             pass  # the reader is gone or stuck: its transfer stalls and fails there
 
-    def _map(self, name: str, now: float) -> mmap.mmap | None:
+    def _map(self, name: str, now: float) -> memoryview | None:
         held = self._maps.get(name)
         if held is not None:
             self._maps[name] = (held[0], now)
             return held[0]
         try:
-            mm = shm.open_map(name)
+            mm = shm.view(shm.open_map(name)).toreadonly()
         except (FileNotFoundError, ValueError, OSError):
             return None
         self._maps[name] = (mm, now)
@@ -106,7 +105,7 @@ class DataServer:
 class _Transfer:
     __slots__ = ("asked", "done_bytes", "from_node", "last", "mm", "name", "size", "source_name", "tid")
 
-    def __init__(self, tid: int, name: str, source: tuple[str, str], size: int, mm: mmap.mmap, now: float) -> None:
+    def __init__(self, tid: int, name: str, source: tuple[str, str], size: int, mm: memoryview, now: float) -> None:
         self.tid = tid
         self.name = name
         self.from_node, self.source_name = source
@@ -157,7 +156,7 @@ class Puller:
     def start(self, name: str, source: tuple[str, str], data_address: str, size: int, now: float) -> None:
         """Make local segment ``name`` and fill it from ``source`` (node id, name) served at ``data_address``."""
         try:
-            mm = shm.create_empty(name, size)
+            mm = shm.view(shm.create_empty(name, size))
         except OSError as exc:
             self._finished(name, f"no room in shared memory for a copy of {size:,} bytes: {exc.strerror or exc}")
             return
@@ -226,7 +225,7 @@ class Puller:
             return
         self._by_name.pop(t.name, None)
         self._address_of.pop(t.tid, None)
-        t.mm.close()
+        t.mm.release()
         if error is not None:
             shm.unlink(t.name)
         self._finished(t.name, error)
@@ -237,7 +236,7 @@ class Puller:
         t = self._transfers.pop(tid, None) if tid is not None else None
         if t is not None:
             self._address_of.pop(t.tid, None)
-            t.mm.close()
+            t.mm.release()
             shm.unlink(name)
 
     def node_gone(self, node_id: str) -> None:
