@@ -148,7 +148,8 @@ class StoreBook:
         refusal = self._room(size)
         if refusal is not None:
             return refusal, None, None
-        name = f"zmesh.{self.store_id}.p{source[0]}-{source[1].rpartition('.')[2]}"[:120]
+        # Never a name used before: a stale free or mapping of an earlier copy of the same source cannot reach this one.
+        name = f"zmesh.{self.store_id}.p{self.transfers_started:x}-{source[1].rpartition('.')[2]}"[:120]
         if name in self._segments:
             return f"segment {name} exists already", None, None
         seg = Segment(name, size, {holder: 1}, PULLING, source, [waiter])
