@@ -126,6 +126,7 @@ class Node:
             self.node_id, self.config, self._ctx, self.security, self._poller,
             lambda node_id, kind, body: self.mesh.send(node_id, kind, body),
             lambda holders: self.actors.gone_addresses(holders) if self._started else [],
+            self._member_dead,
         )  # fmt: skip
         self.started_at = time.time()
         self._next_publish = 0.0
@@ -183,6 +184,11 @@ class Node:
         if change.state in (membership.DEAD, membership.LEFT):
             self.leases.member_gone(change.node_id)
             self.store.member_gone(change.node_id)
+
+    def _member_dead(self, node_id: str) -> bool:
+        """Whether membership holds ``node_id`` dead or gone (unknown is not dead: it may be joining)."""
+        member = self.mesh.membership.get(node_id) if self._started else None
+        return member is not None and member.state in (membership.DEAD, membership.LEFT)
 
     def _worker_spawned(self, token: str, pid: int) -> None:
         if self.leases.owns_token(token):

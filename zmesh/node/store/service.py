@@ -50,11 +50,13 @@ class ObjectStore:
         poller: zmq.Poller,
         send_mesh: Callable[[str, str, dict[str, Any]], Any],
         gone: Callable[[list[str]], list[str]],
+        member_dead: Callable[[str], bool],
     ) -> None:
         self.node_id = node_id
         self._config = config
         self._send_mesh = send_mesh
         self._gone = gone
+        self._member_dead = member_dead
         self._lock = shm.StoreLock(node_id)
         swept = shm.sweep_dead_stores(node_id)
         if swept:
@@ -121,6 +123,9 @@ class ObjectStore:
             return
         if not shm.valid_name(name) or shm.store_of(name) != node_id or size < 1:
             reply.error("ValueError", f"bad segment {name!r} of node {node_id}")
+            return
+        if self._member_dead(node_id):
+            reply.error("ObjectLostError", f"the object is lost: node {node_id}, which held it, is gone")
             return
         refusal, ready, start = self.book.pull((node_id, name), size, holder, reply)
         if refusal:
