@@ -120,10 +120,13 @@ class Hold:
         raise TypeError("a segment hold cannot be pickled")
 
     def __del__(self) -> None:
-        if self.reusable and self.mm is not None:
-            self._segments.pool_put(self.key, self.mm, self.size)
-        else:
-            self._segments.let_go(self.key)
+        try:
+            if self.reusable and self.mm is not None:
+                self._segments.pool_put(self.key, self.mm, self.size)
+            else:
+                self._segments.let_go(self.key)
+        except Exception:  # at interpreter exit the runtime may be half gone; its node frees what it held
+            pass
 
 
 class Segments:
