@@ -150,7 +150,9 @@ class Segments:
 
     # ------------------------------------------------------------------ writing (user threads)
 
-    def write(self, frames: list[Any]) -> list[Any]:
+    def write(self, frames: list[Any]) -> list[Any] | None:
+        if self._loop.on_io_thread:
+            return None  # the node's answer to a reservation would come through this very thread: send it as messages
         lengths = tuple(memoryview(f).nbytes for f in frames)
         _, size = shm.layout(lengths)
         holder = getattr(_holding, "holder", None) or self._me
@@ -192,6 +194,7 @@ class Segments:
                 return None
             old, _, mm, _ = self._pool[fits[-1]]
             del self._pool[fits[-1]]
+            self._maps.pop(old, None)
         try:
             os.rename(shm.directory() / old, shm.directory() / name)
         except OSError:
@@ -243,7 +246,10 @@ class Segments:
         mapped = getattr(_reading, "mapped", None)
         if mapped is not None:
             mapped.append(weakref.ref(mm))
-        return shm.frames_of(mm, lengths), keep
+        try:
+            return shm.frames_of(mm, lengths), keep
+        except ValueError as exc:
+            raise serialization.DeserializationError(str(exc)) from None
 
     def adopt(self, frames: list[Any]) -> Hold | None:
         """A result or item written for us by its worker: the hold that lets go of it with its entry."""

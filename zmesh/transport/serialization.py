@@ -27,8 +27,8 @@ class SegmentStore(Protocol):
 
     threshold: int
 
-    def write(self, frames: list[Any]) -> list[Any]:
-        """Put ``frames`` in a new segment; returns the one descriptor frame that stands for them."""
+    def write(self, frames: list[Any]) -> list[Any] | None:
+        """Put ``frames`` in a new segment; returns the one descriptor frame that stands for them (None: not now)."""
         ...
 
     def read(self, descriptor: Any) -> tuple[list[Any], Any]:
@@ -140,9 +140,8 @@ def dumps_value(value: Any) -> list[Any]:
     """Frames for one value: ``[pickle stream, *out-of-band buffers]``."""
     store = _store
     if type(value) is bytes and len(value) >= _OOB_THRESHOLD:
-        if store is not None and len(value) >= store.threshold:
-            return store.write([b"B", value])
-        return [b"B", value]
+        stored = store.write([b"B", value]) if store is not None and len(value) >= store.threshold else None
+        return stored if stored is not None else [b"B", value]
     if _is_plain(value):
         return [pickle.dumps(value, protocol=5)]
     buffers: list[Any] = []
@@ -165,7 +164,9 @@ def dumps_value(value: Any) -> list[Any]:
     head = stream.getvalue()
     if store is not None and len(head) + sum(b.nbytes for b in buffers) >= store.threshold:
         # Written once, into shared memory, before this returns: the segment is the snapshot.
-        return store.write([head, *buffers])
+        stored = store.write([head, *buffers])
+        if stored is not None:
+            return stored
     # A value is a snapshot of the moment it was passed: copy what its owner could still
     # change (a numpy array, a bytearray); immutable bytes travel without a copy.
     return [head, *(raw if type(raw.obj) is bytes else bytes(raw) for raw in buffers)]
