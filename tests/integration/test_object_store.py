@@ -355,3 +355,55 @@ def test_a_garbled_descriptor_is_a_clear_error_and_the_node_lives_on(local: None
     with pytest.raises(ValueError):
         rt.request("store_pull", ("zz", "tcp://127.0.0.1:1", "../../etc/passwd", 10, "h"))
     assert zmesh.get(zmesh.put(np.ones(2 * MiB, dtype=np.uint8)), timeout=30).sum() == 2 * MiB
+
+
+_SECOND_DRIVER = """
+import sys, zmesh
+zmesh.init(address=sys.argv[1])
+keeper = zmesh.get_actor("keeper")
+[ref] = zmesh.get(keeper.refs.remote(), timeout=30)
+print(int(zmesh.get(ref, timeout=30)[::4096].sum()), flush=True)
+"""
+
+
+@zmesh.remote
+class Keeper:
+    def __init__(self) -> None:
+        self.kept: list[zmesh.ObjectRef] = []
+
+    def keep(self, refs: list[zmesh.ObjectRef]) -> None:
+        self.kept = list(refs)
+
+    def refs(self) -> list[zmesh.ObjectRef]:
+        return self.kept
+
+    def drop(self) -> None:
+        self.kept = []
+
+
+def test_a_segment_lives_while_any_driver_or_actor_holds_its_ref(tmp_path: Path) -> None:
+    """Driver 1 puts; an actor borrows; driver 2 borrows from the actor and reads; the segment goes with the last of them."""
+    node = NodeProcess(str(tmp_path / "run"), "--num-cpus", "2")
+    try:
+        zmesh.init(address=node.address)
+        keeper = Keeper.options(name="keeper").remote()
+        ref = zmesh.put(np.full(4 * MiB, 2, dtype=np.uint8))
+        zmesh.get(keeper.keep.remote([ref]), timeout=30)
+        del ref
+        for _ in range(2):  # the same read from a fresh driver, twice
+            out = subprocess.run(
+                [sys.executable, "-c", _SECOND_DRIVER, node.address],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, **node.env},
+            )
+            assert out.returncode == 0, out.stderr
+            assert int(out.stdout.strip()) == 2 * (4 * MiB // 4096)
+            assert len(_segments()) == 1  # the actor still borrows it
+        zmesh.get(keeper.drop.remote(), timeout=30)
+        wait_for(lambda: not _segments(), timeout=15, what="the segment to go with its last borrower")
+        zmesh.kill(keeper)
+        zmesh.shutdown()
+    finally:
+        node.stop()
