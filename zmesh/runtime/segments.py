@@ -103,16 +103,15 @@ def parse(descriptor: Any) -> tuple[str, str, str, tuple[int, ...], str]:
 class Hold:
     """One hold on a segment: letting go of this object (in any thread, at any moment) lets go of the hold.
 
-    The writer's hold keeps the writer's mapping (``mm``): a segment whose only reader said it no longer
-    maps it (``reusable``) goes to the writer's pool instead, and its pages are written again, warm.
+    A writer's hold on a segment whose only reader said it no longer maps it (``reusable``) puts the
+    segment in the writer's pool instead, and its pages are written again, warm.
     """
 
-    __slots__ = ("__weakref__", "_segments", "key", "mm", "reusable", "size")
+    __slots__ = ("__weakref__", "_segments", "key", "reusable", "size")
 
-    def __init__(self, segments: Segments, node_id: str, name: str, holder: str, mm: Any = None, size: int = 0) -> None:
+    def __init__(self, segments: Segments, node_id: str, name: str, holder: str, size: int = 0) -> None:
         self._segments = segments
         self.key = (node_id, name, holder)
-        self.mm = mm
         self.size = size
         self.reusable = False
 
@@ -121,8 +120,8 @@ class Hold:
 
     def __del__(self) -> None:
         try:
-            if self.reusable and self.mm is not None:
-                self._segments.pool_put(self.key, self.mm, self.size)
+            if self.reusable and self.size:
+                self._segments.pool_put(self.key, self.size)
             else:
                 self._segments.let_go(self.key)
         except Exception:  # at interpreter exit the runtime may be half gone; its node frees what it held
@@ -142,8 +141,8 @@ class Segments:
         self._names = itertools.count(1)
         self._freed: deque[tuple[str, str, str]] = deque()
         self._maps: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-        # Segments of ours that their one reader let go of: (name, size, mapping, since), newest last.
-        self._pool: deque[tuple[str, int, Any, float]] = deque()
+        # Segments of ours that their one reader let go of: (name, size, since), newest last.
+        self._pool: deque[tuple[str, int, float]] = deque()
         self._pool_lock = threading.RLock()  # Hold.__del__ may run (a collection) while this thread holds it
         self.written = 0  # segments this process wrote (tests, status)
         self.reused = 0
@@ -157,9 +156,9 @@ class Segments:
         _, size = shm.layout(lengths)
         holder = getattr(_holding, "holder", None) or self._me
         name = shm.segment_name(self.node_id, f"{self._me[:24]}-{next(self._names):x}")
-        mm = self._reuse(name, frames, size) if holder == self._me else None
-        if mm is not None:
-            return self._written(name, mm, lengths, holder)
+        reused = self._reuse(name, frames, size) if holder == self._me else 0
+        if reused:
+            return self._written(name, reused, lengths, holder)
         try:
             self._node.request("store_alloc", (name, size, holder))  # ObjectStoreFullError names the sizes
         except ObjectStoreFullError:
@@ -167,7 +166,7 @@ class Segments:
                 raise
             self._node.request("store_alloc", (name, size, holder))
         try:
-            mm = shm.create(name, frames, size)
+            shm.create(name, frames, size)
         except shm.NoSpaceError as exc:
             self._node.send(protocol.encode(protocol.REQUEST, (0, "store_free", (self.node_id, name, holder))))
             raise ObjectStoreFullError(f"a value of {size:,} bytes does not fit in shared memory: {exc.strerror}") from None
@@ -175,41 +174,41 @@ class Segments:
             self._node.send(protocol.encode(protocol.REQUEST, (0, "store_free", (self.node_id, name, holder))))
             raise
         self.written += 1
-        return self._written(name, mm, lengths, holder)
+        return self._written(name, size, lengths, holder)
 
-    def _written(self, name: str, mm: Any, lengths: tuple[int, ...], holder: str) -> list[Any]:
-        self._maps[name] = mm
+    def _written(self, name: str, size: int, lengths: tuple[int, ...], holder: str) -> list[Any]:
         if holder == self._me:
             # Whoever collects the refs pickled now keeps this (a put's entry, a call's kept refs).
-            ownership.pickled(Hold(self, self.node_id, name, holder, mm, shm.view(mm).nbytes))
+            ownership.pickled(Hold(self, self.node_id, name, holder, size))
         return [b"S" + serialization.dumps_header((self.node_id, self.data_address, name, lengths, holder))]
 
     # ------------------------------------------------------------------ reusing our own segments
 
-    def _reuse(self, name: str, frames: list[Any], size: int) -> Any:
-        """Write into a pooled segment of at least ``size`` bytes (at most twice), renamed: warm pages, no round trip."""
+    def _reuse(self, name: str, frames: list[Any], size: int) -> int:
+        """Write into a pooled segment of at least ``size`` bytes (at most twice), renamed; its size, or 0 if none fits."""
         with self._pool_lock:
             fits = [i for i, entry in enumerate(self._pool) if size <= entry[1] <= 2 * size]
             if not fits:
-                return None
-            old, _, mm, _ = self._pool[fits[-1]]
+                return 0
+            old, pooled, _ = self._pool[fits[-1]]
             del self._pool[fits[-1]]
             self._maps.pop(old, None)
         try:
             os.rename(shm.directory() / old, shm.directory() / name)
+            shm.rewrite(name, frames)
         except OSError:
             self._freed.append((self.node_id, old, self._me))
-            return None
+            shm.unlink(name)
+            return 0
         # A new name: a descriptor of the old value can never reach these bytes. The node learns it in order.
         self._node.send(protocol.encode(protocol.REQUEST, (0, "store_rename", (old, name, self._me))))
-        shm.write(mm, frames)
         self.reused += 1
-        return mm
+        return pooled
 
-    def pool_put(self, key: tuple[str, str, str], mm: Any, size: int) -> None:
+    def pool_put(self, key: tuple[str, str, str], size: int) -> None:
         """From ``Hold.__del__``: keep a segment nobody maps any more for the next value of about its size."""
         with self._pool_lock:
-            self._pool.append((key[1], size, mm, time.monotonic()))
+            self._pool.append((key[1], size, time.monotonic()))
             while len(self._pool) > _POOL_MAX:
                 self._freed.append((self.node_id, self._pool.popleft()[0], self._me))
         self._loop.wake()
@@ -274,9 +273,9 @@ class Segments:
 
     def after_round(self) -> None:
         """On the I/O thread: tell the node (ours relays to another store's node) which holds are gone."""
-        if self._pool and time.monotonic() - self._pool[0][3] > _POOL_IDLE_S:
+        if self._pool and time.monotonic() - self._pool[0][2] > _POOL_IDLE_S:
             with self._pool_lock:
-                while self._pool and time.monotonic() - self._pool[0][3] > _POOL_IDLE_S:
+                while self._pool and time.monotonic() - self._pool[0][2] > _POOL_IDLE_S:
                     self._freed.append((self.node_id, self._pool.popleft()[0], self._me))
         freed = self._freed
         while freed:

@@ -105,43 +105,61 @@ def layout(lengths: Iterable[int]) -> tuple[list[int], int]:
     return offsets, max(pos, 1)
 
 
-def create(name: str, frames: list[Any], size: int) -> Any:
-    """Make segment ``name`` holding ``frames`` (one copy each); its mapping stays writable only here."""
+def create(name: str, frames: list[Any], size: int) -> None:
+    """Make segment ``name`` of ``size`` bytes holding ``frames`` (one copy each).
+
+    Written with ``pwrite``, not through a mapping: the kernel fills fresh pages without a page fault
+    each, and a full tmpfs answers ENOSPC, where a write into a mapping of it would raise SIGBUS.
+    """
     path = directory() / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            # Reserve the pages now: writing into a mapping of a full tmpfs raises SIGBUS, which kills the process.
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise NoSpaceError(exc.errno, f"no room for {size:,} bytes in {path.parent}") from None
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            os.ftruncate(fd, size)
-        mm = _map(fd, size, writable=True)
-    except BaseException:
+        _pwrite_frames(fd, frames)
+        os.ftruncate(fd, size)  # the last frame's alignment padding, or all of it for an empty segment
+    except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise NoSpaceError(exc.errno, f"no room for {size:,} bytes in {path.parent}") from None
         raise
     os.close(fd)
-    write(mm, frames)
-    return mm
 
 
-def write(mapping: Any, frames: list[Any]) -> None:
-    """Copy ``frames`` into a writable mapping, each at its aligned offset."""
-    target = view(mapping)
+def rewrite(name: str, frames: list[Any]) -> None:
+    """Write ``frames`` over an existing segment of ours (a reused one, at least as large)."""
+    fd = os.open(directory() / name, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        _pwrite_frames(fd, frames)
+    finally:
+        os.close(fd)
+
+
+def pwrite_at(fd: int, data: Any, offset: int) -> None:
+    """All of ``data`` at ``offset`` (one write moves at most about 2 GiB on Linux)."""
+    source = memoryview(data).cast("B")
+    done = 0
+    while done < source.nbytes:
+        done += os.pwrite(fd, source[done:], offset + done)
+
+
+def _pwrite_frames(fd: int, frames: list[Any]) -> None:
     offsets, _ = layout(memoryview(f).nbytes for f in frames)
     for frame, offset in zip(frames, offsets, strict=True):
-        source = memoryview(frame).cast("B")
-        target[offset : offset + source.nbytes] = source
+        pwrite_at(fd, frame, offset)
 
 
-def create_empty(name: str, size: int) -> Any:
-    """A segment to be filled later (a transfer from another node)."""
-    return create(name, [], size)
+def open_to_fill(name: str, size: int) -> int:
+    """A new empty segment of ``size`` bytes to be filled with ``pwrite_at`` (a transfer); returns its descriptor."""
+    path = directory() / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        unlink(name)
+        raise
+    return fd
 
 
 def open_map(name: str) -> Any:
