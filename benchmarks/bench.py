@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench.py [--backends zmesh,ray] [--quick]
+    python benchmarks/bench.py [--backends zmesh,ray] [--quick] [--only big_argument,payload_sweep]
 
 Each backend runs in fresh subprocesses of this script (``--worker BACKEND``
 for the workloads, then ``--rss BACKEND`` for the daemon-memory figure), which
@@ -81,6 +81,8 @@ class Sizes:
     pipelined_calls: int
     put_gets: int
     big_arg_reps: int
+    # Calls passing one put 100 MB ref: each costs a round trip or two, not a copy, so many more of them.
+    big_ref_reps: int
     # The payload sweep's calls per size are PAYLOAD_SWEEP's counts divided by this.
     sweep_divisor: int
     workload_timeout_s: int
@@ -98,7 +100,8 @@ FULL = Sizes(
     warmup_calls=100,
     pipelined_calls=10_000,
     put_gets=5000,
-    big_arg_reps=5,
+    big_arg_reps=10,
+    big_ref_reps=200,
     sweep_divisor=1,
     workload_timeout_s=60,
     child_timeout_s=480,
@@ -114,6 +117,7 @@ QUICK = Sizes(
     pipelined_calls=1000,
     put_gets=500,
     big_arg_reps=1,
+    big_ref_reps=20,
     sweep_divisor=10,
     workload_timeout_s=30,
     child_timeout_s=240,
@@ -141,18 +145,29 @@ class PayloadSize:
         return f"1:1 pipelined {self.label} arg [MB/s]"
 
 
+# zmesh's default store_threshold (NodeConfig): from this many bytes a value goes into the node's shared memory.
+STORE_THRESHOLD = 2**20
 # Fewer calls for bigger sizes, so that each size takes about 1 s on zmesh; Ray's three small sizes take 5-10 s
-# each on 2 cores, the whole sweep about 30 s, well inside the workload deadline.
+# each on 2 cores, the whole sweep about 40 s (SWEEP_TIMEOUT_FACTOR gives it twice the workload deadline).
+# The sizes around 1 MiB straddle the store threshold: one byte below it (sent through the socket) and at it
+# (written into shared memory); a cliff there shows as a drop from "1 MiB - 1 B" to "1 MiB".
 PAYLOAD_SWEEP = (
     PayloadSize("100 B", 100, 25_000),
     PayloadSize("10 KiB", 10 * 2**10, 15_000),
     PayloadSize("100 KiB", 100 * 2**10, 8000),
-    PayloadSize("1 MiB", 2**20, 1200),
+    PayloadSize("512 KiB", 512 * 2**10, 2000),
+    PayloadSize("1 MiB - 1 B", STORE_THRESHOLD - 1, 1200),
+    PayloadSize("1 MiB", STORE_THRESHOLD, 1200),
+    PayloadSize("2 MiB", 2 * 2**20, 600),
     PayloadSize("10 MiB", 10 * 2**20, 120),
+    PayloadSize("100 MiB", 100 * 2**20, 12),
 )
+SWEEP_TIMEOUT_FACTOR = 2
 # Calls in flight at once are capped at this many argument bytes, so that a big size
 # does not queue gigabytes in the caller; 64 MiB still keeps several 10 MiB calls in flight.
 SWEEP_WINDOW_BYTES = 64 * 2**20
+# ... but never fewer calls than this: with one call in flight, passing the next argument never overlaps running the last.
+SWEEP_MIN_WINDOW = 2
 # A size's MB/s may fall to this fraction of the next smaller size's before it counts as a cliff (noise).
 CLIFF_TOLERANCE = 0.8
 
@@ -165,6 +180,7 @@ class Metric:
     higher_is_better: bool
 
 
+BIG_REF_METRIC = "100 MB put once, passed by ref [GB/s]"
 METRICS = (
     Metric("import time [s]", higher_is_better=False),
     Metric("init() time [s]", higher_is_better=False),
@@ -177,6 +193,7 @@ METRICS = (
     Metric("async actor pipelined [calls/s]", higher_is_better=True),
     Metric("put/get small [ops/s]", higher_is_better=True),
     Metric("100 MB argument [GB/s]", higher_is_better=True),
+    Metric(BIG_REF_METRIC, higher_is_better=True),
     *(Metric(name, higher_is_better=True) for size in PAYLOAD_SWEEP for name in (size.calls_metric, size.mbps_metric)),
     Metric("tasks sync [tasks/s]", higher_is_better=True),
     Metric("tasks pipelined [tasks/s]", higher_is_better=True),
@@ -204,6 +221,10 @@ class Pinger:
 
     def size(self, payload: Any) -> int:
         return len(payload)
+
+    def peek(self, payload: Any) -> int:
+        """Its length and its first elements: proves the data is there without reading all of it."""
+        return len(payload) + int(sum(payload[:4]))
 
 
 class AsyncPinger:
@@ -343,21 +364,39 @@ def _big_payload() -> Any:
     return b"\x01" * BIG_ARG_BYTES
 
 
+# What Pinger.peek answers for the big payload (100 MB of ones).
+BIG_PEEK = BIG_ARG_BYTES + 4
+
+
+def _big_calls_rate(mod: ModuleType, actor: Any, arg: Any, reps: int) -> float:
+    """``get(actor.peek.remote(arg))`` ``reps`` times, one after another, after one warm-up; GB/s of the 100 MB.
+
+    From the median call: a burst of another process's work on this shared machine slows a few calls, not the figure.
+    """
+    _expect(mod.get(actor.peek.remote(arg)) == BIG_PEEK, "bad peek")
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        _expect(mod.get(actor.peek.remote(arg)) == BIG_PEEK, "bad peek")
+        times.append(time.perf_counter() - start)
+    return BIG_ARG_BYTES / statistics.median(times) / 1e9
+
+
 def bench_big_argument(mod: ModuleType, sizes: Sizes) -> dict[str, float]:
+    """A 100 MB array passed by value (each call copies it once, into the store), then put once and passed by ref."""
     (actor,) = _ready_actors(mod, Pinger, 1)
     payload = _big_payload()
-    _expect(mod.get(actor.size.remote(payload)) == BIG_ARG_BYTES, "bad size")
-    start = time.perf_counter()
-    for _ in range(sizes.big_arg_reps):
-        mod.get(actor.size.remote(payload))
-    elapsed = time.perf_counter() - start
+    by_value = _big_calls_rate(mod, actor, payload, sizes.big_arg_reps)
+    ref = mod.put(payload)
+    by_ref = _big_calls_rate(mod, actor, ref, sizes.big_ref_reps)
+    del ref
     _kill_all(mod, [actor])
-    return {"100 MB argument [GB/s]": BIG_ARG_BYTES * sizes.big_arg_reps / elapsed / 1e9}
+    return {"100 MB argument [GB/s]": by_value, BIG_REF_METRIC: by_ref}
 
 
 def _sweep_rate(mod: ModuleType, actor: Any, payload: bytes, calls: int) -> float:
     """Pass ``payload`` ``calls`` times, at most SWEEP_WINDOW_BYTES in flight; calls per second."""
-    window = max(1, SWEEP_WINDOW_BYTES // len(payload))
+    window = max(SWEEP_MIN_WINDOW, SWEEP_WINDOW_BYTES // len(payload))
     start = time.perf_counter()
     done = 0
     while done < calls:
@@ -485,6 +524,8 @@ WORKLOADS: tuple[Workload, ...] = (
 def _workload_limit_s(workload: Workload, sizes: Sizes) -> int:
     if workload is bench_task_burst:
         return sizes.task_burst_limit_s + sizes.workload_timeout_s
+    if workload is bench_payload_sweep:
+        return sizes.workload_timeout_s * SWEEP_TIMEOUT_FACTOR
     return sizes.workload_timeout_s
 
 
@@ -585,8 +626,16 @@ def _init_backend(backend: str, mod: ModuleType) -> None:
         mod.init()
 
 
-def _run_workloads(backend: str, sizes: Sizes) -> Report:
-    """Time import and ``init()``, then run every workload; one report."""
+def _workload_name(workload: Workload) -> str:
+    return workload.__name__.removeprefix("bench_")
+
+
+# ``--only`` names workloads by these, and the daemon-memory probe by this one.
+RSS_PROBE = "daemon_rss"
+
+
+def _run_workloads(backend: str, sizes: Sizes, only: tuple[str, ...] = ()) -> Report:
+    """Time import and ``init()``, then run every workload (those named in ``only``, if any); one report."""
     start = time.perf_counter()
     try:
         mod = importlib.import_module(backend)
@@ -602,6 +651,8 @@ def _run_workloads(backend: str, sizes: Sizes) -> Report:
     skipped: dict[str, str] = {}
     try:
         for workload in WORKLOADS:
+            if only and _workload_name(workload) not in only:
+                continue
             try:
                 with _deadline(_workload_limit_s(workload, sizes)):
                     metrics.update(workload(mod, sizes))
@@ -686,12 +737,14 @@ def _child_env(backend: str, run_dir: str) -> dict[str, str]:
     return env
 
 
-def _run_child(mode: str, backend: str, quick: bool) -> Report:
+def _run_child(mode: str, backend: str, quick: bool, only: tuple[str, ...] = ()) -> Report:
     """Run ``bench.py --MODE BACKEND`` in a fresh process; return its report."""
     sizes = QUICK if quick else FULL
     args = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", backend]
     if quick:
         args.append("--quick")
+    if only:
+        args += ["--only", ",".join(only)]
     with (
         tempfile.TemporaryDirectory(prefix="zmesh-bench-") as run_dir,
         tempfile.TemporaryFile() as out,
@@ -724,12 +777,12 @@ def _print_errors(backend: str, errors: dict[str, str]) -> None:
         print(f"[{backend}] {workload} failed: {message}", flush=True)
 
 
-def _bench_backend(backend: str, quick: bool) -> BackendResult:
-    """Run the workloads, then the daemon-memory probe, each in a fresh process."""
+def _bench_backend(backend: str, quick: bool, only: tuple[str, ...] = ()) -> BackendResult:
+    """Run the workloads, then the daemon-memory probe, each in a fresh process (those in ``only``, if any)."""
     result = BackendResult(backend)
     print(f"[{backend}] running workloads ...", flush=True)
     try:
-        report = _run_child("worker", backend, quick)
+        report = _run_child("worker", backend, quick, only)
     except BenchError as exc:
         print(f"[{backend}] crashed: {exc}", flush=True)
         result.unavailable = "error"
@@ -744,6 +797,8 @@ def _bench_backend(backend: str, quick: bool) -> BackendResult:
     _print_errors(backend, report["errors"])
     for metric, reason in result.skipped.items():
         print(f"[{backend}] {metric} skipped: {reason}", flush=True)
+    if only and RSS_PROBE not in only:
+        return result
     print(f"[{backend}] measuring daemon RSS ...", flush=True)
     try:
         result.metrics.update(_run_child("rss", backend, quick)["metrics"])
@@ -776,12 +831,15 @@ def _cell(result: BackendResult, metric: Metric) -> str:
     return _format_value(value)
 
 
-def _table_rows(results: list[BackendResult]) -> list[list[str]]:
+def _table_rows(results: list[BackendResult], selected: bool = False) -> list[list[str]]:
+    """One row per metric; with ``selected`` (``--only``), only the metrics some backend measured or skipped."""
     by_name = {r.backend: r for r in results}
     compare = "zmesh" in by_name and "ray" in by_name
     header = ["metric", *(r.backend for r in results)] + (["ratio"] if compare else [])
     rows = [header]
     for metric in METRICS:
+        if selected and not any(metric.name in r.metrics or metric.name in r.skipped for r in results):
+            continue
         row = [metric.name, *(_cell(r, metric) for r in results)]
         if compare:
             row.append(
@@ -828,6 +886,19 @@ def _print_cliff_check(results: list[BackendResult]) -> None:
             print(line)
         if not warnings:
             print(f"[{result.backend}] payload sweep: no cliff (each size's MB/s >= {CLIFF_TOLERANCE}x the next smaller size's)")
+        print(_threshold_line(result))
+
+
+def _threshold_line(result: BackendResult) -> str:
+    """The step across zmesh's store threshold, named apart: the issue's "no cliff at the threshold" check."""
+    below = next(s for s in PAYLOAD_SWEEP if s.nbytes == STORE_THRESHOLD - 1)
+    at = next(s for s in PAYLOAD_SWEEP if s.nbytes == STORE_THRESHOLD)
+    low, high = result.metrics[below.mbps_metric], result.metrics[at.mbps_metric]
+    verdict = "ok" if high >= CLIFF_TOLERANCE * low else "CLIFF"
+    return (
+        f"[{result.backend}] at zmesh's store threshold: {at.label} gives {high / low:.2f}x the MB/s of {below.label} "
+        f"({_format_value(high)} against {_format_value(low)}; >= {CLIFF_TOLERANCE}x): {verdict}"
+    )
 
 
 def _print_footnote(results: list[BackendResult], sizes: Sizes) -> None:
@@ -838,9 +909,15 @@ def _print_footnote(results: list[BackendResult], sizes: Sizes) -> None:
     if ran:
         print("Versions: " + ", ".join(f"{r.backend} {r.version}" for r in ran) + ".")
         payloads = ", ".join(f"{r.backend} {r.payload}" for r in ran)
-        print(f"100 MB argument: passed directly, not via put; payload type: {payloads}.")
+        print(
+            f"100 MB argument: passed directly (a copy per call), one call at a time; by ref: put once, then its ref "
+            f"passed (no copy); the method reads 4 elements; GB/s from the median call; payload type: {payloads}."
+        )
         window = SWEEP_WINDOW_BYTES // 2**20
-        print(f"Payload sweep: bytes arguments passed directly, at most {window} MiB of them in flight; MB = 10^6 bytes.")
+        print(
+            f"Payload sweep: bytes arguments passed directly, at most {window} MiB of them (or {SWEEP_MIN_WINDOW} calls) in flight; "
+            f"MB = 10^6 bytes; zmesh's store threshold is {STORE_THRESHOLD // 2**20} MiB (from there arguments go through shared memory)."
+        )
         print(
             f"Tasks: no-op remote functions; tasks at once: {sizes.task_burst:,} submitted in a loop, then waited for "
             f"(at most {sizes.task_burst_limit_s} s); driver RSS is its peak of after submitting and after the last result."
@@ -855,7 +932,8 @@ def _print_footnote(results: list[BackendResult], sizes: Sizes) -> None:
                 f"(target < {TASK_BURST_RSS_MB} MB): {verdict}."
             )
     for r in ran:
-        print(f"{r.backend} daemon RSS: {RSS_NOTES[r.backend]}, {RSS_ACTORS} live actors.")
+        if "node daemon RSS [MB]" in r.metrics:
+            print(f"{r.backend} daemon RSS: {RSS_NOTES[r.backend]}, {RSS_ACTORS} live actors.")
     print("Ratio > 1 means zmesh is better. All figures are from one run.")
 
 
@@ -865,7 +943,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="about 10x fewer operations (smoke test)")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--rss", choices=BACKENDS, help=argparse.SUPPRESS)
+    names = [_workload_name(w) for w in WORKLOADS] + [RSS_PROBE]
+    parser.add_argument("--only", default="", help=f"comma-separated, among: {','.join(names)} (default: all)")
     args = parser.parse_args(argv)
+    args.only = tuple(n.strip() for n in args.only.split(",") if n.strip())
+    if set(args.only) - set(names):
+        parser.error(f"unknown workload(s) {','.join(sorted(set(args.only) - set(names)))}; known: {','.join(names)}")
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(args.backends) - set(BACKENDS))
     if unknown or not args.backends:
@@ -877,15 +960,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.worker:
-        print(json.dumps(_run_workloads(args.worker, sizes)), flush=True)
+        print(json.dumps(_run_workloads(args.worker, sizes, args.only)), flush=True)
         return 0
     if args.rss:
         print(json.dumps(_run_rss(args.rss, sizes)), flush=True)
         return 0
     _become_subreaper()
-    results = [_bench_backend(backend, args.quick) for backend in args.backends]
+    results = [_bench_backend(backend, args.quick, args.only) for backend in args.backends]
     print()
-    _print_table(_table_rows(results))
+    _print_table(_table_rows(results, selected=bool(args.only)))
     _print_cliff_check(results)
     _print_footnote(results, QUICK if args.quick else FULL)
     return 0

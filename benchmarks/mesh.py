@@ -1,4 +1,4 @@
-"""The mesh's figures against the issue's targets: convergence, failure detection, names, restarts, calls, tasks, stalls, bursts.
+"""The mesh's figures against the issue's targets: convergence, failure detection, names, restarts, calls, tasks, objects, stalls, bursts.
 
 Usage::
 
@@ -6,13 +6,15 @@ Usage::
     python benchmarks/mesh.py --quick                # fewer repetitions, a 30 s stall run
     python benchmarks/mesh.py --only sigkill,calls   # selected sections
     python benchmarks/mesh.py --only tasks           # remote functions over 3 nodes against one
+    python benchmarks/mesh.py --only objects         # a 1 GB object across nodes against raw pyzmq; memory per reader
     python benchmarks/mesh.py --stall-minutes 10     # the full stall-tolerance run
     python benchmarks/mesh.py --only burst --burst 600   # a smaller burst of creations
 
 Every node is a real `zmesh node` process on 127.0.0.1 (``zmesh.testing.LocalCluster``)
 with the default timings of ``NodeConfig``. Views are read by polling each node's
 members (a fresh admin request, a few ms each), so times carry that resolution.
-Ray's single-node call rates are measured in a subprocess, for the ratios.
+Ray's single-node call rates are measured in a subprocess, for the ratios; large objects
+across nodes are measured against raw pyzmq with CURVE between two processes (``transfer.py``).
 The burst section runs 2,000 worker processes at once: about 12 GB of memory, 70 s on 2 cores.
 Figures are printed, never asserted: a missed target reads ``MISS`` in the table.
 """
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+import transfer
 
 import zmesh
 from zmesh.exceptions import ZmeshError
@@ -45,7 +48,7 @@ from zmesh.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 POLL_S = 0.02
 NAMESPACE = "mesh-bench"
 GONE = ("DEAD", "LEFT")
-SECTIONS = ("convergence", "sigkill", "sigstop", "sigterm", "names", "restart", "calls", "tasks", "stalls", "burst")
+SECTIONS = ("convergence", "sigkill", "sigstop", "sigterm", "names", "restart", "calls", "tasks", "objects", "stalls", "burst")
 # Keeps Ray on the loopback interface and stops it from reporting usage statistics.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -526,6 +529,11 @@ def tasks(opts: Options) -> list[Row]:
     ]
 
 
+def objects(opts: Options) -> list[Row]:
+    """Large objects across nodes (``transfer.py``): a 1 GB read against raw pyzmq, memory with 1 and 6 readers."""
+    return [Row(**dataclasses.asdict(figure)) for figure in transfer.objects(opts.quick)]
+
+
 def _placed(per_node: dict[str, int], ids: dict[str, int]) -> str:
     return "per node " + ", ".join(f"node {ids.get(n, '?')}: {k}" for n, k in sorted(per_node.items(), key=lambda kv: ids.get(kv[0], 99)))
 
@@ -860,6 +868,7 @@ def main() -> int:
         "restart": restart,
         "calls": calls,
         "tasks": tasks,
+        "objects": objects,
         "stalls": stalls,
         "burst": burst,
     }
