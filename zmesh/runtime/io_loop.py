@@ -159,6 +159,11 @@ class IoLoop:
         if self._sleeping:
             self.wake()
 
+    def nudge(self) -> None:
+        """Wake the I/O thread only if it sleeps (it looks at its queues before it sleeps again)."""
+        if self._sleeping:
+            self.wake()
+
     def wake(self) -> None:
         with self._wake_lock:
             if self._wake_fd < 0:

@@ -39,8 +39,10 @@ from zmesh.transport import protocol, serialization, shm
 
 # A pull waits as long as the transfer takes; the node answers it or fails it (sender lost, no progress).
 _PULL_TIMEOUT_S = 24 * 3600.0
-# Segments kept for reuse: a loop passing a large argument by value writes into warm pages each time.
-_POOL_MAX = 4
+# Segments kept for reuse: a loop passing a large argument by value writes into warm pages each time. Enough
+# for the calls a pipelined caller keeps in flight; what no write took within a second goes back to the store.
+_POOL_MAX = 64
+_POOL_BYTES = 256 << 20
 _POOL_IDLE_S = 1.0
 
 _holding = threading.local()
@@ -107,12 +109,13 @@ class Hold:
     segment in the writer's pool instead, and its pages are written again, warm.
     """
 
-    __slots__ = ("__weakref__", "_segments", "key", "reusable", "size")
+    __slots__ = ("__weakref__", "_segments", "key", "mapping", "reusable", "size")
 
-    def __init__(self, segments: Segments, node_id: str, name: str, holder: str, size: int = 0) -> None:
+    def __init__(self, segments: Segments, node_id: str, name: str, holder: str, size: int = 0, mapping: Any = None) -> None:
         self._segments = segments
         self.key = (node_id, name, holder)
         self.size = size
+        self.mapping = mapping  # the writer's own mapping of a reused segment: written again without a page fault
         self.reusable = False
 
     def __reduce__(self) -> Any:
@@ -121,7 +124,7 @@ class Hold:
     def __del__(self) -> None:
         try:
             if self.reusable and self.size:
-                self._segments.pool_put(self.key, self.size)
+                self._segments.pool_put(self.key, self.size, self.mapping)
             else:
                 self._segments.let_go(self.key)
         except Exception:  # at interpreter exit the runtime may be half gone; its node frees what it held
@@ -139,10 +142,12 @@ class Segments:
         self.data_address = str(info["data"])
         self.threshold = int(info["threshold"])
         self._names = itertools.count(1)
-        self._freed: deque[tuple[str, str, str]] = deque()
+        # What the I/O thread tells the node, in order: ("store_free", (node, name, holder)) or ("store_rename", ...).
+        self._freed: deque[tuple[str, tuple[str, str, str]]] = deque()
         self._maps: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-        # Segments of ours that their one reader let go of: (name, size, since), newest last.
-        self._pool: deque[tuple[str, int, float]] = deque()
+        # Segments of ours that their one reader let go of: (name, size, since, our mapping or None), newest last.
+        self._pool: deque[tuple[str, int, float, Any]] = deque()
+        self._pool_bytes = 0
         self._pool_lock = threading.RLock()  # Hold.__del__ may run (a collection) while this thread holds it
         self.written = 0  # segments this process wrote (tests, status)
         self.reused = 0
@@ -156,9 +161,9 @@ class Segments:
         _, size = shm.layout(lengths)
         holder = getattr(_holding, "holder", None) or self._me
         name = shm.segment_name(self.node_id, f"{self._me[:24]}-{next(self._names):x}")
-        reused = self._reuse(name, frames, size) if holder == self._me else 0
-        if reused:
-            return self._written(name, reused, lengths, holder)
+        reused = self._reuse(name, frames, size) if holder == self._me else None
+        if reused is not None:
+            return self._written(name, reused[0], lengths, holder, reused[1])
         try:
             self._node.request("store_alloc", (name, size, holder))  # ObjectStoreFullError names the sizes
         except ObjectStoreFullError:
@@ -176,47 +181,58 @@ class Segments:
         self.written += 1
         return self._written(name, size, lengths, holder)
 
-    def _written(self, name: str, size: int, lengths: tuple[int, ...], holder: str) -> list[Any]:
+    def _written(self, name: str, size: int, lengths: tuple[int, ...], holder: str, mapping: Any = None) -> list[Any]:
         if holder == self._me:
             # Whoever collects the refs pickled now keeps this (a put's entry, a call's kept refs).
-            ownership.pickled(Hold(self, self.node_id, name, holder, size))
+            ownership.pickled(Hold(self, self.node_id, name, holder, size, mapping))
         return [b"S" + serialization.dumps_header((self.node_id, self.data_address, name, lengths, holder))]
 
     # ------------------------------------------------------------------ reusing our own segments
 
-    def _reuse(self, name: str, frames: list[Any], size: int) -> int:
-        """Write into a pooled segment of at least ``size`` bytes (at most twice), renamed; its size, or 0 if none fits."""
+    def _reuse(self, name: str, frames: list[Any], size: int) -> tuple[int, Any] | None:
+        """Write into a pooled segment of at least ``size`` bytes (at most twice), renamed: (its size, our mapping)."""
         with self._pool_lock:
             fits = [i for i, entry in enumerate(self._pool) if size <= entry[1] <= 2 * size]
             if not fits:
-                return 0
-            old, pooled, _ = self._pool[fits[-1]]
+                return None
+            old, pooled, _, mapping = self._pool[fits[-1]]
             del self._pool[fits[-1]]
+            self._pool_bytes -= pooled
             self._maps.pop(old, None)
         try:
             os.rename(shm.directory() / old, shm.directory() / name)
-            shm.rewrite(name, frames)
+            if mapping is None:
+                mapping = shm.map_to_write(name)
+            shm.write(mapping, frames)
         except OSError:
-            self._freed.append((self.node_id, old, self._me))
+            self._freed.append(("store_free", (self.node_id, old, self._me)))
             shm.unlink(name)
-            return 0
-        # A new name: a descriptor of the old value can never reach these bytes. The node learns it in order.
-        self._node.send(protocol.encode(protocol.REQUEST, (0, "store_rename", (old, name, self._me))))
+            return None
+        # A new name: a descriptor of the old value can never reach these bytes. The node learns it in order with
+        # our frees, at the I/O thread's next round (no wake-up of its own); a node that stops removes every file
+        # of its store, whatever its name.
+        self._freed.append(("store_rename", (old, name, self._me)))
         self.reused += 1
-        return pooled
+        return pooled, mapping
 
-    def pool_put(self, key: tuple[str, str, str], size: int) -> None:
+    def pool_put(self, key: tuple[str, str, str], size: int, mapping: Any) -> None:
         """From ``Hold.__del__``: keep a segment nobody maps any more for the next value of about its size."""
         with self._pool_lock:
-            self._pool.append((key[1], size, time.monotonic()))
-            while len(self._pool) > _POOL_MAX:
-                self._freed.append((self.node_id, self._pool.popleft()[0], self._me))
-        self._loop.wake()
+            self._pool.append((key[1], size, time.monotonic(), mapping))
+            self._pool_bytes += size
+            while len(self._pool) > _POOL_MAX or self._pool_bytes > _POOL_BYTES:
+                self._let_go_pooled()
+
+    def _let_go_pooled(self) -> None:
+        """The oldest pooled segment goes back to the store (the pool's lock is held)."""
+        name, size, _, _ = self._pool.popleft()
+        self._pool_bytes -= size
+        self._freed.append(("store_free", (self.node_id, name, self._me)))
 
     def _drain_pool(self) -> bool:
         """Let go of every pooled segment (the store is full); whether there was any."""
         with self._pool_lock:
-            pooled, self._pool = self._pool, deque()
+            pooled, self._pool, self._pool_bytes = self._pool, deque(), 0
         for name, *_ in pooled:
             self._node.send(protocol.encode(protocol.REQUEST, (0, "store_free", (self.node_id, name, self._me))))
         if pooled:
@@ -262,13 +278,14 @@ class Segments:
 
     def let_go(self, key: tuple[str, str, str]) -> None:
         """Called from ``Hold.__del__``: sent by the I/O thread, which never runs inside another send."""
-        self._freed.append(key)
-        self._loop.wake()
+        self._freed.append(("store_free", key))
+        self._loop.nudge()
 
     def close(self) -> None:
         """The runtime is closing: pooled segments go (the node frees what we held when we leave)."""
         with self._pool_lock:
             self._pool.clear()
+            self._pool_bytes = 0
         self._maps.clear()
 
     def after_round(self) -> None:
@@ -276,12 +293,12 @@ class Segments:
         if self._pool and time.monotonic() - self._pool[0][2] > _POOL_IDLE_S:
             with self._pool_lock:
                 while self._pool and time.monotonic() - self._pool[0][2] > _POOL_IDLE_S:
-                    self._freed.append((self.node_id, self._pool.popleft()[0], self._me))
+                    self._let_go_pooled()
         freed = self._freed
         while freed:
             try:
-                node_id, name, holder = freed.popleft()
+                op, args = freed.popleft()
             except IndexError:
                 break
             if self._node.lost is None:
-                self._node.send_now(protocol.encode(protocol.REQUEST, (0, "store_free", (node_id, name, holder))))
+                self._node.send_now(protocol.encode(protocol.REQUEST, (0, op, args)))

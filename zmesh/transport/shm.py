@@ -73,13 +73,23 @@ def view(mapping: Any) -> memoryview:
     return memoryview(mapping).cast("B")
 
 
+_directory: tuple[str | None, Path] | None = None
+
+
 def directory() -> Path:
     """Where segments live: ``ZMESH_SHM_DIR``, else ``/dev/shm``, else the temp dir (not shared memory, but works)."""
+    global _directory
     chosen = os.environ.get("ZMESH_SHM_DIR")
+    known = _directory
+    if known is not None and known[0] == chosen:
+        return known[1]  # looked up once per setting: this is on the path of every large value
     if chosen:
-        return Path(chosen)
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+        path = Path(chosen)
+    else:
+        shm = Path("/dev/shm")
+        path = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    _directory = (chosen, path)
+    return path
 
 
 def valid_name(name: str) -> bool:
@@ -126,13 +136,22 @@ def create(name: str, frames: list[Any], size: int) -> None:
     os.close(fd)
 
 
-def rewrite(name: str, frames: list[Any]) -> None:
-    """Write ``frames`` over an existing segment of ours (a reused one, at least as large)."""
-    fd = os.open(directory() / name, os.O_WRONLY | os.O_CLOEXEC)
+def map_to_write(name: str) -> Any:
+    """A writable mapping of an existing segment of ours (one that is reused: its pages exist, and stay mapped)."""
+    fd = os.open(directory() / name, os.O_RDWR | os.O_CLOEXEC)
     try:
-        _pwrite_frames(fd, frames)
+        return _map(fd, os.fstat(fd).st_size, writable=True)
     finally:
         os.close(fd)
+
+
+def write(mapping: Any, frames: list[Any]) -> None:
+    """Copy ``frames`` into a writable mapping, each at its aligned offset (a plain memory copy)."""
+    target = view(mapping)
+    offsets, _ = layout(memoryview(f).nbytes for f in frames)
+    for frame, offset in zip(frames, offsets, strict=True):
+        source = memoryview(frame).cast("B")
+        target[offset : offset + source.nbytes] = source
 
 
 def pwrite_at(fd: int, data: Any, offset: int) -> None:
@@ -217,6 +236,17 @@ def lock_is_free(store_id: str) -> bool:
         return False
     finally:
         os.close(fd)  # closing drops the probe's own lock, if it got one
+
+
+def remove_store(store_id: str) -> None:
+    """Unlink every segment of store ``store_id`` (not its lock): the store is closing."""
+    try:
+        names = [p.name for p in directory().iterdir() if p.name.startswith(f"{_PREFIX}{store_id}.")]
+    except OSError:
+        return
+    for name in names:
+        if not name.endswith(".lock"):
+            unlink(name)
 
 
 def sweep_dead_stores(own_store: str) -> list[str]:

@@ -194,4 +194,5 @@ class ObjectStore:
         self.server.close()
         for name in self.book.names():
             shm.unlink(name)
+        shm.remove_store(self.node_id)  # renamed segments whose new name the ledger never learnt, too
         self._lock.release()
