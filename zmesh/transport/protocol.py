@@ -59,6 +59,9 @@ UNBORROW = b"u"  # (object_id, borrower address): borrower -> owner
 RELEASE_LENT = b"l"  # (object_id,): caller -> the worker that lent it the refs inside that result
 # node -> node (see node/mesh.py): one-way, always from the sender's DEALER to the receiver's ROUTER
 MESH = b"m"  # (channel, sender node id, body dict) + payload frames
+# node -> node, on the object store's data sockets (see node/store/transfer.py)
+CHUNK_GET = b"x"  # (transfer id, segment name, offset, length): reading node -> the segment's node
+CHUNK = b"X"  # (transfer id, offset, error or None) + the chunk's bytes
 
 KNOWN_TYPES = frozenset(
     {
@@ -85,6 +88,8 @@ KNOWN_TYPES = frozenset(
         UNBORROW,
         RELEASE_LENT,
         MESH,
+        CHUNK_GET,
+        CHUNK,
     }
 )
 

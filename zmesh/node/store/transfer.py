@@ -24,8 +24,8 @@ from zmesh.transport.security import Security
 
 logger = logging.getLogger(__name__)
 
-CHUNK_GET = b"x"  # (transfer id, segment name, offset, length): reading node -> the segment's node
-CHUNK = b"X"  # (transfer id, offset, error or None) + the chunk's bytes
+CHUNK_GET = protocol.CHUNK_GET  # (transfer id, segment name, offset, length): reading node -> the segment's node
+CHUNK = protocol.CHUNK  # (transfer id, offset, error or None) + the chunk's bytes
 
 _IDLE_MAP_S = 5.0  # a served segment's mapping is dropped after this long without a request
 
@@ -44,13 +44,13 @@ class DataServer:
         sock = self.socket
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sockets.recv(sock, zmq.NOBLOCK)  # bytes and memoryviews, as protocol.decode takes them
             except zmq.Again:
                 return
             self._serve(frames, now)
 
     def _serve(self, frames: list[Any], now: float) -> None:
-        identity = frames[0].bytes
+        identity = frames[0]
         try:
             msg = protocol.decode(frames[1:])
             if msg.type != CHUNK_GET or len(msg.header) != 4:
@@ -194,7 +194,7 @@ class Puller:
     def on_readable(self, sock: Any, now: float) -> None:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sockets.recv(sock, zmq.NOBLOCK)  # bytes and memoryviews, as protocol.decode takes them
             except zmq.Again:
                 return
             try:
