@@ -7,23 +7,28 @@ transfers_started, bytes_sent, bytes_received, transfers_active) and through the
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torture_tasks as tt
+import torture_workloads as tw
 from conftest import ROOT
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, note, seed, settings
 from hypothesis import strategies as st
+from torture_workloads import Collect
 
 import zmesh
-from zmesh.exceptions import ActorDiedError, ObjectLostError
+from zmesh.exceptions import ActorDiedError, ObjectLostError, ObjectStoreFullError
 from zmesh.testing import LocalCluster, wait_for
 from zmesh.transport import shm
 from zmesh.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -82,6 +87,14 @@ class Reader:
         """Wait for the gate (all readers at once), then fetch the ref itself: a borrower's get."""
         _gate(gate)
         return digest(zmesh.get(refs[0], timeout=60))
+
+    def keep(self, refs: list[Any]) -> str:
+        """Read a ref and keep it: this worker's node keeps its copy while the ref is held."""
+        self._refs = refs
+        return digest(zmesh.get(refs[0], timeout=60))
+
+    def drop(self) -> None:
+        self._refs = []
 
     def read(self, value: Any) -> str:
         """A value passed as an argument (or a top-level ref, resolved before the call runs)."""
@@ -160,7 +173,10 @@ def wait_pulling(cluster: LocalCluster, i: int, what: str) -> dict[str, Any]:
 
 
 def test_six_readers_on_one_node_pull_one_copy(tmp_path: Path) -> None:
-    """Six actors on node B read a 48 MB array owned by a driver on node A at the same moment: B pulls it once."""
+    """Six actors on node B read a 48 MB array owned by a driver on node A at the same moment: B pulls it once.
+
+    One of them keeps the ref: B keeps its copy for it, and a later reader there maps that copy.
+    """
     with LocalCluster(nodes=2, num_cpus=8) as cluster:
         cluster.connect(0)
         ids = [cluster.node_id(i) for i in range(2)]
@@ -172,19 +188,45 @@ def test_six_readers_on_one_node_pull_one_copy(tmp_path: Path) -> None:
         assert a["segments"] == 1 and a["used"] >= value.nbytes
         size = a["used"]  # the one segment, frames aligned
         gate = tmp_path / "go"
-        calls = [r.read_nested.remote([ref], str(gate)) for r in readers]
+        calls = [r.keep.remote([ref]) for r in readers[:1]] + [r.read_nested.remote([ref], str(gate)) for r in readers[1:]]
         gate.touch()
         assert zmesh.get(calls, timeout=60) == [digest(value)] * 6
         a, b = store(cluster, 0), store(cluster, 1)
         assert (b["transfers_started"], b["bytes_received"]) == (1, size), b
         assert (a["transfers_started"], a["bytes_sent"], a["bytes_received"]) == (0, size, 0), a
-        # The readers let go of B's copy when their calls end; the driver's put is the only segment left.
-        wait_for(lambda: store(cluster, 1)["segments"] == 0, 10, what="B's copy to be freed once read")
+        # One reader keeps the ref, so B keeps its copy: a later reader there maps it, no second transfer.
+        assert b["segments"] == 1 and len(files_of(ids[1])) == 1
+        assert zmesh.get(readers[1].read_nested.remote([ref]), timeout=60) == digest(value)
+        assert (store(cluster, 1)["transfers_started"], store(cluster, 0)["bytes_sent"]) == (1, size)
+        # Once the last reader there lets go, B's copy goes; the driver's put is the only segment left.
+        zmesh.get(readers[0].drop.remote(), timeout=30)
+        wait_empty(cluster, ids, [1], "B's copy to go once no reader there holds the ref")
         assert store(cluster, 0)["segments"] == 1 and files_of(ids[0])
         del ref
         wait_empty(cluster, ids, [0, 1], "the put freed once its ref is gone")
         for r in readers:
             zmesh.kill(r)
+
+
+def test_a_copy_that_does_not_fit_in_the_reading_nodes_store_fails_with_the_sizes() -> None:
+    """Node 1's store (5 MiB) already holds a 3 MiB result: a 3 MiB put from node 0 cannot be pulled there until it goes."""
+    with LocalCluster(nodes=2, num_cpus=4, config={"object_store_memory": 5 * MiB}) as cluster:
+        cluster.connect(0)
+        ids = [cluster.node_id(i) for i in range(2)]
+        far = Reader.options(scheduling_strategy=_on(ids[1])).remote()
+        held = far.make.remote("bytes", 3 * MiB)  # in node 1's store, held for this driver
+        assert zmesh.wait([held], timeout=60)[0] == [held]
+        value = make("bytes", 3 * MiB)
+        ref = zmesh.put(value)
+        with pytest.raises(ObjectStoreFullError, match=r"is full: a value of 3\.0 MiB"):
+            zmesh.get(far.read_nested.remote([ref]), timeout=60)
+        assert store(cluster, 1)["segments"] == 1
+        del held
+        wait_for(lambda: store(cluster, 1)["segments"] == 0, 10, what="node 1's store to have room")
+        assert zmesh.get(far.read_nested.remote([ref]), timeout=60) == digest(value)
+        del ref
+        zmesh.kill(far)
+        wait_empty(cluster, ids, [0, 1], "both stores empty")
 
 
 def test_two_drivers_on_two_nodes_read_one_object_at_once_one_transfer_each(tmp_path: Path) -> None:
@@ -513,3 +555,163 @@ def test_a_reader_killed_mid_transfer_lets_go_and_its_partial_copy_is_freed(tmp_
         wait_empty(cluster, ids, [0, 1], "every store empty once the put is dropped")
         for r in readers:
             zmesh.kill(r)
+
+
+# ------------------------------------------------------------------ torture workloads with large values
+# The torture runners (torture_workloads.play, torture_tasks.play) check every value and, at the end, that every
+# node's store holds no more than before the workload; here their values cross the store's threshold.
+
+ITEMSIZE = {"uint8": 1, "int32": 4, "float64": 8}
+HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture]
+MAX_BYTES = 96 * MiB
+
+
+def _store_sizes() -> st.SearchStrategy[int]:
+    """From half the threshold to a few MiB, often right at the threshold (the frames are a little over the value)."""
+    edges = st.sampled_from((THRESHOLD - 1, THRESHOLD, THRESHOLD + 1))
+    return st.one_of(edges, st.integers(THRESHOLD - 2048, THRESHOLD + 2048), st.integers(THRESHOLD // 2, 3 * MiB))
+
+
+def large_leaves() -> st.SearchStrategy[Any]:
+    sizes = _store_sizes()
+    arrays = st.builds(
+        lambda dtype, n, layout: tw.Arr(dtype, n // ITEMSIZE[dtype], layout),
+        st.sampled_from(tuple(ITEMSIZE)),
+        sizes,
+        st.sampled_from(("c", "f", "strided")),  # a strided array is pickled in-band: one large frame
+    )
+    return st.one_of(st.builds(tw.Blob, sizes, st.sampled_from(("bytes", "str", "utf8"))), arrays)
+
+
+def large_values(n_actors: int, low: int) -> st.SearchStrategy[Any]:
+    """A large leaf as it is, in a container with a small one, in a put, or as another call's result."""
+    leaf = large_leaves()
+    small = st.one_of(st.none(), st.integers(0, 9))
+    branches = [
+        leaf,
+        leaf,
+        st.builds(tw.Coll, st.sampled_from(("list", "tuple", "dict")), st.tuples(leaf, small)),
+        st.builds(tw.Put, leaf),
+    ]
+    if low < n_actors:
+        branches.append(st.integers(low, n_actors - 1).flatmap(lambda k: st.builds(tw.Result, st.just(k), leaf)))
+    return st.one_of(branches)
+
+
+def large_ops(n_actors: int, faults: bool) -> st.SearchStrategy[Any]:
+    actor = st.integers(0, n_actors - 1)
+    echo = actor.flatmap(lambda a: st.builds(tw.Echo, st.just(a), large_values(n_actors, a + 1), st.booleans(), st.booleans()))
+    stream = actor.flatmap(lambda a: st.builds(tw.Stream, st.just(a), st.integers(2, 3), large_values(n_actors, a + 1)))
+    choices = [echo, echo, stream, st.builds(tw.Collect, st.sampled_from(tw.HOWS))]
+    if n_actors > 1:
+        choices.append(
+            st.integers(0, n_actors - 2).flatmap(
+                lambda a: st.builds(
+                    tw.Relay, st.just(a), st.integers(a + 1, n_actors - 1), large_values(n_actors, a + 1), st.sampled_from(tw.HOWS)
+                )
+            )
+        )
+    if faults:
+        choices += [st.builds(tw.Crash, actor), st.builds(tw.Kill, actor)]
+    return st.one_of(choices)
+
+
+@st.composite
+def large_workloads(draw: st.DrawFn, *, drivers: int = 1, threads: int = 1, faults: bool = False) -> tw.Workload:
+    n_actors = draw(st.integers(1, 3))
+    restarts = st.sampled_from((0, 1, -1)) if faults else st.just(0)
+    retries = st.sampled_from((0, 1, -1)) if faults else st.just(0)
+    actors = tuple(draw(st.builds(tw.ActorSpec, st.sampled_from(tw.KINDS), restarts, retries)) for _ in range(n_actors))
+    callers = []
+    for _ in range(draw(st.integers(1, threads))):
+        steps = tuple(draw(st.lists(large_ops(n_actors, faults), min_size=1, max_size=3)))
+        callers.append(tw.Caller(steps, draw(st.integers(0, drivers - 1)), draw(st.sampled_from(tw.HOWS))))
+    return tw.Workload(actors, tuple(callers))
+
+
+def large_task_values() -> st.SearchStrategy[Any]:
+    leaf = large_leaves()
+    pair = st.builds(tw.Coll, st.sampled_from(("list", "tuple")), st.tuples(leaf, st.none()))
+    return st.one_of(leaf, leaf, pair, st.builds(tw.Put, leaf))
+
+
+def large_task_ops(spread: bool) -> st.SearchStrategy[Any]:
+    opts = st.builds(tt.Opts, st.sampled_from((0, 1, 3)), st.just(False), st.booleans() if spread else st.just(False))
+    link = st.builds(tt.Link, st.sampled_from(("top", "nested")), st.sampled_from(("", "", "raise_once", "exit_once")), opts)
+    return st.one_of(
+        st.builds(tt.Chain, st.lists(link, min_size=1, max_size=3).map(tuple), large_task_values()),
+        st.builds(tt.Fan, st.integers(1, 3), st.sampled_from(("wait", "top", "nested")), large_task_values(), opts),
+        st.builds(tt.Stream, st.integers(1, 3), st.integers(0, 3), st.none(), st.sampled_from((None, 1)), large_task_values()),
+        st.builds(tt.Nest, st.just(1), st.integers(1, 2), large_task_values(), st.sampled_from(("get", "wait")), opts),
+        st.builds(Collect, st.sampled_from(tw.HOWS)),
+    )
+
+
+@st.composite
+def large_task_workloads(draw: st.DrawFn, *, drivers: int = 1, threads: int = 1, spread: bool = False) -> tt.TaskWorkload:
+    callers = []
+    for _ in range(draw(st.integers(1, threads))):
+        steps = tuple(draw(st.lists(large_task_ops(spread), min_size=1, max_size=3)))
+        callers.append(tw.Caller(steps, draw(st.integers(0, drivers - 1)), draw(st.sampled_from(tw.HOWS))))
+    return tt.TaskWorkload(tuple(callers))
+
+
+def explore(strategy: st.SearchStrategy[Any], play: Any, examples: int, fixed_seed: int) -> None:
+    """Play ``examples`` drawn workloads (a fixed seed: the same ones each run); a failure is shrunk and printed."""
+
+    def check(w: Any) -> None:
+        note(w.to_python() if isinstance(w, tw.Workload) else repr(w))
+        assume(w.nbytes() <= MAX_BYTES)
+        play(w)
+
+    faulthandler.cancel_dump_traceback_later()  # see test_torture.explore
+    prop = settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+        suppress_health_check=HEALTH,
+    )(given(strategy)(check))
+    seed(fixed_seed)(prop)()
+
+
+@pytest.mark.timeout(300)
+def test_torture_large_values_on_one_host(local: None, isolated_run_dir: Path, tmp_path: Path) -> None:
+    """Actor workloads (echoes, relays, puts, results as arguments) and task workloads with values around the
+    threshold and up to a few MiB, on an embedded node: every value checked, every segment freed at the end."""
+
+    def play_actors(w: tw.Workload) -> None:
+        tw.play(w, run_dir=str(isolated_run_dir), scratch=Path(tempfile.mkdtemp(prefix="w", dir=tmp_path)), seconds=30)
+
+    def play_tasks(w: tt.TaskWorkload) -> None:
+        tt.play(w, scratch=Path(tempfile.mkdtemp(prefix="t", dir=tmp_path)), seconds=30)
+
+    explore(large_workloads(threads=2), play_actors, examples=8, fixed_seed=21)
+    explore(large_task_workloads(threads=2), play_tasks, examples=5, fixed_seed=22)
+
+
+@pytest.mark.timeout(300)
+def test_torture_large_values_across_a_three_node_mesh(tmp_path: Path) -> None:
+    """The same across a 3-node mesh (actors and tasks SPREAD, a second driver on another node, kills and crashes),
+    with small chunks so that each value crosses chunk boundaries; every node's store empty at the end."""
+    with LocalCluster(nodes=3, num_cpus=4, config={"transfer_chunk": 256 * 1024}) as cluster:
+        cluster.connect()
+        statuses = [lambda i=i: cluster.status(i) for i in range(3)]
+        tw.MESH_ADDRESSES[:] = tt.MESH_ADDRESSES[:] = cluster.addresses
+        tw.STORES[:] = tt.STATUS[:] = statuses
+        try:
+
+            def play_actors(w: tw.Workload) -> None:
+                scratch = Path(tempfile.mkdtemp(prefix="w", dir=tmp_path))
+                tw.play(w, run_dir=cluster.run_dir, scratch=scratch, seconds=30)
+
+            def play_tasks(w: tt.TaskWorkload) -> None:
+                tt.play(w, scratch=Path(tempfile.mkdtemp(prefix="t", dir=tmp_path)), seconds=30)
+
+            explore(large_workloads(drivers=2, threads=2, faults=True), play_actors, examples=6, fixed_seed=23)
+            explore(large_task_workloads(drivers=2, threads=2, spread=True), play_tasks, examples=4, fixed_seed=24)
+        finally:
+            tw.MESH_ADDRESSES.clear()
+            tt.MESH_ADDRESSES.clear()
+            tw.STORES.clear()
+            tt.STATUS.clear()
