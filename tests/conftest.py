@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import shutil
@@ -29,9 +30,15 @@ os.environ.setdefault("ZMESH_WARM_IDLE_S", "0.2")
 ROOT = Path(__file__).resolve().parent.parent
 
 # Object-store segments of this test session go in a folder of their own under /dev/shm (nodes and drivers the
-# tests start inherit it): the leak check then sees this session's segments only, not another session's.
-_SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-os.environ["ZMESH_SHM_DIR"] = tempfile.mkdtemp(prefix="zmesh-test-", dir=_SHM_BASE)
+# tests start inherit it): the leak check then sees this session's segments only, not another session's. One per
+# pytest process (each xdist worker has its own); a zmesh worker that imports this module with a test's actor class
+# inherits its session's folder and must not make another.
+_SHM_FOR = os.environ.get("PYTEST_XDIST_WORKER", "main")
+if os.environ.get("ZMESH_TEST_SHM_FOR") != _SHM_FOR or "ZMESH_SHM_DIR" not in os.environ:
+    _SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    os.environ["ZMESH_SHM_DIR"] = tempfile.mkdtemp(prefix="zmesh-test-", dir=_SHM_BASE)
+    os.environ["ZMESH_TEST_SHM_FOR"] = _SHM_FOR
+    atexit.register(shutil.rmtree, os.environ["ZMESH_SHM_DIR"], True)
 
 # pyzmq starts one garbage-collector thread (with its own context, socket and descriptors)
 # per process, on the first zero-copy send; start it now so no test is blamed for it.
@@ -48,7 +55,6 @@ def short_socket_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     directories live under another base, and their folders may be in use.
     """
     yield
-    shutil.rmtree(os.environ["ZMESH_SHM_DIR"], ignore_errors=True)
     base = tmp_path_factory.getbasetemp()
     for directory, _, _ in os.walk(base):
         folder = rundir.short_socket_dir(Path(directory))

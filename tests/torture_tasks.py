@@ -537,6 +537,8 @@ def play(w: TaskWorkload, *, scratch: Path, seconds: float) -> None:
     rt = zmesh_runtime.current()
     deadline = time.monotonic() + seconds
     before = residue(rt)
+    stores = STATUS or [zmesh.api._status]
+    stored = tw.stores_now(stores)
     extras: list[subprocess.Popen[str]] = []
     try:
         for d in range(1, w.drivers):
@@ -561,6 +563,7 @@ def play(w: TaskWorkload, *, scratch: Path, seconds: float) -> None:
     check_task_workers(deadline)
     wait_clean(rt, before, "the driver")
     check_leases()
+    tw.wait_stores_clean(stores, stored, "every segment of the workload freed")
 
 
 def start_driver(w: TaskWorkload, index: int, scratch: Path, deadline: float) -> subprocess.Popen[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import gc
 import itertools
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -862,6 +864,59 @@ def check_workers(w: Workload, handles: list[Any], deadline: float) -> None:
 
 # Set by the mesh variant of the test: extra drivers connect to these nodes in turn, and actors are SPREAD.
 MESH_ADDRESSES: list[str] = []
+# The nodes whose object stores play() checks; a test may set them, else the connected node or every MESH_ADDRESSES node.
+STORES: list[Callable[[], dict[str, Any]]] = []
+
+
+# ------------------------------------------------------------------ the shared-memory object stores
+
+
+def node_status(address: str) -> dict[str, Any]:
+    """The status of the node at ``address`` (host:port), asked as `zmesh status` does, with this user's cluster key."""
+    from zmesh.node.admin import request
+    from zmesh.transport.security import Security, resolve_key
+
+    return dict(request(f"tcp://{address}", "status", security=Security(resolve_key(None)[0])))
+
+
+def store_nodes() -> list[Callable[[], dict[str, Any]]]:
+    if STORES:
+        return list(STORES)
+    if MESH_ADDRESSES:
+        return [functools.partial(node_status, a) for a in MESH_ADDRESSES]
+    return [zmesh.api._status]
+
+
+def stores_now(nodes: list[Callable[[], dict[str, Any]]]) -> dict[str, tuple[int, frozenset[str]]]:
+    """Each node's segments: how many its store counts, and its files in /dev/shm (lock file aside)."""
+    from zmesh.transport import shm
+
+    out = {}
+    for status in nodes:
+        s = status()
+        node_id = str(s["node_id"])
+        files = frozenset(p.name for p in shm.directory().glob(f"zmesh.{node_id}.*") if not p.name.endswith(".lock"))
+        out[node_id] = (int(s["object_store"]["segments"]), files)
+    return out
+
+
+def wait_stores_clean(nodes: list[Callable[[], dict[str, Any]]], before: dict[str, tuple[int, frozenset[str]]], what: str) -> None:
+    """Every node's store is back to what it held before the workload: its segments freed and their files gone.
+
+    A hold of a process on another node ends when that node relays the free, or (the holder killed) within the
+    mesh's grace for the dead (a few seconds): hence the long wait.
+    """
+    last: list[dict[str, tuple[int, frozenset[str]]]] = []
+
+    def clean() -> bool:
+        last.append(stores_now(nodes))
+        return all(n <= before.get(k, (0, frozenset()))[0] and f <= before.get(k, (0, frozenset()))[1] for k, (n, f) in last[-1].items())
+
+    try:
+        wait_for(clean, timeout=15, interval=0.1, what=what)
+    except TimeoutError:
+        now = {k: (n, sorted(f)) for k, (n, f) in last[-1].items()}
+        raise AssertionError(f"{what}: the object stores hold {now} (before the workload: {before})") from None
 
 
 def play(w: Workload, *, run_dir: str, scratch: Path, seconds: float) -> None:
@@ -869,6 +924,8 @@ def play(w: Workload, *, run_dir: str, scratch: Path, seconds: float) -> None:
     rt = zmesh_runtime.current()
     deadline = time.monotonic() + seconds
     before = residue(rt)
+    stores = store_nodes()
+    stored = stores_now(stores)
     processes = len(zmesh_processes(run_dir))
     socket_files = set(Path(run_dir).glob("s/*.sock"))
     names = [f"{scratch.name}-a{i}" for i in range(len(w.actors))]
@@ -918,6 +975,7 @@ def play(w: Workload, *, run_dir: str, scratch: Path, seconds: float) -> None:
         left = sorted(p.name for p in set(Path(run_dir).glob("s/*.sock")) - socket_files)
         raise AssertionError(f"IPC socket files left in the run directory after every worker exited: {left}") from None
     wait_clean(rt, before, "the driver")
+    wait_stores_clean(stores, stored, "every segment of the workload freed")
 
 
 def start_driver(w: Workload, index: int, names: list[str], scratch: Path, deadline: float) -> subprocess.Popen[str]:
