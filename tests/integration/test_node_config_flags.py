@@ -50,6 +50,11 @@ CASES: dict[str, tuple[str, list[str], Check]] = {
         ["--resources", '{"special": 1}'],
         lambda n, ctx: _status(n)["resources_total"]["special"] == 2,
     ),
+    "object_store_memory": (
+        "3M",
+        ["--object-store-memory", "2G"],
+        lambda n, ctx: _status(n)["object_store"]["capacity"] == 3 * 2**20,
+    ),
     "cluster": (
         "named-by-config",
         ["--cluster", "other"],

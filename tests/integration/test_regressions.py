@@ -401,11 +401,14 @@ def test_a_huge_init_error_still_kills_the_actor_with_its_message(local: None) -
 
 
 def test_put_refuses_a_value_over_the_message_size_cap(isolated_run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ZMESH_MAX_MESSAGE_BYTES", str(2**20))
+    """A cap below the store's threshold: values between the two travel in messages, and are refused at the put."""
+    monkeypatch.setenv("ZMESH_MAX_MESSAGE_BYTES", str(2**18))
     zmesh.init()
     with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
-        zmesh.put(b"x" * (2 * 2**20))
+        zmesh.put(b"x" * (2**19))
     assert zmesh.get(zmesh.put(b"x" * 1000), timeout=30) == b"x" * 1000
+    # From the store's threshold on, a value is in shared memory and only its descriptor travels: no cap applies.
+    assert len(zmesh.get(zmesh.put(b"x" * (2 * 2**20)), timeout=30)) == 2 * 2**20
 
 
 @pytest.mark.timeout(60)

@@ -401,13 +401,16 @@ def test_peer_of_another_version_is_refused_clearly_on_both_sides(driver: NodePr
 
 
 def test_message_size_cap_is_enforced_at_the_call_site(isolated_run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ZMESH_MAX_MESSAGE_BYTES", str(2**20))
+    # A cap below the store's threshold (1 MiB): values between the two travel in messages, and are refused.
+    monkeypatch.setenv("ZMESH_MAX_MESSAGE_BYTES", str(2**18))
     zmesh.init()
     echo = Echo.remote()
     with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
-        echo.echo.remote(b"x" * (2 * 2**20))
+        echo.echo.remote(b"x" * (2**19))
     with pytest.raises(ValueError, match="ZMESH_MAX_MESSAGE_BYTES"):
-        echo.echo.remote([b"y" * 600_000, b"z" * 600_000])  # one pickle stream of 1.2 MB
+        echo.echo.remote([b"y" * 200_000, b"z" * 200_000])  # one pickle stream of 400 KB
     with pytest.raises(zmesh.exceptions.TaskError, match=r"result of Echo\.make"):
-        zmesh.get(echo.make.remote(2 * 2**20), timeout=10)
+        zmesh.get(echo.make.remote(2**19), timeout=10)
     assert zmesh.get(echo.echo.remote(b"x" * 1000), timeout=10) == b"x" * 1000
+    # From the threshold on, a value is in shared memory and only its descriptor travels: the cap does not apply.
+    assert len(zmesh.get(echo.echo.remote(b"x" * (2 * 2**20)), timeout=10)) == 2 * 2**20
