@@ -285,6 +285,10 @@ def chain_outcome(w: TaskWorkload, op: Chain, salts: list[str], want0: Any) -> t
     errors: set[type[BaseException]] = set()
     for salt, lk in zip(salts, op.links, strict=True):
         errors |= set(w.collateral(lk.opts))
+        if lk.fault == "raise_once" and lk.opts.retries_on_value_error() and lk.opts.max_retries != -1 and w.kills() > 0:
+            # One budget for both, as Ray's max_retries: a kill of the worker the link was queued on may spend its
+            # retry before it first runs, and its one raise then ends it (CI found it, under load).
+            errors.add(ValueError)
         if isinstance(want, Boom | Fails):
             continue
         if lk.fault == "raise" or (lk.fault == "raise_once" and not lk.opts.retries_on_value_error()):
