@@ -407,3 +407,22 @@ def test_a_segment_lives_while_any_driver_or_actor_holds_its_ref(tmp_path: Path)
         zmesh.shutdown()
     finally:
         node.stop()
+
+
+class _DiesWhenPickled:
+    def __reduce__(self) -> Any:
+        os._exit(1)
+
+
+@zmesh.remote(num_returns=2, max_retries=0)
+def large_then_dies() -> Any:
+    """The first result goes into the store for the caller; pickling the second kills the worker before it sends either."""
+    return np.ones(2 * MiB, dtype=np.uint8), _DiesWhenPickled()
+
+
+def test_a_result_written_by_a_worker_that_died_before_sending_it_is_freed(local: None) -> None:
+    """The torture test found it held for its caller until the caller exited: its caller never heard of it."""
+    first, _ = large_then_dies.remote()
+    with pytest.raises(zmesh.exceptions.WorkerCrashedError):
+        zmesh.get(first, timeout=30)
+    wait_for(lambda: not _segments(), timeout=20, what="the dead worker's unsent result to be freed")

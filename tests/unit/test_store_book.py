@@ -26,18 +26,19 @@ class LedgerMachine(RuleBasedStateMachine):
         self.book = StoreBook("n1", capacity=100)
         self.counter = 0
         self.unlinked: set[str] = set()
+        self.now = 0.0
 
     def _gone(self, segments: list[Any]) -> None:
         for seg in segments:
             assert seg.name not in self.unlinked, f"{seg.name} freed twice"
             self.unlinked.add(seg.name)
 
-    @rule(size=st.integers(1, 60), holder=st.sampled_from(HOLDERS))
-    def alloc(self, size: int, holder: str) -> None:
+    @rule(size=st.integers(1, 60), holder=st.sampled_from(HOLDERS), writer=st.sampled_from([None, *HOLDERS]))
+    def alloc(self, size: int, holder: str, writer: str | None) -> None:
         self.counter += 1
         name = f"zmesh.n1.w-{self.counter}"
         before = self.book.used
-        refusal = self.book.alloc(name, size, holder)
+        refusal = self.book.alloc(name, size, holder, writer)
         if before + size > self.book.capacity:
             assert refusal is not None and f"{size:,} bytes" in refusal
         else:
@@ -52,6 +53,25 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(gone=st.sets(st.sampled_from(HOLDERS), max_size=2))
     def holders_exit(self, gone: set[str]) -> None:
         self._gone(self.book.holders_gone(gone))
+        for writer in gone:
+            self.book.writer_gone(writer, self.now)
+
+    @rule(data=st.data(), holder=st.sampled_from(HOLDERS))
+    def adopt(self, data: st.DataObject, holder: str) -> None:
+        names = self.book.names()
+        if names:
+            name = data.draw(st.sampled_from(names))
+            self.book.adopted(name, holder)
+            seg = self.book.get(name)
+            if seg is not None and holder in seg.holders:
+                assert seg.writer is None and seg.writer_gone_at is None
+
+    @rule(dt=st.floats(0, 10))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+        orphans = self.book.orphans(self.now, 5.0)
+        assert all(s.writer is not None for s in orphans), "only a segment never adopted goes with its writer"
+        self._gone(orphans)
 
     @rule(source=st.sampled_from(SOURCES), size=st.integers(1, 60), holder=st.sampled_from(HOLDERS))
     def pull(self, source: tuple[str, str], size: int, holder: str) -> None:
@@ -105,6 +125,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert seg is not None and seg.holders, "a segment nobody holds must be gone"
             assert all(count > 0 for count in seg.holders.values())
             assert seg.name not in self.unlinked
+            assert seg.writer_gone_at is None or self.now - seg.writer_gone_at < 5.0 or seg.writer is not None
 
 
 TestLedger = LedgerMachine.TestCase

@@ -175,6 +175,7 @@ class Node:
         )
         self.requests.ops.update(self.store.ops())
         self.actors.register("store_free", lambda s, b, p, r: self.store.on_mesh_free(b))
+        self.actors.register("store_adopt", lambda s, b, p, r: self.store.on_mesh_adopt(b))
         self._started = True
 
     # ------------------------------------------------------------------ the mesh link's hooks

@@ -272,7 +272,12 @@ class Segments:
             node_id, _, name, _, holder = parse(frames[0])
         except (ValueError, serialization.DeserializationError):
             return None  # a garbled descriptor fails when read, with the reason
-        return Hold(self, node_id, name, holder) if holder == self._me else None
+        if holder != self._me:
+            return None
+        # Tell the segment's node we have it: from now on it no longer goes if its writer exits.
+        self._freed.append(("store_adopt", (node_id, name, holder)))
+        self._loop.nudge()
+        return Hold(self, node_id, name, holder)
 
     # ------------------------------------------------------------------ letting go
 

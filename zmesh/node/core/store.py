@@ -27,6 +27,9 @@ class Segment:
     state: str = READY
     source: tuple[str, str] | None = None  # (node id, segment name) of a pulled copy
     waiters: list[Any] = dataclasses.field(default_factory=list)  # replies owed once a pull ends
+    # Written by another process for its holder (a worker's result for its caller) and not yet adopted by it.
+    writer: str | None = None
+    writer_gone_at: float | None = None  # the writer exited before the holder adopted it
 
 
 @dataclasses.dataclass
@@ -77,15 +80,36 @@ class StoreBook:
             )
         return None
 
-    def alloc(self, name: str, size: int, holder: str) -> str | None:
-        """Reserve a segment a process is about to write; returns why not (ObjectStoreFullError's message)."""
+    def alloc(self, name: str, size: int, holder: str, writer: str | None = None) -> str | None:
+        """Reserve a segment a process is about to write; returns why not (ObjectStoreFullError's message).
+
+        ``writer``: the process writing it for ``holder`` (a worker, a result for its caller). Until the holder
+        adopts it, the segment also goes if the writer exits and the holder has not adopted it within a grace:
+        a result its worker never got to send would otherwise be held for its caller until the caller exits.
+        """
         if name in self._segments:
             return f"segment {name} exists already"
         refusal = self._room(size)
         if refusal is None:
-            self._segments[name] = Segment(name, size, {holder: 1})
+            self._segments[name] = Segment(name, size, {holder: 1}, writer=writer if writer != holder else None)
             self.used += size
         return refusal
+
+    def adopted(self, name: str, holder: str) -> None:
+        """The holder has the segment's descriptor: it no longer depends on its writer."""
+        seg = self._segments.get(name)
+        if seg is not None and holder in seg.holders:
+            seg.writer = seg.writer_gone_at = None
+
+    def writer_gone(self, writer: str, now: float) -> None:
+        for seg in self._segments.values():
+            if seg.writer == writer and seg.writer_gone_at is None:
+                seg.writer_gone_at = now
+
+    def orphans(self, now: float, grace_s: float) -> list[Segment]:
+        """Segments whose writer exited ``grace_s`` ago without their holder adopting them: gone now."""
+        out = [s for s in self._segments.values() if s.writer_gone_at is not None and now - s.writer_gone_at >= grace_s]
+        return [self._remove(s) for s in out]
 
     def rename(self, old: str, new: str, holder: str) -> bool:
         """A writer reused its own segment for a new value under a new name (it alone held it)."""

@@ -28,6 +28,9 @@ from zmesh.transport.security import Security
 logger = logging.getLogger(__name__)
 
 _HOLDER_CHECK_S = 1.0
+# A result's segment whose worker exited is freed this long after, unless its caller adopted it meanwhile: the
+# caller's adopt may still be on its way (over the mesh, for a caller on another node) when the worker's exit is seen.
+_ADOPT_GRACE_S = 5.0
 _DEFAULT_SHARE = 0.3  # of the machine's memory, as Ray's default object store
 
 
@@ -83,7 +86,8 @@ class ObjectStore:
 
     def ops(self) -> dict[str, Callable[[Any, tuple[Any, ...], list[Any], Reply], None]]:
         return {
-            "store_alloc": lambda c, a, p, r: self._alloc(str(a[0]), int(a[1]), str(a[2]), r),
+            "store_alloc": lambda c, a, p, r: self._alloc(str(a[0]), int(a[1]), str(a[2]), c.client_id.hex(), r),
+            "store_adopt": lambda c, a, p, r: self._adopt(str(a[0]), str(a[1]), str(a[2])),
             "store_free": lambda c, a, p, r: self._free(str(a[0]), str(a[1]), str(a[2]), r),
             "store_rename": lambda c, a, p, r: self._rename(str(a[0]), str(a[1]), str(a[2])),
             "store_pull": lambda c, a, p, r: self._pull(str(a[0]), str(a[1]), str(a[2]), int(a[3]), str(a[4]), r),
@@ -91,11 +95,11 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ requests
 
-    def _alloc(self, name: str, size: int, holder: str, reply: Reply) -> None:
+    def _alloc(self, name: str, size: int, holder: str, writer: str, reply: Reply) -> None:
         if shm.store_of(name) != self.node_id or not shm.valid_name(name) or size < 1:
             reply.error("ValueError", f"bad segment {name!r} of {size} bytes for the store of node {self.node_id}")
             return
-        refusal = self.book.alloc(name, size, holder)
+        refusal = self.book.alloc(name, size, holder, writer)
         if refusal is not None:
             reply.error("ObjectStoreFullError", refusal)
         else:
@@ -112,6 +116,15 @@ class ObjectStore:
     def _rename(self, old: str, new: str, holder: str) -> None:
         if shm.store_of(new) == self.node_id and shm.valid_name(new) and not self.book.rename(old, new, holder):
             logger.warning("zmesh node: a rename of segment %s by %s did not match the ledger", old, holder[:16])
+
+    def _adopt(self, node_id: str, name: str, holder: str) -> None:
+        if node_id != self.node_id:
+            self._send_mesh(node_id, "store_adopt", {"name": name, "holder": holder})
+        else:
+            self.book.adopted(name, holder)
+
+    def on_mesh_adopt(self, body: dict[str, Any]) -> None:
+        self.book.adopted(str(body["name"]), str(body["holder"]))
 
     def on_mesh_free(self, body: dict[str, Any]) -> None:
         """Another node relays a free of one of our segments."""
@@ -150,6 +163,7 @@ class ObjectStore:
 
     def client_gone(self, client_hex: str) -> None:
         self._drop(self.book.holders_gone({client_hex}))
+        self.book.writer_gone(client_hex, time.monotonic())
 
     def member_gone(self, node_id: str) -> None:
         self.puller.node_gone(node_id)
@@ -157,6 +171,7 @@ class ObjectStore:
     def tend(self, now: float) -> None:
         self.puller.tend(now)
         self.server.tend(now)
+        self._drop(self.book.orphans(now, _ADOPT_GRACE_S))
         if now < self._next_check:
             return
         self._next_check = now + _HOLDER_CHECK_S
