@@ -426,3 +426,17 @@ def test_a_result_written_by_a_worker_that_died_before_sending_it_is_freed(local
     with pytest.raises(zmesh.exceptions.WorkerCrashedError):
         zmesh.get(first, timeout=30)
     wait_for(lambda: not _segments(), timeout=20, what="the dead worker's unsent result to be freed")
+
+
+def test_a_top_level_ref_to_our_own_value_travels_as_its_descriptor(local: None) -> None:
+    """The worker maps the put's segment straight from the call (no fetch from us); keeping the array keeps reading it."""
+    array = np.full(3 * MiB, 4, dtype=np.uint8)
+    ref = zmesh.put(array)
+    reader = Reader.remote()
+    backed, writeable, checksum = zmesh.get(reader.inspect.remote(ref), timeout=30)
+    assert backed and not writeable and checksum == float(array[::4096].sum())
+    assert zmesh.get(reader.keep_value.remote(ref), timeout=30) == 1
+    del ref
+    wait_for(lambda: not _segments(), timeout=10, what="the put's segment to go with its last ref")
+    assert zmesh.get(reader.checksum_kept.remote(), timeout=30) == float(array[::4096].sum())
+    zmesh.kill(reader)

@@ -159,6 +159,7 @@ class Runtime:
         store = self.node_info.get("store")
         if isinstance(store, dict):
             self.segments = Segments(self.node, self._loop, self.client_id.hex(), store)
+            self.segments.inline = self._inline_ref
             serialization.use_store(self.segments)
 
     def _is_closed(self) -> bool:
@@ -203,6 +204,24 @@ class Runtime:
         oid = self.new_object_id()
         self.object_service.put(oid, frames, refs)
         return oid
+
+    def _inline_ref(self, value: Any) -> list[Any] | None:
+        """A top-level ref argument to a value of ours in the store: its descriptor goes in the call instead of the ref.
+
+        The worker maps it at once, with no round trip to fetch it from us (Ray inlines small values the same way).
+        The ref is kept until the call's result, as any ref pickled into a call.
+        """
+        from zmesh.object_ref import ObjectRef  # here: object_ref imports this package
+
+        if type(value) is not ObjectRef or value.owner != self.address:
+            return None
+        with self._lock:
+            entry = self.objects.get_locked(value.id)
+            frames = entry.frames if entry is not None and entry.done and entry.ok and entry.error is None else None
+        if frames is None or not serialization.is_descriptor(frames):
+            return None
+        ownership.pickled(value)
+        return list(frames)
 
     def add_ref(self, oid: ObjectId, owner: str) -> None:
         self.object_service.add_ref(oid, owner)

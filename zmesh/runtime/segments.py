@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -149,6 +149,8 @@ class Segments:
         self._pool: deque[tuple[str, int, float, Any]] = deque()
         self._pool_bytes = 0
         self._pool_lock = threading.RLock()  # Hold.__del__ may run (a collection) while this thread holds it
+        # Set by the runtime: a top-level ref argument it owns whose value is in the store -> that value's descriptor.
+        self.inline: Callable[[Any], list[Any] | None] = lambda value: None
         self.written = 0  # segments this process wrote (tests, status)
         self.reused = 0
 

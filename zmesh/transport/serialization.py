@@ -39,6 +39,10 @@ class SegmentStore(Protocol):
         """What keeps a segment written for this process alive (None if it was not written for us)."""
         ...
 
+    def inline(self, value: Any) -> list[Any] | None:
+        """For a top-level call argument: the descriptor to send in its place (a ref to our own value in the store)."""
+        ...
+
 
 # Set by the process's runtime once it knows its node (one runtime per process). Module state, not a parameter:
 # values are pickled deep inside cloudpickle and user code, and every path that makes frames would carry it.
@@ -216,6 +220,11 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
 
 
 def _dump_arg(value: Any, what: str) -> list[Any]:
+    store = _store
+    if store is not None:
+        inlined = store.inline(value)
+        if inlined is not None:
+            return inlined
     try:
         return dumps_value(value)
     except SerializationError as exc:
