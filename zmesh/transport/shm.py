@@ -57,9 +57,10 @@ class _Unmap:
         _libc.munmap(self.address, self.size)
 
 
-def _map(fd: int, size: int, writable: bool) -> Any:
+def _map(fd: int, size: int, writable: bool, populate: bool = False) -> Any:
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    address = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, 0)
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+    address = _libc.mmap(None, size, prot, flags, fd, 0)
     if address is None or address == _MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot map {size:,} bytes of shared memory: {os.strerror(err)}")
@@ -181,14 +182,18 @@ def open_to_fill(name: str, size: int) -> int:
     return fd
 
 
-def open_map(name: str) -> Any:
-    """Map segment ``name`` read-only; FileNotFoundError once it is freed."""
+def open_map(name: str, populate: bool = False) -> Any:
+    """Map segment ``name`` read-only; FileNotFoundError once it is freed.
+
+    ``populate``: map every page now (the node that serves a segment to another reads all of it, and a page
+    fault each in ZeroMQ's thread, which also encrypts, would slow the transfer).
+    """
     fd = os.open(directory() / name, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         if size < 1:
             raise FileNotFoundError(f"segment {name} is empty")
-        return _map(fd, size, writable=False)
+        return _map(fd, size, writable=False, populate=populate)
     finally:
         os.close(fd)
 

@@ -87,7 +87,7 @@ class DataServer:
             self._maps[name] = (held[0], now)
             return held[0]
         try:
-            mm = shm.view(shm.open_map(name)).toreadonly()
+            mm = shm.view(shm.open_map(name, populate=True)).toreadonly()
         except (FileNotFoundError, ValueError, OSError):
             return None
         self._maps[name] = (mm, now)
