@@ -197,6 +197,18 @@ def driver(node: NodeProcess) -> Iterator[NodeProcess]:
     zmesh.shutdown()
 
 
+def node_with_driver(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[NodeProcess]:
+    """A `zmesh node` daemon in ``run_dir`` with this process as its driver; both stopped after (a fixture's body)."""
+    node = NodeProcess(str(run_dir), *args, env=env)
+    try:
+        zmesh.init(address="auto")
+        yield node
+    finally:
+        if zmesh.is_initialized():
+            zmesh.shutdown()
+        assert node.stop() == 0, getattr(node, "output", "")
+
+
 def run_driver(code: str, *, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run ``code`` as a separate driver process and return its output."""
     full_env = {**os.environ, **(env or {})}

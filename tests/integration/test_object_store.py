@@ -248,13 +248,13 @@ def test_a_stream_of_large_items(local: None) -> None:
 
 
 _OWNER = """
-import sys, time, numpy as np, zmesh
+import sys, numpy as np, zmesh
 zmesh.init(address=sys.argv[1])
 reader = zmesh.get_actor("reader")
 ref = zmesh.put(np.full(8 << 20, 9, dtype=np.uint8))
 assert zmesh.get(reader.keep_value.remote(ref), timeout=30) == 1
 print("ready", flush=True)
-time.sleep(600)
+sys.stdin.read()  # until the test kills us
 """
 
 
@@ -266,7 +266,11 @@ def test_owner_sigkilled_while_a_reader_maps_its_value(tmp_path: Path) -> None:
         reader = Reader.options(name="reader", lifetime="detached").remote()
         zmesh.get(reader.drop.remote(), timeout=30)
         owner = subprocess.Popen(
-            [sys.executable, "-c", _OWNER, node.address], stdout=subprocess.PIPE, text=True, env={**os.environ, **node.env}
+            [sys.executable, "-c", _OWNER, node.address],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **node.env},
         )
         try:
             assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
@@ -277,7 +281,9 @@ def test_owner_sigkilled_while_a_reader_maps_its_value(tmp_path: Path) -> None:
             if owner.poll() is None:
                 owner.kill()
                 owner.wait()
-            owner.stdout.close()
+            for pipe in (owner.stdin, owner.stdout):
+                if pipe is not None:
+                    pipe.close()
         wait_for(lambda: not _segments(), timeout=15, what="the dead owner's segment to be unlinked")
         assert zmesh.get(reader.checksum_kept.remote(), timeout=30) == float(9 * ((8 << 20) // 4096))
         zmesh.kill(reader)

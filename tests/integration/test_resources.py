@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, node_with_driver
 
 import zmesh
 from zmesh.testing import NodeProcess, wait_for
@@ -32,26 +32,15 @@ class Holder:
         return os.environ.get("CUDA_VISIBLE_DEVICES"), zmesh.get_gpu_ids()
 
 
-def _start_node(run_dir: Path, *args: str) -> Iterator[NodeProcess]:
-    node = NodeProcess(str(run_dir), *args)
-    try:
-        zmesh.init(address="auto")
-        yield node
-    finally:
-        if zmesh.is_initialized():
-            zmesh.shutdown()
-        assert node.stop() == 0, getattr(node, "output", "")
-
-
 @pytest.fixture
 def one_cpu_node(isolated_run_dir: Path) -> Iterator[NodeProcess]:
-    yield from _start_node(isolated_run_dir, "--num-cpus", "1")
+    yield from node_with_driver(isolated_run_dir, "--num-cpus", "1")
 
 
 @pytest.fixture
 def rich_node(isolated_run_dir: Path) -> Iterator[NodeProcess]:
     """A node with 2 CPUs, 2 GPUs and one unit of a custom resource; this process is its driver."""
-    yield from _start_node(isolated_run_dir, "--num-cpus", "2", "--num-gpus", "2", "--resources", '{"special": 1}')
+    yield from node_with_driver(isolated_run_dir, "--num-cpus", "2", "--num-gpus", "2", "--resources", '{"special": 1}')
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import node_with_driver
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -169,20 +170,9 @@ def pid() -> int:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _start_node(run_dir: Path, *args: str) -> Iterator[NodeProcess]:
-    node = NodeProcess(str(run_dir), *args)
-    try:
-        zmesh.init(address="auto")
-        yield node
-    finally:
-        if zmesh.is_initialized():
-            zmesh.shutdown()
-        assert node.stop() == 0, getattr(node, "output", "")
-
-
 @pytest.fixture
 def one_cpu(isolated_run_dir: Path) -> Iterator[NodeProcess]:
-    yield from _start_node(isolated_run_dir, "--num-cpus", "1")
+    yield from node_with_driver(isolated_run_dir, "--num-cpus", "1")
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import pid_alive
+from conftest import node_with_driver, pid_alive
 
 import zmesh
 from zmesh.exceptions import ActorDiedError
@@ -47,14 +47,7 @@ class SlowStart:
 @contextlib.contextmanager
 def _start(run_dir: Path, *args: str, idle_s: float = 30.0) -> Iterator[NodeProcess]:
     env = {"ZMESH_WARM_WORKERS": str(POOL), "ZMESH_WARM_IDLE_S": str(idle_s)}
-    node = NodeProcess(str(run_dir), "--num-cpus", "64", *args, env=env)
-    try:
-        zmesh.init(address="auto")
-        yield node
-    finally:
-        if zmesh.is_initialized():
-            zmesh.shutdown()
-        assert node.stop() == 0, getattr(node, "output", "")
+    yield from node_with_driver(run_dir, "--num-cpus", "64", *args, env=env)
 
 
 @pytest.fixture

@@ -159,6 +159,9 @@ class Runtime:
         store = self.node_info.get("store")
         if isinstance(store, dict):
             self.segments = Segments(self.node, self._loop, self.client_id.hex(), store)
+            from zmesh.object_ref import ObjectRef  # here: object_ref imports this package
+
+            self._ref_type: Any = ObjectRef
             self.segments.inline = self._inline_ref
             serialization.use_store(self.segments)
 
@@ -211,9 +214,7 @@ class Runtime:
         The worker maps it at once, with no round trip to fetch it from us (Ray inlines small values the same way).
         The ref is kept until the call's result, as any ref pickled into a call.
         """
-        from zmesh.object_ref import ObjectRef  # here: object_ref imports this package
-
-        if type(value) is not ObjectRef or value.owner != self.address:
+        if type(value) is not self._ref_type or value.owner != self.address:
             return None
         with self._lock:
             entry = self.objects.get_locked(value.id)

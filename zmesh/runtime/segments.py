@@ -151,8 +151,6 @@ class Segments:
         self._pool_lock = threading.RLock()  # Hold.__del__ may run (a collection) while this thread holds it
         # Set by the runtime: a top-level ref argument it owns whose value is in the store -> that value's descriptor.
         self.inline: Callable[[Any], list[Any] | None] = lambda value: None
-        self.written = 0  # segments this process wrote (tests, status)
-        self.reused = 0
 
     # ------------------------------------------------------------------ writing (user threads)
 
@@ -180,7 +178,6 @@ class Segments:
         except BaseException:
             self._node.send(protocol.encode(protocol.REQUEST, (0, "store_free", (self.node_id, name, holder))))
             raise
-        self.written += 1
         return self._written(name, size, lengths, holder)
 
     def _written(self, name: str, size: int, lengths: tuple[int, ...], holder: str, mapping: Any = None) -> list[Any]:
@@ -214,7 +211,6 @@ class Segments:
         # our frees, at the I/O thread's next round (no wake-up of its own); a node that stops removes every file
         # of its store, whatever its name.
         self._freed.append(("store_rename", (old, name, self._me)))
-        self.reused += 1
         return pooled, mapping
 
     def pool_put(self, key: tuple[str, str, str], size: int, mapping: Any) -> None:

@@ -60,7 +60,11 @@ def current_store() -> SegmentStore | None:
 
 def is_descriptor(frames: list[Any]) -> bool:
     """Whether a value's frames are a shared-memory descriptor (``S``) rather than the value itself."""
-    return len(frames) == 1 and bytes(memoryview(frames[0])[:1]) == b"S"
+    if len(frames) != 1:
+        return False
+    first = frames[0]
+    # Every result passes here (objects.complete_locked): bytes, the usual frame, without a memoryview.
+    return first[:1] == b"S" if type(first) is bytes else bytes(memoryview(first)[:1]) == b"S"
 
 
 def read_descriptor(frames: list[Any]) -> tuple[list[Any], Any]:

@@ -262,22 +262,11 @@ def sweep_dead_stores(own_store: str) -> list[str]:
     except OSError:
         return []
     live = {own_store}
-    locks = {n[len(_PREFIX) : -len(".lock")] for n in names if n.endswith(".lock")}
-    for store in locks - live:
-        path = root / f"{_PREFIX}{store}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            live.add(store)  # its node still holds it
-            os.close(fd)
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)
+    for store in {n[len(_PREFIX) : -len(".lock")] for n in names if n.endswith(".lock")} - live:
+        if lock_is_free(store):
+            unlink(f"{_PREFIX}{store}.lock")  # its node died: the lock and everything of its store go
+        else:
+            live.add(store)
     removed = []
     for name in names:
         owner = store_of(name)

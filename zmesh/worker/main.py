@@ -187,7 +187,7 @@ class ActorWorker:
             ok, parts, refs = self._frame_value(identity, oids, method_name, value)
         except BaseException as exc:  # the user's code may raise anything; it must reach the caller
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
-        return self._reply(identity, oids, ok, parts, refs, released=segments.released(mapped))
+        return framing.reply(self.rt, identity, oids, ok, parts, refs, released=segments.released(mapped))
 
     async def run_async(self, item: CallItem) -> executors.Reply:
         identity, oids, method_name, group, frames, window = item
@@ -209,7 +209,7 @@ class ActorWorker:
             ok, parts, refs = False, self._error_frames(oids, method_name, exc), []
         if not self.rt.borrows.settled:
             await asyncio.to_thread(self.rt.settle_borrows)  # owners answer over the network: never block the loop
-        return self._reply(identity, oids, ok, parts, refs, settle=False, released=segments.released(mapped))
+        return framing.reply(self.rt, identity, oids, ok, parts, refs, settle=False, released=segments.released(mapped))
 
     def _stream_call(self, identity: bytes, oids: tuple[Any, ...], method_name: str, window: int) -> streams.StreamCall:
         """How this executor sends a streaming call's items: the inline one on its call socket, else via the I/O thread."""
@@ -242,18 +242,6 @@ class ActorWorker:
 
     def _error_frames(self, oids: tuple[Any, ...], method_name: str, exc: BaseException) -> list[list[Any]]:
         return framing.error_frames(oids, f"{self.class_name}.{method_name}", exc)
-
-    def _reply(
-        self,
-        identity: bytes,
-        oids: tuple[Any, ...],
-        ok: bool,
-        parts: list[list[Any]],
-        refs: list[Any],
-        settle: bool = True,
-        released: bool = False,
-    ) -> executors.Reply:
-        return framing.reply(self.rt, identity, oids, ok, parts, refs, settle, released)
 
 
 def adopt_code_path(paths: list[str]) -> None:

@@ -201,6 +201,7 @@ class ObjectStore:
             **self.book.describe(),
             "bytes_sent": self.server.bytes_sent,
             "bytes_received": self.puller.bytes_received,
+            "malformed_chunk_requests": self.server.malformed,
             "transfers_active": self.puller.active(),
         }
 

@@ -104,10 +104,11 @@ class DataServer:
 
 
 class _Transfer:
-    __slots__ = ("asked", "done_bytes", "fd", "from_node", "last", "name", "size", "source_name", "tid")
+    __slots__ = ("address", "asked", "done_bytes", "fd", "from_node", "last", "name", "size", "source_name", "tid")
 
-    def __init__(self, tid: int, name: str, source: tuple[str, str], size: int, fd: int, now: float) -> None:
+    def __init__(self, tid: int, name: str, source: tuple[str, str], address: str, size: int, fd: int, now: float) -> None:
         self.tid = tid
+        self.address = address  # the source node's data socket
         self.name = name
         self.from_node, self.source_name = source
         self.size = size
@@ -147,7 +148,6 @@ class Puller:
         self._by_sock: dict[zmq.Socket[Any], str] = {}
         self._transfers: dict[int, _Transfer] = {}
         self._by_name: dict[str, int] = {}
-        self._address_of: dict[int, str] = {}
         self._tids = itertools.count(1)
         self.bytes_received = 0
 
@@ -162,10 +162,9 @@ class Puller:
             self._finished(name, f"no room in shared memory for a copy of {size:,} bytes: {exc.strerror or exc}")
             return
         tid = next(self._tids)
-        transfer = _Transfer(tid, name, source, size, fd, now)
+        transfer = _Transfer(tid, name, source, data_address, size, fd, now)
         self._transfers[tid] = transfer
         self._by_name[name] = tid
-        self._address_of[tid] = data_address
         for _ in range(self._window):
             self._ask(transfer)
 
@@ -185,9 +184,9 @@ class Puller:
         length = min(self._chunk, t.size - t.asked)
         frames = protocol.encode(CHUNK_GET, (t.tid, t.source_name, t.asked, length))
         try:
-            self._sock(self._address_of[t.tid]).send_multipart(frames, zmq.NOBLOCK)
+            self._sock(t.address).send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self._end(t, f"could not ask {self._address_of[t.tid]} for a chunk: {exc}")
+            self._end(t, f"could not ask {t.address} for a chunk: {exc}")
             return
         t.asked += length
 
@@ -229,7 +228,6 @@ class Puller:
         if self._transfers.pop(t.tid, None) is None:
             return
         self._by_name.pop(t.name, None)
-        self._address_of.pop(t.tid, None)
         os.close(t.fd)
         if error is not None:
             shm.unlink(t.name)
@@ -240,7 +238,6 @@ class Puller:
         tid = self._by_name.pop(name, None)
         t = self._transfers.pop(tid, None) if tid is not None else None
         if t is not None:
-            self._address_of.pop(t.tid, None)
             os.close(t.fd)
             shm.unlink(name)
 
