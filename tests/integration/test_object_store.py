@@ -446,3 +446,100 @@ def test_a_top_level_ref_to_our_own_value_travels_as_its_descriptor(local: None)
     wait_for(lambda: not _segments(), timeout=10, what="the put's segment to go with its last ref")
     assert zmesh.get(reader.checksum_kept.remote(), timeout=30) == float(array[::4096].sum())
     zmesh.kill(reader)
+
+
+@zmesh.remote
+class Summer:
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def total(self, array: Any) -> int:
+        return int(array.sum())
+
+    def keep(self, array: Any) -> int:
+        self.kept.append(array)  # still maps the argument's segment after the call: the caller must not reuse it
+        return int(array.sum())
+
+    def kept_totals(self) -> list[int]:
+        return [int(a.sum()) for a in self.kept]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    calls=st.lists(
+        st.tuples(st.integers(MiB, 3 * MiB), st.integers(0, 9)),  # sizes across the pool's 2x fit; 1 in 10 kept
+        min_size=1,
+        max_size=80,  # past the pool's 64 segments
+    )
+)
+def test_reused_argument_segments_never_change_what_a_worker_still_reads(calls: list[tuple[int, int]]) -> None:
+    """Pipelined by-value arguments, some kept by the actor: the caller reuses the others' segments, never a kept one."""
+    if not zmesh.is_initialized():
+        zmesh.init(num_cpus=2)
+    summer = Summer.remote()
+    refs, kept = [], []
+    for i, (size, keep) in enumerate(calls):
+        fill = i % 251
+        array = np.full(size, fill, dtype=np.uint8)
+        if keep == 0:
+            refs.append(summer.keep.remote(array))
+            kept.append(size * fill)
+        else:
+            refs.append(summer.total.remote(array))
+    assert zmesh.get(refs, timeout=60) == [size * (i % 251) for i, (size, _) in enumerate(calls)]
+    # Later arguments were written into reused segments meanwhile: what the actor kept is what it was sent.
+    assert zmesh.get(summer.total.remote(np.ones(2 * MiB, dtype=np.uint8)), timeout=30) == 2 * MiB
+    assert zmesh.get(summer.kept_totals.remote(), timeout=30) == kept
+    zmesh.kill(summer)
+
+
+def test_garbage_on_a_node_s_data_socket_is_dropped_and_the_node_serves_on(tmp_path: Path) -> None:
+    """Anything a peer sends to the data socket: malformed requests are dropped, bad ranges and names answered."""
+    from zmesh import runtime
+    from zmesh.transport import protocol, sockets
+
+    node = NodeProcess(str(tmp_path / "run"), "--num-cpus", "1")
+    try:
+        zmesh.init(address=node.address)
+        rt = runtime.current()
+        assert rt is not None
+        store = rt.node_info["store"]
+        ref = zmesh.put(np.ones(2 * MiB, dtype=np.uint8))
+        [name] = _segments()
+        end = (shm.directory() / name).stat().st_size  # the array is the segment's last frame
+        dealer, _ = sockets.dealer(rt.context, rt.security, store["data"], b"Dgarbage")
+        try:
+            garbage = [
+                [b"\x00"],
+                [b"not a header at all", b"x"],
+                protocol.encode(protocol.CHUNK_GET, (1, 2)),  # too few fields
+                protocol.encode(protocol.CHUNK_GET, (1, 7, 0, 10)),  # a name that is not a string
+                protocol.encode(protocol.CHUNK_GET, (1, "../../etc/passwd", 0, 10)),
+                protocol.encode(protocol.CHUNK_GET, (1, "zmesh.ffffffffffff.x-1", 0, 10)),  # another store's
+                protocol.encode(protocol.MESH, ("swim", "x", {})),  # a type the data socket does not serve
+            ]
+            for frames in garbage:
+                dealer.send_multipart(frames)
+            answered = {
+                "missing": protocol.encode(protocol.CHUNK_GET, (2, f"zmesh.{store['node_id']}.nothing-1", 0, 10)),
+                "range": protocol.encode(protocol.CHUNK_GET, (3, name, 10 * MiB, 10)),
+                "ok": protocol.encode(protocol.CHUNK_GET, (4, name, end - 4096, 4096)),
+            }
+            for frames in answered.values():
+                dealer.send_multipart(frames)
+            replies = {}
+            for _ in answered:
+                assert dealer.poll(10_000), "the data socket stopped answering"
+                msg = protocol.decode(dealer.recv_multipart())
+                replies[msg.header[0]] = msg
+            assert "not held" in replies[2].header[2] and "bad range" in replies[3].header[2]
+            assert replies[4].header[2] is None and bytes(replies[4].payload[0]) == b"\x01" * 4096
+        finally:
+            dealer.close(linger=0)
+        status = rt.request("status")["object_store"]
+        assert status["malformed_chunk_requests"] == len(garbage)
+        assert int(zmesh.get(ref, timeout=30).sum()) == 2 * MiB  # the node still serves
+        del ref
+        zmesh.shutdown()
+    finally:
+        assert node.stop() == 0
